@@ -1,0 +1,260 @@
+"""The one interface every decoder implements.
+
+A decoder is built from keyword parameters only (stored unchanged, scikit-learn style), is
+fitted on a :class:`~brainrecon.data.Split` (not a bare array: ridge wants one subject's
+voxels and targets, BrainGuard several subjects at once, NeuroPictor surface maps, images
+and captions), predicts a mapping ``subject -> array`` aligned with ``test.ids(subject)``,
+and saves itself as a directory::
+
+    brainrecon.json     decoder name, parameters, format version, brainrecon version, state
+    *.npz / *.safetensors   weights (never pickle)
+
+What a decoder predicts is declared by :attr:`Decoder.predicts`: ``"target"`` (values in a
+target space such as IP-Adapter tokens or low-resolution pixels, turned into images by a
+generator) or ``"images"`` (uint8 images, as NeuroPictor produces itself).
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from brainrecon import __version__
+from brainrecon.errors import BrainreconError, DataError, NotFittedError
+from brainrecon.io import atomic_directory, read_json, write_json_atomic
+
+CONFIG_FILE = "brainrecon.json"
+
+PREDICTS = ("target", "images")
+
+
+class Decoder(abc.ABC):
+    """Base class of brainrecon decoders.
+
+    Subclasses define a keyword-only ``__init__`` that stores every argument unchanged as
+    an attribute of the same name, and implement :meth:`fit`, :meth:`predict`,
+    :meth:`_save_weights` and :meth:`_load_weights`.
+    """
+
+    #: Registry name (``--decoder`` value).
+    name: ClassVar[str] = ""
+    #: ``"target"`` or ``"images"``.
+    predicts: ClassVar[str] = "target"
+    #: One line shown by ``brainrecon decoders``.
+    summary: ClassVar[str] = ""
+    #: Parameters listed by ``brainrecon decoders``.
+    main_params: ClassVar[tuple[str, ...]] = ()
+    #: Version of the saved layout; bump when :meth:`_load_weights` can no longer read old saves.
+    format_version: ClassVar[int] = 1
+    #: True for decoders fitted on several subjects at once (parameter ``subjects``); they
+    #: implement :meth:`for_subject`. False for one-subject decoders (parameter ``subject``).
+    multi_subject: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        names = []
+        for p in sig.parameters.values():
+            if p.name == "self":
+                continue
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise TypeError(f"{cls.__name__}.__init__ must list its parameters explicitly")
+            names.append(p.name)
+        return names
+
+    @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.name != "self" and p.default is not inspect.Parameter.empty
+        }
+
+    def get_params(self) -> dict[str, Any]:
+        """The constructor parameters, as given."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> "Decoder":
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise BrainreconError(
+                    f"Unknown parameter {key!r} for decoder {self.name!r}. "
+                    f"Valid parameters: {', '.join(repr(v) for v in valid)}."
+                )
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        defaults = self.default_params()
+        shown = [
+            f"{k}={v!r}" for k, v in self.get_params().items() if k not in defaults or defaults[k] != v
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    # ------------------------------------------------------------------ the interface
+    @abc.abstractmethod
+    def fit(self, train) -> "Decoder":
+        """Fit on a training :class:`~brainrecon.data.Split`; return ``self``."""
+
+    @abc.abstractmethod
+    def predict(self, test) -> dict[int, np.ndarray]:
+        """Predict for every fitted subject present in ``test``.
+
+        Returns
+        -------
+        dict
+            ``subject -> array`` aligned with ``test.ids(subject)``: float32 of shape
+            ``(n, *target_shape)`` when :attr:`predicts` is ``"target"``, uint8 of shape
+            ``(n, H, W, 3)`` when it is ``"images"``.
+        """
+
+    @abc.abstractmethod
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        """Write weight files into ``directory``; return JSON-able state for ``brainrecon.json``."""
+
+    @abc.abstractmethod
+    def _load_weights(self, directory: Path, state: dict[str, Any]) -> None:
+        """Restore fitted state from ``directory`` and the ``state`` returned by :meth:`_save_weights`."""
+
+    def for_subject(self, subject: int) -> "Decoder":
+        """The part of a fitted multi-subject decoder that decodes ``subject`` (saved as its run)."""
+        if not self.multi_subject:
+            self._check_fitted()
+            if int(subject) not in self.subjects_:
+                raise DataError(f"This {self.name} decoder was fitted on subject(s) {self.subjects_}, not {subject}.")
+            return self
+        raise NotImplementedError(f"{type(self).__name__} must implement for_subject()")
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the fitted decoder to ``directory`` (created atomically).
+
+        Raises
+        ------
+        FileExistsError-like BrainreconError
+            If ``directory`` exists and ``overwrite`` is false.
+        """
+        self._check_fitted()
+        directory = Path(directory)
+        if directory.exists() and not overwrite:
+            raise BrainreconError(
+                f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+            )
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            state = self._save_weights(tmp)
+            write_json_atomic(
+                tmp / CONFIG_FILE,
+                {
+                    "decoder": self.name,
+                    "format_version": self.format_version,
+                    "brainrecon_version": __version__,
+                    "params": _jsonable(self.get_params()),
+                    "subjects": [int(s) for s in self.subjects_],
+                    "n_voxels": {str(k): int(v) for k, v in self.n_voxels_.items()},
+                    "state": state,
+                },
+            )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Decoder":
+        """Load a decoder saved by :meth:`save`.
+
+        Called on :class:`Decoder` itself, the class is looked up in the registry by the
+        name stored in ``brainrecon.json``.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise BrainreconError(
+                f"{directory} is not a saved brainrecon decoder: {CONFIG_FILE} is missing."
+            )
+        config = read_json(config_path)
+        name = config.get("decoder")
+        if cls is Decoder or not cls.name:
+            from brainrecon.decoders import get_decoder_class
+
+            target_cls = get_decoder_class(name)
+        else:
+            target_cls = cls
+            if name != cls.name:
+                raise BrainreconError(
+                    f"{directory} holds a {name!r} decoder, not {cls.name!r}; "
+                    f"load it with brainrecon.decoders.load_decoder()."
+                )
+        version = config.get("format_version")
+        if version != target_cls.format_version:
+            raise BrainreconError(
+                f"{config_path} has format version {version}, but this brainrecon "
+                f"({__version__}) reads format version {target_cls.format_version} of the "
+                f"{name!r} decoder; refit, or load it with the brainrecon version that saved it "
+                f"({config.get('brainrecon_version')})."
+            )
+        params = config.get("params", {})
+        unknown = set(params) - set(target_cls._param_names())
+        if unknown:
+            raise BrainreconError(
+                f"{config_path} has parameters this brainrecon does not know: {sorted(unknown)}."
+            )
+        decoder = target_cls(**params)
+        decoder.subjects_ = [int(s) for s in config["subjects"]]
+        decoder.n_voxels_ = {int(k): int(v) for k, v in config["n_voxels"].items()}
+        decoder._load_weights(directory, config.get("state", {}))
+        return decoder
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _is_fitted(self) -> bool:
+        return hasattr(self, "subjects_")
+
+    def _check_fitted(self) -> None:
+        if not self._is_fitted():
+            raise NotFittedError(
+                f"This {type(self).__name__} is not fitted yet; call fit(train) before "
+                f"predict() or save()."
+            )
+
+    def _check_voxels(self, X: np.ndarray, subject: int) -> None:
+        """Raise a :class:`DataError` naming both counts when ``X`` has the wrong width."""
+        expected = self.n_voxels_.get(int(subject))
+        if expected is None:
+            raise DataError(
+                f"This {self.name} decoder was fitted on subject(s) {self.subjects_}, "
+                f"not on subject {subject}."
+            )
+        if X.ndim != 2 or X.shape[1] != expected:
+            got = X.shape[1] if X.ndim == 2 else X.shape
+            raise DataError(
+                f"Subject {subject}: the decoder was fitted on {expected} voxels but got {got} "
+                f"voxels; use data prepared with the same ROI mask as the training data."
+            )
+
+    def _predict_subjects(self, test) -> list[int]:
+        """The fitted subjects present in ``test`` (error if there are none)."""
+        self._check_fitted()
+        subjects = [s for s in self.subjects_ if s in test.subjects]
+        if not subjects:
+            raise DataError(
+                f"The test data has subject(s) {test.subjects}, but this {self.name} decoder "
+                f"was fitted on subject(s) {self.subjects_}."
+            )
+        return subjects
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

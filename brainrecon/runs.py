@@ -1,0 +1,208 @@
+"""Runs: one directory per fit (and its evaluation).
+
+::
+
+    runs/<name>/
+        run.json            decoder, parameters, subject, target, dataset spec and fingerprint
+        decoder/            the saved decoder (brainrecon.json + weights)
+        test_ids.npy        int64 image ids of the test rows, in order
+        predictions.npy     decoder output in its target space (decoders that predict targets)
+        reconstructions.npy uint8 (N, H, W, 3) images aligned with test_ids, when they exist
+        metrics.json        written by the evaluation harness
+        grid.png            ground truth beside reconstructions
+
+A run directory is built under a temporary name and renamed when complete, so a crash never
+leaves a half-written run at its final path, and an existing run is replaced only when the
+user asks (``overwrite=True`` / ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from brainrecon import __version__
+from brainrecon.errors import BrainreconError
+from brainrecon.io import atomic_directory, read_json, write_array_atomic, write_json_atomic
+
+RUN_FILE = "run.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+__all__ = [
+    "Run",
+    "list_runs",
+    "write_array_atomic",
+    "write_json_atomic",
+    "write_run",
+]
+
+
+class Run:
+    """A read-only view of a run directory."""
+
+    def __init__(self, path: str | os.PathLike, info: dict[str, Any]):
+        self.path = Path(path)
+        self.info = info
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        path = Path(path)
+        if not (path / RUN_FILE).is_file():
+            raise BrainreconError(
+                f"{path} is not a brainrecon run ({RUN_FILE} is missing). "
+                f"Runs are written by `brainrecon fit`."
+            )
+        return cls(path, read_json(path / RUN_FILE))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, decoder={self.info.get('decoder')!r}, subject={self.subject})"
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.path.name)
+
+    @property
+    def subject(self) -> int:
+        return int(self.info["subject"])
+
+    def _optional_array(self, filename: str) -> np.ndarray | None:
+        f = self.path / filename
+        return np.load(f, mmap_mode="r", allow_pickle=False) if f.is_file() else None
+
+    def test_ids(self) -> np.ndarray:
+        return np.load(self.path / "test_ids.npy", allow_pickle=False)
+
+    def predictions(self) -> np.ndarray | None:
+        return self._optional_array("predictions.npy")
+
+    def reconstructions(self) -> np.ndarray | None:
+        return self._optional_array("reconstructions.npy")
+
+    def metrics(self) -> dict[str, Any] | None:
+        f = self.path / "metrics.json"
+        return read_json(f) if f.is_file() else None
+
+    def dataset(self, source: str | os.PathLike | None = None):
+        """The run's dataset (re-opened from its spec, or from ``source`` if the data moved)."""
+        from brainrecon.data import dataset_from_spec, load_dataset
+
+        if source is not None:
+            ds = load_dataset(source, subjects=[self.subject])
+            if ds.fingerprint(self.subject) != self.info.get("fingerprint"):
+                raise BrainreconError(
+                    f"The data at {source} is not the data run {self.name!r} was fitted on "
+                    f"(fingerprint {ds.fingerprint(self.subject)} != {self.info.get('fingerprint')})."
+                )
+            return ds
+        return dataset_from_spec(self.info["data"])
+
+    def load_decoder(self):
+        from brainrecon.decoders import load_decoder
+
+        return load_decoder(self.path / "decoder")
+
+    def set_reconstructions(self, images: np.ndarray) -> None:
+        """Store reconstructions (uint8 (N, H, W, 3) aligned with test_ids), atomically."""
+        images = np.asarray(images)
+        n = len(self.test_ids())
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[-1] != 3:
+            raise BrainreconError(
+                f"Reconstructions must be uint8 of shape ({n}, H, W, 3); got {images.dtype} {images.shape}."
+            )
+        write_array_atomic(self.path / "reconstructions.npy", images)
+
+
+def check_run_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise BrainreconError(
+            f"Invalid run name {name!r}: use letters, digits, '.', '_' and '-' (not starting with '.' or '-')."
+        )
+    return name
+
+
+def default_run_name(decoder_name: str, subject: int, target: str | None) -> str:
+    parts = [decoder_name, f"subj{int(subject):02d}"]
+    if target:
+        parts.append(target)
+    return "-".join(parts)
+
+
+def write_run(
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    decoder,
+    dataset,
+    subject: int,
+    predictions: np.ndarray | None,
+    reconstructions: np.ndarray | None = None,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Run:
+    """Write a complete run directory atomically and return it.
+
+    Parameters
+    ----------
+    predictions : array or None
+        The decoder's output for ``subject`` on ``dataset.test``: target values of shape
+        (n_test, *target_shape) or uint8 images (n_test, H, W, 3).
+    reconstructions : uint8 array (n_test, H, W, 3) or None
+        Images to evaluate (for image decoders these are the predictions).
+    """
+    check_run_name(name)
+    path = Path(out_dir) / name
+    if path.exists() and not overwrite:
+        raise BrainreconError(
+            f"Run directory {path} already exists; choose another --name or pass --overwrite to replace it."
+        )
+    subject = int(subject)
+    test_ids = dataset.test.ids(subject)
+    info = {
+        "name": name,
+        "decoder": decoder.name,
+        "params": _jsonable(decoder.get_params()),
+        "subject": subject,
+        "target": getattr(decoder, "target", None) if decoder.predicts == "target" else None,
+        "predicts": decoder.predicts,
+        "data": dataset.spec,
+        "data_name": dataset.name,
+        "ids_are_nsd": dataset.ids_are_nsd,
+        "fingerprint": dataset.fingerprint(subject),
+        "n_test": int(len(test_ids)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "brainrecon_version": __version__,
+    }
+    if extra:
+        info.update(extra)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        decoder.save(tmp / "decoder")
+        write_array_atomic(tmp / "test_ids.npy", np.asarray(test_ids, dtype=np.int64))
+        if predictions is not None:
+            if len(predictions) != len(test_ids):
+                raise BrainreconError(
+                    f"{len(predictions)} predictions for {len(test_ids)} test images of subject {subject}."
+                )
+            write_array_atomic(tmp / "predictions.npy", predictions)
+        if reconstructions is not None:
+            write_array_atomic(tmp / "reconstructions.npy", np.asarray(reconstructions, dtype=np.uint8))
+        write_json_atomic(tmp / RUN_FILE, info)
+    return Run(path, info)
+
+
+def list_runs(root: str | os.PathLike) -> list[Run]:
+    """Every run directly under ``root`` (sorted by name); a missing root gives an empty list."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return [Run.open(p) for p in sorted(root.iterdir()) if (p / RUN_FILE).is_file()]
+
+
+def _jsonable(value: Any) -> Any:
+    from brainrecon.decoders.base import _jsonable as convert
+
+    return convert(value)

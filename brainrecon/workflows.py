@@ -1,0 +1,180 @@
+"""The steps the CLI runs, as plain functions a user can call from Python.
+
+>>> from brainrecon.workflows import fit
+>>> runs = fit("ridge", target="pixels", subjects=[1], out="runs")   # synthetic data
+>>> runs[0].metrics()["PixCorr"]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from brainrecon.data import load_dataset
+from brainrecon.decoders import get_decoder, get_decoder_class
+from brainrecon.errors import BrainreconError
+from brainrecon.io import write_array_atomic
+from brainrecon.runs import Run, check_run_name, default_run_name, write_run
+
+Log = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _run_names(decoder_name: str, subjects: Sequence[int], target: str | None,
+               name: str | None) -> dict[int, str]:
+    if name is None:
+        return {s: default_run_name(decoder_name, s, target) for s in subjects}
+    check_run_name(name)
+    if len(subjects) == 1:
+        return {subjects[0]: name}
+    return {s: f"{name}-subj{s:02d}" for s in subjects}
+
+
+def fit(
+    decoder: str,
+    *,
+    data: str | os.PathLike | None = None,
+    subjects: Sequence[int] | None = None,
+    target: str | None = "pixels",
+    out: str | os.PathLike = "runs",
+    name: str | None = None,
+    overwrite: bool = False,
+    params: dict[str, Any] | None = None,
+    evaluate: bool = True,
+    dataset=None,
+    log: Log = _quiet,
+) -> list[Run]:
+    """Fit a decoder, predict the test split, write one run per subject, reconstruct and score.
+
+    Parameters
+    ----------
+    decoder : str
+        Registry name (``brainrecon.decoders.available()``).
+    data : path or None
+        Data source (see :func:`brainrecon.data.load_dataset`); None uses ``$BRAINRECON_DATA``
+        or the synthetic dataset.
+    subjects : sequence of int, optional
+        Subjects to fit. Single-subject decoders (ridge) are fitted once per subject;
+        multi-subject decoders (BrainGuard, NeuroPictor pre-training) once for all of them.
+        Default: the first subject of the dataset for single-subject decoders, all subjects
+        for multi-subject ones.
+    target : str or None
+        Target space for decoders that predict targets (``"pixels"`` or ``"ipadapter"``).
+    out, name, overwrite
+        Runs are written to ``out/name`` (one per subject; default names
+        ``<decoder>-subjXX-<target>``). Existing runs are refused unless ``overwrite``.
+    params : dict
+        Further decoder parameters.
+    evaluate : bool
+        Score reconstructions with the evaluation harness when they exist.
+
+    Returns
+    -------
+    list of Run
+    """
+    cls = get_decoder_class(decoder)
+    params = dict(params or {})
+    ds = dataset if dataset is not None else load_dataset(data, subjects=subjects)
+    if subjects is None:
+        subjects = ds.subjects if cls.multi_subject else ds.subjects[:1]
+    subjects = [int(s) for s in subjects]
+    for s in subjects:
+        if s not in ds.subjects:
+            raise BrainreconError(f"Subject {s} is not in the data; available subjects: {ds.subjects}.")
+    accepted = cls._param_names()
+    if cls.predicts == "target":
+        if target is None:
+            raise BrainreconError(f"Decoder {decoder!r} predicts a target space; give --target.")
+        params["target"] = target
+    run_target = target if cls.predicts == "target" else None
+    names = _run_names(decoder, subjects, run_target, name)
+    for s, run_name in names.items():
+        path = Path(out) / run_name
+        if path.exists() and not overwrite:
+            raise BrainreconError(
+                f"Run directory {path} already exists; choose another --name or pass --overwrite."
+            )
+    unknown = [k for k in params if k not in accepted]
+    if unknown:
+        raise BrainreconError(
+            f"Decoder {decoder!r} does not take parameter(s) {', '.join(map(repr, unknown))}. "
+            f"Its parameters: {', '.join(map(repr, accepted))}."
+        )
+
+    if cls.multi_subject:
+        fitted = [get_decoder(decoder, **{**params, "subjects": subjects})]
+        fitted[0].fit(ds.train)
+        per_subject = {s: fitted[0].for_subject(s) for s in subjects}
+    else:
+        per_subject = {}
+        for s in subjects:
+            log(f"fitting {decoder} on subject {s}")
+            per_subject[s] = get_decoder(decoder, **{**params, "subject": s}).fit(ds.train)
+
+    runs = []
+    for s, dec in per_subject.items():
+        pred = dec.predict(ds.test)[s]
+        recon = make_reconstructions(dec, pred, ds, s, log=log)
+        run = write_run(out, names[s], decoder=dec, dataset=ds, subject=s, predictions=pred,
+                        reconstructions=recon, overwrite=overwrite)
+        log(f"wrote run {run.path}")
+        if evaluate and recon is not None:
+            evaluate_run_safely(run, log=log)
+        runs.append(Run.open(run.path))
+    return runs
+
+
+def make_reconstructions(decoder, predictions: np.ndarray, dataset, subject: int,
+                         log: Log = _quiet) -> np.ndarray | None:
+    """Images from a decoder's predictions, or None when a generator is needed later."""
+    if decoder.predicts == "images":
+        return np.asarray(predictions, dtype=np.uint8)
+    from brainrecon.targets import get_target
+
+    target = get_target(decoder.target, **(getattr(decoder, "target_options", None) or {}))
+    image_size = int(dataset.test.images(subject, slice(0, 1)).shape[1])
+    try:
+        return target.to_images(predictions, image_size=image_size)
+    except BrainreconError as exc:
+        log(f"no reconstructions yet: {exc} Run `brainrecon reconstruct RUN` when the generator's weights are available.")
+        return None
+
+
+def evaluate_run_safely(run: Run, log: Log = _quiet, **options: Any):
+    """Score a run with :func:`brainrecon.eval.evaluate_run`; metrics whose weights are missing
+    are reported unavailable rather than failing the fit."""
+    from brainrecon.eval import evaluate_run
+
+    report = evaluate_run(run, **options)
+    unavailable = getattr(report, "unavailable", {}) or {}
+    if unavailable:
+        log(f"{len(unavailable)} metric(s) unavailable (weights missing): {', '.join(unavailable)}; "
+            f"see `brainrecon weights`.")
+    return report
+
+
+def predict(run: str | os.PathLike, *, data: str | os.PathLike | None = None,
+            out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Predict the test split of ``data`` (default: the run's own data) with a run's decoder.
+
+    Writes an ``.npy`` of the predictions for the run's subject, aligned with the test ids
+    (written beside it as ``<out stem>_ids.npy``).
+    """
+    r = Run.open(run)
+    out = Path(out)
+    if out.suffix != ".npy":
+        raise BrainreconError(f"--out must be a .npy file, got {out}.")
+    if out.exists() and not overwrite:
+        raise BrainreconError(f"{out} already exists; pass --overwrite to replace it.")
+    ds = load_dataset(data, subjects=[r.subject]) if data is not None else r.dataset()
+    decoder = r.load_decoder()
+    pred = decoder.predict(ds.test)[r.subject]
+    write_array_atomic(out, pred)
+    write_array_atomic(out.with_name(out.stem + "_ids.npy"), ds.test.ids(r.subject))
+    return out
