@@ -131,8 +131,16 @@ class Dataset:
                 vox = arrays.voxels
                 h.update(str(tuple(np.shape(vox))).encode())
                 n = np.shape(vox)[0]
-                for row in sorted({0, n // 2, n - 1}):
+                rows = sorted({0, n // 2, n - 1})
+                for row in rows:
                     h.update(np.ascontiguousarray(np.asarray(vox[row], dtype=np.float32)).tobytes())
+                # Stored surface maps (NeuroPictor's input) are data of their own: decoders fitted
+                # on different maps of the same voxels are not comparable.
+                if arrays.surfaces is not None:
+                    h.update(str(tuple(np.shape(arrays.surfaces))).encode())
+                    for row in rows:
+                        h.update(np.ascontiguousarray(
+                            np.asarray(arrays.surfaces[row], dtype=np.float32)).tobytes())
             self._fingerprints[subject] = h.hexdigest()[:16]
         return self._fingerprints[subject]
 

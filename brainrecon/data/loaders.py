@@ -5,9 +5,11 @@ Supported sources (detected from what the directory or file holds):
 ``brain-diffuser``
     Brain-Diffuser's ``processed_data/subjXX/nsd_{train,test}_fmriavg_nsdgeneral_subN.npy``,
     ``nsd_{train,test}_stim_subN.npy`` and optional ``nsd_{train,test}_cap_subN.npy``
-    (memory-mapped). These files carry no image ids: the test rows are the same images in
-    the same order for every subject and get ids ``0..n_test-1``; training rows get
-    ``1_000_000 * subject + row`` (distinct per subject). ``ids_are_nsd`` is False.
+    (memory-mapped). Brain-Diffuser's own files carry no image ids: the test rows are the
+    same images in the same order for every subject and get ids ``0..n_test-1``; training
+    rows get ``1_000_000 * subject + row`` (distinct per subject), and ``ids_are_nsd`` is
+    False. Files written by ``brainrecon prepare-nsd --format brain-diffuser`` add
+    ``nsd_{train,test}_ids_subN.npy`` with the NSD 73k ids, which are then used.
 ``brainrecon``
     The prepared format written by ``brainrecon prepare-nsd`` / ``prepare-surfaces``: a
     ``brainrecon-data.json`` manifest and ``subjXX/{split}_{voxels,ids,images,captions,
@@ -44,6 +46,8 @@ SYNTHETIC = "synthetic"
 _BD_VOXELS = "nsd_{split}_fmriavg_nsdgeneral_sub{n}.npy"
 _BD_STIM = "nsd_{split}_stim_sub{n}.npy"
 _BD_CAP = "nsd_{split}_cap_sub{n}.npy"
+# Written beside Brain-Diffuser's files by `brainrecon prepare-nsd --format brain-diffuser`.
+_BD_IDS = "nsd_{split}_ids_sub{n}.npy"
 
 
 def load_dataset(
@@ -172,6 +176,7 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
             f"Subjects present: {present}."
         )
     data = {}
+    all_ids_known = True
     for s in wanted:
         d = root / f"subj{s:02d}"
         splits = {}
@@ -183,7 +188,12 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
             n = voxels.shape[0]
             stim = d / _BD_STIM.format(split=split, n=s)
             cap = d / _BD_CAP.format(split=split, n=s)
-            ids = np.arange(n) if split == "test" else 1_000_000 * s + np.arange(n)
+            ids_file = d / _BD_IDS.format(split=split, n=s)
+            if ids_file.is_file():
+                ids = np.load(ids_file, allow_pickle=False)
+            else:
+                ids = np.arange(n) if split == "test" else 1_000_000 * s + np.arange(n)
+                all_ids_known = False
             captions = None
             if cap.is_file():
                 captions = np.load(cap, allow_pickle=False)
@@ -195,7 +205,7 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
             )
         data[s] = splits
     spec = {"kind": "brain-diffuser", "path": str(path.resolve()), "subjects": wanted}
-    return Dataset(data, spec=spec, name=f"brain-diffuser:{path.name}", ids_are_nsd=False)
+    return Dataset(data, spec=spec, name=f"brain-diffuser:{path.name}", ids_are_nsd=all_ids_known)
 
 
 def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = None) -> Dataset:
