@@ -1,0 +1,854 @@
+"""The evaluation harness: the eight NSD metrics for any set of reconstructions.
+
+:func:`evaluate` takes ground-truth and reconstructed images in any common layout
+(uint8 or float in [0, 1], HWC or CHW, any size), applies one of two published
+preprocessing recipes (``spec/metrics.md`` §3) and returns an :class:`EvalReport`.
+
+``variant="mindeye"`` (default)
+    Both sets are first brought to 256 x 256 (bilinear, no antialiasing); PixCorr
+    and SSIM are computed after a further bilinear resize to 425; each network gets
+    its own bilinear resize (AlexNet 256, Inception 342, CLIP 224, EffNet-B 255,
+    SwAV 224) and ImageNet or CLIP normalisation; EffNet-B1 uses the ImageNet V2
+    weights; SSIM is true 2-D SSIM. Ground truth goes through the same 256-px step
+    as the reconstructions (MindEye's published 256-px ground truth came from a
+    resampler the spec marks unverified; for exact parity pass those tensors).
+``variant="braindiffuser"``
+    Ground truth at its native size (425 in NSD); the reconstructions are resized to
+    the ground-truth size with Pillow's bicubic filter for PixCorr and SSIM; every
+    network gets a Pillow bilinear (antialiased) 224 x 224 resize; EffNet-B1 uses
+    the V1 weights; SSIM is the column-wise form scikit-image 0.17 computed.
+
+Images are streamed in batches: one pass computes PixCorr/SSIM per image and the
+features of every network. Ground-truth features of networks with known weights
+are cached on disk, keyed by a hash of the ground-truth pixels, so a second
+decoder evaluated on the same test set only runs the networks on its own images.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import hashlib
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.eval import metrics as M
+from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_network, wrap_extractor
+
+__all__ = [
+    "DISTANCE_METRICS",
+    "HIGHER_IS_BETTER",
+    "LOW_LEVEL_METRICS",
+    "METRICS",
+    "TWO_WAY_METRICS",
+    "VARIANTS",
+    "EvalReport",
+    "evaluate",
+    "evaluate_run",
+]
+
+METRICS: tuple[str, ...] = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV")
+LOW_LEVEL_METRICS = ("PixCorr", "SSIM")
+TWO_WAY_METRICS = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP")
+DISTANCE_METRICS = ("EffNet-B", "SwAV")
+HIGHER_IS_BETTER: dict[str, bool] = {m: m not in DISTANCE_METRICS for m in METRICS}
+VARIANTS = ("mindeye", "braindiffuser")
+REPORT_FORMAT = "brainrecon.eval.report/1"
+# Bump when a preprocessing change would alter cached ground-truth features.
+_RECIPE_VERSION = 1
+
+_METRIC_NETWORK = {m: net for net, ms in NETWORK_METRICS.items() for m in ms}
+# MindEye's per-network resize (shorter side; inputs are square by then), spec/metrics.md §3.1.
+_MINDEYE_SIZE = {"alexnet": 256, "inception": 342, "clip": 224, "effnet": 255, "swav": 224}
+_BD_SIZE = 224
+_LOW_LEVEL_SIZE = 425
+_BASE_SIZE = 256
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+# Float images may overshoot [0, 1] by rounding only; anything beyond is a real range error.
+_RANGE_TOL = 1e-5
+_DEFAULT_SSIM_MODE = {"mindeye": "2d", "braindiffuser": "columnwise"}
+_EFFNET_WEIGHTS = {"mindeye": "IMAGENET1K_V2", "braindiffuser": "IMAGENET1K_V1"}
+
+
+# ============================================================================ report
+
+
+class EvalReport(Mapping):
+    """Scores of one evaluation: a read-only mapping ``metric name -> float``.
+
+    Two-way identification scores are fractions (0.5 = chance); papers print them as
+    percentages. Metrics that could not be computed are absent from the mapping and
+    listed in :attr:`unavailable` with the reason.
+
+    Attributes
+    ----------
+    n_images : int
+    variant : str
+    unavailable : dict of str to str
+        Metric -> why it is missing (e.g. which weight file, where it was searched).
+    settings : dict
+        ``ssim_mode``, ``blend``, ``effnet_weights``, ``networks`` (metric -> weights
+        source), ``aligned_by_id``, ``ids_sha256``...
+    versions : dict
+        Library versions the numbers depend on.
+    timings : dict of str to float
+        Seconds per stage.
+    """
+
+    directions = {m: ("higher" if HIGHER_IS_BETTER[m] else "lower") for m in METRICS}
+
+    def __init__(
+        self,
+        scores: Mapping[str, float],
+        *,
+        n_images: int,
+        variant: str,
+        unavailable: Mapping[str, str] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        versions: Mapping[str, str] | None = None,
+        timings: Mapping[str, float] | None = None,
+        created: str | None = None,
+    ):
+        self._scores = {m: float(scores[m]) for m in METRICS if m in scores}
+        self.n_images = int(n_images)
+        self.variant = variant
+        self.unavailable = dict(unavailable or {})
+        self.settings = dict(settings or {})
+        self.versions = dict(versions or {})
+        self.timings = dict(timings or {})
+        self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+    def __getitem__(self, metric: str) -> float:
+        if metric in self._scores:
+            return self._scores[metric]
+        if metric in self.unavailable:
+            raise KeyError(f"{metric} is unavailable: {self.unavailable[metric]}")
+        raise KeyError(metric)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._scores)
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def __repr__(self) -> str:
+        parts = [f"{m}={_format_score(m, v)}" for m, v in self._scores.items()]
+        if self.unavailable:
+            parts.append(f"unavailable={sorted(self.unavailable)}")
+        return f"EvalReport(n={self.n_images}, variant={self.variant!r}, " + ", ".join(parts) + ")"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (NaN scores become ``null``)."""
+        return {
+            "format": REPORT_FORMAT,
+            "metrics": {m: (None if math.isnan(v) else v) for m, v in self._scores.items()},
+            "directions": {m: self.directions[m] for m in self._scores},
+            "n_images": self.n_images,
+            "variant": self.variant,
+            "unavailable": self.unavailable,
+            "settings": self.settings,
+            "versions": self.versions,
+            "timings_s": self.timings,
+            "created": self.created,
+        }
+
+    def to_json(self, indent: int = 2) -> str:
+        """The report as JSON text (the content of a run's ``metrics.json``)."""
+        return json.dumps(self.to_dict(), indent=indent, default=str)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | Mapping[str, Any]) -> "EvalReport":
+        """Rebuild a report from :meth:`to_json` text or the equivalent dict.
+
+        Raises
+        ------
+        DataError
+            If the content is not a brainrecon evaluation report.
+        """
+        if isinstance(data, (str, bytes)):
+            data = json.loads(data)
+        if not isinstance(data, Mapping) or data.get("format") != REPORT_FORMAT:
+            raise DataError(
+                f"Not a brainrecon evaluation report (expected format {REPORT_FORMAT!r}); "
+                "recompute it with `brainrecon evaluate RUN`."
+            )
+        scores = {m: (float("nan") if v is None else float(v)) for m, v in data["metrics"].items()}
+        return cls(
+            scores,
+            n_images=data["n_images"],
+            variant=data["variant"],
+            unavailable=data.get("unavailable"),
+            settings=data.get("settings"),
+            versions=data.get("versions"),
+            timings=data.get("timings_s"),
+            created=data.get("created"),
+        )
+
+    def save(self, path) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        from brainrecon.io import write_json_atomic
+
+        return write_json_atomic(path, self.to_dict())
+
+
+def _format_score(metric: str, value: float) -> str:
+    if metric in TWO_WAY_METRICS:
+        return f"{100 * value:.2f}%"
+    return f"{value:.4f}"
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import scipy
+    import skimage
+    import torchvision
+
+    import brainrecon
+
+    out = {
+        "brainrecon": brainrecon.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "scikit-image": skimage.__version__,
+        "scipy": scipy.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    return out
+
+
+# ============================================================================ input checks
+
+
+def _check_metrics(metrics) -> list[str]:
+    if metrics is None:
+        return list(METRICS)
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    out = []
+    for m in metrics:
+        if m not in METRICS:
+            lower = {name.lower(): name for name in METRICS}
+            close = difflib.get_close_matches(str(m).lower(), list(lower), n=1, cutoff=0.5)
+            hint = f" Did you mean {lower[close[0]]!r}?" if close else ""
+            raise DataError(f"Unknown metric {m!r}.{hint} Valid metrics: {', '.join(map(repr, METRICS))}.")
+        if m not in out:
+            out.append(m)
+    return [m for m in METRICS if m in out]
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise DataError(f"Unknown variant {variant!r}. Valid variants: {', '.join(map(repr, VARIANTS))}.")
+    return variant
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DataError(f"Unknown device {device!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"Device {device!r} was requested but no CUDA device is available; use --device cpu.")
+    return dev
+
+
+class _ImageSource:
+    """Batched, validated access to one image set in any layout (lazy arrays stay lazy)."""
+
+    def __init__(self, images, which: str):
+        if isinstance(images, torch.Tensor):
+            images = images.detach().cpu().numpy()
+        if not hasattr(images, "shape") or not hasattr(images, "__getitem__"):
+            images = np.asarray(images)
+        self.data = images
+        self.which = which
+        shape = tuple(images.shape)
+        if len(shape) != 4:
+            raise DataError(
+                f"{which} images must have shape (n, H, W, 3) or (n, 3, H, W); got shape {shape}."
+            )
+        if shape[-1] == 3:
+            self.layout = "hwc"
+            self.size = shape[1:3]
+        elif shape[1] == 3:
+            self.layout = "chw"
+            self.size = shape[2:4]
+        else:
+            raise DataError(
+                f"{which} images must be RGB with shape (n, H, W, 3) or (n, 3, H, W); got shape {shape}."
+            )
+        self.dtype = np.dtype(images.dtype)
+        if self.dtype != np.uint8 and not np.issubdtype(self.dtype, np.floating):
+            raise DataError(
+                f"{which} images have dtype {self.dtype}; pass uint8 (0-255) or float images in [0, 1]."
+            )
+        self.n = shape[0]
+
+    def raw(self, index: np.ndarray) -> np.ndarray:
+        """Images at ``index`` as HWC numpy (uint8 or float), checked."""
+        block = _take(self.data, index)
+        block = np.asarray(block)
+        if self.layout == "chw":
+            block = block.transpose(0, 2, 3, 1)
+        if block.dtype != np.uint8:
+            bad = ~np.isfinite(block)
+            if bad.any():
+                i = int(index[np.argmax(bad.reshape(len(block), -1).any(axis=1))])
+                raise DataError(
+                    f"{self.which} images contain non-finite values (NaN or inf), first in image {i}; "
+                    "fix or drop those images."
+                )
+            lo, hi = float(block.min()), float(block.max())
+            if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
+                per = block.reshape(len(block), -1)
+                i = int(index[np.argmax((per.min(axis=1) < -_RANGE_TOL) | (per.max(axis=1) > 1 + _RANGE_TOL))])
+                raise DataError(
+                    f"{self.which} images are float with values outside [0, 1] (min {lo:.4g}, max {hi:.4g}; "
+                    f"first in image {i}). Pass uint8 images, or scale float images to [0, 1] "
+                    "(divide 0-255 values by 255; clip decoder outputs)."
+                )
+            block = np.clip(block, 0.0, 1.0).astype(np.float32, copy=False)
+        return block
+
+    def tensor(self, index: np.ndarray, device) -> torch.Tensor:
+        """Images at ``index`` as float32 (B, 3, H, W) in [0, 1] on ``device``."""
+        block = np.ascontiguousarray(self.raw(index))
+        if not block.flags.writeable:  # read-only memory maps; torch wants writable memory
+            block = block.copy()
+        t = torch.from_numpy(block).to(device)
+        t = t.permute(0, 3, 1, 2)
+        if t.dtype == torch.uint8:
+            return t.float().div_(255.0)
+        return t.float()
+
+
+def _take(data, index: np.ndarray):
+    """``data[index]`` that also works for HDF5 datasets (which need increasing indices)."""
+    if len(index) and np.all(np.diff(index) == 1):
+        return data[int(index[0]) : int(index[-1]) + 1]
+    if isinstance(data, np.ndarray):
+        return data[index]
+    order = np.argsort(index, kind="stable")
+    block = np.asarray(data[np.sort(index)])
+    out = np.empty_like(block)
+    out[order] = block
+    return out
+
+
+def _align_ids(gt_ids, rec_ids, n_gt: int, n_rec: int) -> tuple[np.ndarray, bool]:
+    """Index into the reconstructions that puts them in ground-truth order."""
+    if n_gt != n_rec:
+        raise DataError(
+            f"Ground truth has {n_gt} images but there are {n_rec} reconstructions; "
+            "evaluate the same test set on both sides."
+        )
+    identity = np.arange(n_rec)
+    if gt_ids is None or rec_ids is None:
+        return identity, False
+    gt_ids = np.asarray(gt_ids).ravel()
+    rec_ids = np.asarray(rec_ids).ravel()
+    for name, ids, n in (("gt_ids", gt_ids, n_gt), ("rec_ids", rec_ids, n_rec)):
+        if len(ids) != n:
+            raise DataError(f"{name} has {len(ids)} entries for {n} images; give one id per image.")
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise DataError(f"{name} contains duplicate id {uniq[np.argmax(counts > 1)]}; ids must be unique.")
+    if np.array_equal(gt_ids, rec_ids):
+        return identity, True
+    rec_pos = {int(v): i for i, v in enumerate(rec_ids)}
+    missing = [int(v) for v in gt_ids if int(v) not in rec_pos]
+    if missing:
+        first = int(np.argmax(gt_ids != rec_ids))
+        extra = [int(v) for v in rec_ids if int(v) not in set(map(int, gt_ids))]
+        raise DataError(
+            f"Image ids differ: first difference at position {first} (ground truth id {int(gt_ids[first])}, "
+            f"reconstruction id {int(rec_ids[first])}); ground-truth id {missing[0]} has no reconstruction "
+            f"and reconstruction id {extra[0]} is not in the ground truth ({len(missing)} ids differ). "
+            "Evaluate reconstructions of the same test images."
+        )
+    return np.array([rec_pos[int(v)] for v in gt_ids]), True
+
+
+# ============================================================================ preprocessing
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """MindEye's tensor ``Resize``: bilinear, antialias off, square output."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    import torchvision.transforms.functional as TF
+
+    return TF.resize(x, [size, size], interpolation=TF.InterpolationMode.BILINEAR, antialias=False)
+
+
+def _normalise(x: torch.Tensor, which: str) -> torch.Tensor:
+    mean, std = _CLIP if which == "clip" else _IMAGENET
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _pil_resize(block: np.ndarray, size_wh: tuple[int, int], resample) -> np.ndarray:
+    """Pillow resize of HWC images, uint8 or float; returns float32 HWC (values /255 for uint8)."""
+    out = np.empty((len(block), size_wh[1], size_wh[0], 3), dtype=np.float32)
+    for i, img in enumerate(block):
+        if img.dtype == np.uint8:
+            out[i] = np.asarray(Image.fromarray(img).resize(size_wh, resample), dtype=np.float32) / 255.0
+        else:
+            # Pillow has no float RGB mode; resize each channel as a 32-bit float image.
+            for c in range(3):
+                ch = Image.fromarray(np.ascontiguousarray(img[..., c], dtype=np.float32))
+                out[i, ..., c] = np.asarray(ch.resize(size_wh, resample), dtype=np.float32)
+    return out
+
+
+def _hwc_to_float(block: np.ndarray) -> np.ndarray:
+    return block.astype(np.float32) / 255.0 if block.dtype == np.uint8 else block.astype(np.float32)
+
+
+# ============================================================================ networks and cache
+
+
+def _default_cache_dir() -> Path:
+    if os.environ.get("BRAINRECON_CACHE"):
+        return Path(os.environ["BRAINRECON_CACHE"]).expanduser() / "eval"
+    return Path("~/.cache/brainrecon/eval").expanduser()
+
+
+def _build_networks(
+    wanted: list[str], variant: str, extractors, weights_dir, strict: bool, allow_download
+) -> tuple[list[FeatureNetwork], dict[str, str]]:
+    extractors = dict(extractors or {})
+    for m in extractors:
+        if m not in METRICS or m in LOW_LEVEL_METRICS:
+            raise DataError(
+                f"extractors has an entry for {m!r}; extractors can replace only "
+                f"{', '.join(map(repr, TWO_WAY_METRICS + DISTANCE_METRICS))}."
+            )
+    nets: list[FeatureNetwork] = []
+    unavailable: dict[str, str] = {}
+    need_standard: list[str] = []
+    shared: dict[int, FeatureNetwork] = {}
+    for m in wanted:
+        if m in LOW_LEVEL_METRICS:
+            continue
+        if m in extractors:
+            ext = extractors[m]
+            if isinstance(ext, FeatureNetwork):
+                # One network object may serve several metrics (AlexNet(2) and (5)): run it once,
+                # asking only for the metrics it was given for and that are wanted.
+                if id(ext) not in shared:
+                    if m not in ext.metrics:
+                        raise DataError(f"extractors[{m!r}] is a network for {ext.metrics}, not for {m!r}.")
+                    served = tuple(x for x in ext.metrics if x in wanted and extractors.get(x) is ext)
+                    shared[id(ext)] = FeatureNetwork(ext.name, served, ext.module, ext.cache_key, ext.source)
+                    nets.append(shared[id(ext)])
+            else:
+                nets.append(wrap_extractor(m, ext))
+        elif _METRIC_NETWORK[m] not in need_standard:
+            need_standard.append(_METRIC_NETWORK[m])
+    for name in need_standard:
+        served = [m for m in NETWORK_METRICS[name] if m in wanted and m not in extractors]
+        try:
+            net = build_network(name, variant, weights_dir=weights_dir, allow_download=allow_download)
+        except WeightsNotFoundError as exc:
+            if strict:
+                raise
+            for m in served:
+                unavailable[m] = str(exc)
+            continue
+        net.metrics = tuple(served)
+        nets.append(net)
+    return nets, unavailable
+
+
+def _net_input_size(net: FeatureNetwork, variant: str) -> int:
+    if variant == "braindiffuser":
+        return _BD_SIZE
+    return _MINDEYE_SIZE[_METRIC_NETWORK[net.metrics[0]]]
+
+
+def _net_norm(net: FeatureNetwork) -> str:
+    return "clip" if _METRIC_NETWORK[net.metrics[0]] == "clip" else "imagenet"
+
+
+def _content_hash(src: _ImageSource, batch_size: int) -> str:
+    h = hashlib.sha256()
+    h.update(f"{src.data.shape}|{src.dtype}|{src.layout}".encode())
+    for start in range(0, src.n, batch_size):
+        idx = np.arange(start, min(start + batch_size, src.n))
+        h.update(np.ascontiguousarray(_take(src.data, idx)).tobytes())
+    return h.hexdigest()
+
+
+def _cache_file(cache_root: Path, gt_hash: str, variant: str, net: FeatureNetwork) -> Path:
+    key = json.dumps(
+        {"gt": gt_hash, "variant": variant, "net": net.name, "weights": net.cache_key,
+         "metrics": net.metrics, "recipe": _RECIPE_VERSION},
+        sort_keys=True,
+    )
+    return cache_root / f"gt-{net.name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _load_cached(path: Path, net: FeatureNetwork, n: int, device) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        return None
+    if set(tensors) != set(net.metrics) or any(t.shape[0] != n for t in tensors.values()):
+        return None
+    return {m: t.to(device) for m, t in tensors.items()}
+
+
+def _save_cached(path: Path, feats: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from brainrecon.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({m: t.detach().cpu().contiguous() for m, t in feats.items()}, str(tmp))
+
+
+# ============================================================================ evaluate
+
+
+def evaluate(
+    gt,
+    rec,
+    metrics=None,
+    variant: str = "mindeye",
+    device="auto",
+    *,
+    gt_ids=None,
+    rec_ids=None,
+    weights_dir=None,
+    extractors: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    batch_size: int = 32,
+    cache_dir=None,
+    progress: bool = True,
+    ssim_mode: str | None = None,
+    blend=None,
+    allow_download: bool | None = None,
+) -> EvalReport:
+    """Score reconstructions against ground truth with the eight NSD metrics.
+
+    Parameters
+    ----------
+    gt, rec : array of shape (n_images, H, W, 3) or (n_images, 3, H, W)
+        uint8 (0-255) or float in [0, 1]; numpy arrays, memory maps, HDF5 datasets or
+        torch tensors. Sizes may differ between the two sets.
+    metrics : list of str, optional
+        Subset of ``METRICS`` (default all eight).
+    variant : {"mindeye", "braindiffuser"}
+        Preprocessing recipe (module docstring and ``spec/metrics.md`` §3).
+    device : str
+        ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+    gt_ids, rec_ids : int array of shape (n_images,), optional
+        Image ids (NSD 73k ids). When both are given the reconstructions are put in
+        ground-truth order; different id sets are an error naming the first difference.
+    weights_dir : path-like, optional
+        Searched for weight files before the torch hub / Hugging Face caches.
+    extractors : mapping of metric name to callable, optional
+        Replace a metric's feature network; ``f(x)`` gets a preprocessed float32 batch
+        (B, 3, S, S) and returns (B, ...) features.
+    strict : bool
+        Raise :class:`WeightsNotFoundError` instead of reporting a metric unavailable.
+    batch_size : int
+        Images per forward pass.
+    cache_dir : path-like or False, optional
+        Ground-truth feature cache (default ``$BRAINRECON_CACHE/eval`` or
+        ``~/.cache/brainrecon/eval``); ``False`` disables it. Only networks with known
+        weights are cached.
+    progress : bool
+        Show a progress bar.
+    ssim_mode : {"2d", "columnwise"}, optional
+        Default: ``"2d"`` for MindEye, ``"columnwise"`` for Brain-Diffuser.
+    blend : array like ``rec``, optional
+        MindEye2's "enhanced" evaluation: reconstructions become 0.75 * rec + 0.25 * blend
+        at 256 px before every metric (MindEye variant only; off by default).
+    allow_download : bool, optional
+        Whether missing weights may be downloaded (default: yes, unless offline
+        variables are set or under pytest).
+
+    Returns
+    -------
+    EvalReport
+
+    Raises
+    ------
+    DataError
+        Non-finite pixels, float values outside [0, 1], mismatched counts or ids,
+        unknown metric or variant.
+    WeightsNotFoundError
+        Only with ``strict=True``.
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    wanted = _check_metrics(metrics)
+    variant = _check_variant(variant)
+    ssim_mode = ssim_mode or _DEFAULT_SSIM_MODE[variant]
+    if ssim_mode not in M.SSIM_MODES:
+        raise DataError(f"Unknown ssim_mode {ssim_mode!r}. Valid modes: {', '.join(map(repr, M.SSIM_MODES))}.")
+    if blend is not None and variant != "mindeye":
+        raise DataError("blend is MindEye2's recipe; use it with variant='mindeye'.")
+    dev = _resolve_device(device)
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    batch_size = int(batch_size)
+
+    gt_src = _ImageSource(gt, "ground-truth")
+    rec_src = _ImageSource(rec, "reconstruction")
+    rec_order, aligned = _align_ids(gt_ids, rec_ids, gt_src.n, rec_src.n)
+    blend_src = None
+    if blend is not None:
+        blend_src = _ImageSource(blend, "blend")
+        if blend_src.n != rec_src.n:
+            raise DataError(f"blend has {blend_src.n} images for {rec_src.n} reconstructions.")
+    n = gt_src.n
+    if n < 2 and any(m in TWO_WAY_METRICS for m in wanted):
+        raise DataError(f"Two-way identification needs at least 2 images; got {n}.")
+
+    nets, unavailable = _build_networks(wanted, variant, extractors, weights_dir, strict, allow_download)
+    for net in nets:
+        net.to(dev)
+
+    timings: dict[str, float] = {}
+    gt_feats: dict[str, list | torch.Tensor] = {}
+    cache_root = None if cache_dir is False else Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
+    cache_files: dict[str, Path] = {}
+    cached_nets: set[str] = set()
+    if cache_root is not None and any(net.cache_key for net in nets):
+        t0 = time.perf_counter()
+        gt_hash = _content_hash(gt_src, batch_size)
+        for net in nets:
+            if net.cache_key:
+                cache_files[net.name] = _cache_file(cache_root, gt_hash, variant, net)
+                hit = _load_cached(cache_files[net.name], net, n, dev)
+                if hit is not None:
+                    gt_feats.update(hit)
+                    cached_nets.add(net.name)
+        timings["gt cache lookup"] = time.perf_counter() - t0
+    for net in nets:
+        if net.name not in cached_nets:
+            for m in net.metrics:
+                gt_feats[m] = []
+    rec_feats: dict[str, list] = {m: [] for net in nets for m in net.metrics}
+    pix_scores: list[np.ndarray] = []
+    ssim_scores: list[np.ndarray] = []
+    low_level = [m for m in wanted if m in LOW_LEVEL_METRICS]
+
+    def tick(key: str, t0: float) -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        now = time.perf_counter()
+        timings[key] = timings.get(key, 0.0) + now - t0
+        return now
+
+    n_batches = math.ceil(n / batch_size)
+    for b in tqdm(range(n_batches), desc=f"evaluate ({variant})", unit="batch", disable=not progress):
+        gi = np.arange(b * batch_size, min((b + 1) * batch_size, n))
+        ri = rec_order[gi]
+        t0 = time.perf_counter()
+        if variant == "mindeye":
+            g = _resize(gt_src.tensor(gi, dev), _BASE_SIZE)
+            r = _resize(rec_src.tensor(ri, dev), _BASE_SIZE)
+            if blend_src is not None:
+                r = 0.75 * r + 0.25 * _resize(blend_src.tensor(ri, dev), _BASE_SIZE)
+            if low_level:
+                g_ll, r_ll = _resize(g, _LOW_LEVEL_SIZE), _resize(r, _LOW_LEVEL_SIZE)
+                if dev.type == "cpu":  # scipy's filters beat torch's on a CPU
+                    g_ll, r_ll = g_ll.numpy(), r_ll.numpy()
+            net_inputs = {}
+            for net in nets:
+                key = (_net_input_size(net, variant), _net_norm(net))
+                if key not in net_inputs:
+                    net_inputs[key] = (_normalise(_resize(g, key[0]), key[1]), _normalise(_resize(r, key[0]), key[1]))
+            t0 = tick("load + resize", t0)
+        else:
+            g_raw, r_raw = gt_src.raw(gi), rec_src.raw(ri)
+            if low_level:
+                g_ll = _hwc_to_float(g_raw)
+                if tuple(r_raw.shape[1:3]) != tuple(g_raw.shape[1:3]):
+                    r_ll = _pil_resize(r_raw, (g_raw.shape[2], g_raw.shape[1]), Image.Resampling.BICUBIC)
+                else:
+                    r_ll = _hwc_to_float(r_raw)
+                g_ll, r_ll = g_ll.transpose(0, 3, 1, 2), r_ll.transpose(0, 3, 1, 2)
+                if dev.type != "cpu":
+                    g_ll, r_ll = torch.from_numpy(g_ll).to(dev), torch.from_numpy(r_ll).to(dev)
+            net_inputs = {}
+            if nets:
+
+                def to_net(raw):
+                    x = _pil_resize(raw, (_BD_SIZE, _BD_SIZE), Image.Resampling.BILINEAR)
+                    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
+
+                g224, r224 = to_net(g_raw), to_net(r_raw)
+                for norm in {_net_norm(net) for net in nets}:
+                    net_inputs[(_BD_SIZE, norm)] = (_normalise(g224, norm), _normalise(r224, norm))
+            t0 = tick("load + resize", t0)
+        if low_level:
+            if "PixCorr" in wanted:
+                pix_scores.append(M.pixcorr_per_image(g_ll, r_ll))
+            if "SSIM" in wanted:
+                ssim_scores.append(M.ssim_per_image(g_ll, r_ll, mode=ssim_mode))
+            t0 = tick("PixCorr + SSIM", t0)
+        for net in nets:
+            x_g, x_r = net_inputs[(_net_input_size(net, variant), _net_norm(net))]
+            if net.name not in cached_nets:
+                for m, f in net(x_g).items():
+                    gt_feats[m].append(f)
+            for m, f in net(x_r).items():
+                rec_feats[m].append(f)
+            t0 = tick(f"network {net.name}", t0)
+
+    scores: dict[str, float] = {}
+    if "PixCorr" in wanted:
+        scores["PixCorr"] = float(np.mean(np.concatenate(pix_scores)))
+    if "SSIM" in wanted:
+        scores["SSIM"] = float(np.mean(np.concatenate(ssim_scores)))
+    t0 = time.perf_counter()
+    for net in nets:
+        if net.name not in cached_nets:
+            for m in net.metrics:
+                gt_feats[m] = torch.cat(gt_feats[m])
+            if net.name in cache_files:
+                _save_cached(cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
+        for m in net.metrics:
+            fr = torch.cat(rec_feats[m])
+            if m in TWO_WAY_METRICS:
+                scores[m] = M.two_way_identification(gt_feats[m], fr)
+            else:
+                scores[m] = M.correlation_distance(gt_feats[m], fr)
+    tick("scores", t0)
+    timings["total"] = time.perf_counter() - t_start
+
+    settings = {
+        "ssim_mode": ssim_mode,
+        "blend": blend is not None,
+        "effnet_weights": _EFFNET_WEIGHTS[variant],
+        "networks": {m: net.source for net in nets for m in net.metrics},
+        "gt_features_cached": sorted(m for net in nets if net.name in cached_nets for m in net.metrics),
+        "aligned_by_id": aligned,
+        "ids_sha256": _ids_hash(gt_ids) if gt_ids is not None else None,
+        "gt_size": list(gt_src.size),
+        "rec_size": list(rec_src.size),
+        "device": str(dev),
+    }
+    return EvalReport(
+        scores, n_images=n, variant=variant, unavailable=unavailable, settings=settings,
+        versions=_versions(), timings={k: round(v, 4) for k, v in timings.items()},
+    )
+
+
+def _ids_hash(ids) -> str:
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+
+# ============================================================================ runs
+
+
+def evaluate_run(
+    run,
+    variant: str = "mindeye",
+    *,
+    metrics=None,
+    device="auto",
+    weights_dir=None,
+    extractors: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    batch_size: int = 32,
+    cache_dir=None,
+    progress: bool = True,
+    write: bool = True,
+    data_source=None,
+    grid_rows: int = 8,
+) -> EvalReport:
+    """(Re)compute a run's ``metrics.json`` and ``grid.png`` from its saved reconstructions.
+
+    Parameters
+    ----------
+    run : brainrecon.runs.Run or path-like
+        A run directory written by ``brainrecon fit``.
+    variant, metrics, device, weights_dir, extractors, strict, batch_size, cache_dir, progress
+        As in :func:`evaluate`.
+    write : bool
+        Write ``metrics.json`` (atomically) and ``grid.png`` into the run.
+    data_source : path-like, optional
+        Where the run's dataset is now, if it moved since the fit.
+    grid_rows : int
+        Test images shown in ``grid.png``.
+
+    Returns
+    -------
+    EvalReport
+
+    Raises
+    ------
+    BrainreconError
+        When the run has no reconstructions, or its test ids are not in the dataset.
+    """
+    from brainrecon.runs import Run
+
+    if not isinstance(run, Run):
+        run = Run.open(run)
+    recs = run.reconstructions()
+    if recs is None:
+        raise BrainreconError(
+            f"Run {run.name!r} at {run.path} has no reconstructions.npy, so there is nothing to evaluate. "
+            "Decoders that predict a target space need their images generated first."
+        )
+    rec_ids = np.asarray(run.test_ids(), dtype=np.int64)
+    ds = run.dataset(data_source)
+    subject = run.subject
+    ds_ids = np.asarray(ds.test.ids(subject), dtype=np.int64)
+    pos = {int(v): i for i, v in enumerate(ds_ids)}
+    missing = [int(v) for v in rec_ids if int(v) not in pos]
+    if missing:
+        raise DataError(
+            f"Run {run.name!r} has reconstructions of test id {missing[0]}, which subject {subject}'s test "
+            f"split of {ds!r} does not contain ({len(missing)} such ids). Was the dataset changed since the fit?"
+        )
+    index = np.array([pos[int(v)] for v in rec_ids], dtype=np.int64)
+    gt = ds.test.images(subject, index=index)
+    report = evaluate(
+        gt, recs, metrics=metrics, variant=variant, device=device, gt_ids=rec_ids, rec_ids=rec_ids,
+        weights_dir=weights_dir, extractors=extractors, strict=strict, batch_size=batch_size,
+        cache_dir=cache_dir, progress=progress,
+    )
+    report.settings["run"] = run.name
+    report.settings["subject"] = subject
+    if write:
+        from brainrecon.viz import image_grid
+
+        report.save(run.path / "metrics.json")
+        rows = min(grid_rows, len(rec_ids))
+        image_grid(gt[:rows], {run.name: np.asarray(recs[:rows])}, path=run.path / "grid.png", max_rows=rows)
+    return report

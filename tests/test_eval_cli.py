@@ -1,0 +1,99 @@
+"""The evaluation commands: evaluate, leaderboard, compare, weights."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from brainrecon.cli import app
+from brainrecon.runs import list_runs
+
+SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A real ridge run written by `brainrecon fit`, scored by the harness at the end of the fit."""
+    out = tmp_path_factory.mktemp("runs")
+    result = invoke("fit", "--decoder", "ridge", "--data", SMALL, "--subjects", 1, "--out", out,
+                    "--alphas", "100,10000")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fit_wrote_metrics_and_grid_through_the_harness(fitted):
+    run = list_runs(fitted)[0]
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    assert metrics["format"] == "brainrecon.eval.report/1"
+    assert set(metrics["metrics"]) == {"PixCorr", "SSIM"}  # no network weights offline
+    assert "alexnet-owt-7be5be79.pth" in metrics["unavailable"]["AlexNet(2)"]
+    assert Image.open(run.path / "grid.png").size[1] > 128
+
+
+def test_evaluate_command(fitted):
+    run = list_runs(fitted)[0]
+    (run.path / "metrics.json").unlink()
+    result = invoke("evaluate", run.path, "-m", "PixCorr", "-m", "SSIM", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "PixCorr ↑" in result.output and "SSIM ↑" in result.output
+    saved = json.loads((run.path / "metrics.json").read_text())
+    assert set(saved["metrics"]) == {"PixCorr", "SSIM"} and saved["variant"] == "mindeye"
+
+    result = invoke("evaluate", run.path, "-m", "PixCorr", "-m", "CLIP")
+    assert result.exit_code == 0
+    assert "unavailable:" in result.output and "clip-vit-large-patch14" in result.output
+
+
+def test_evaluate_command_errors(fitted, tmp_path):
+    run = list_runs(fitted)[0]
+    result = invoke("evaluate", run.path, "--variant", "mindeye3")
+    assert result.exit_code == 1
+    assert "Unknown variant 'mindeye3'" in result.output and "'braindiffuser'" in result.output
+    result = invoke("evaluate", run.path, "--strict", "-m", "SwAV", "--weights-dir", tmp_path)
+    assert result.exit_code == 1
+    assert "swav_800ep_pretrain.pth.tar not found" in result.output
+    result = invoke("evaluate", tmp_path)
+    assert result.exit_code == 1 and "is not a brainrecon run" in result.output
+
+
+def test_leaderboard_command(fitted, tmp_path):
+    result = invoke("leaderboard", "--runs", fitted, "--format", "markdown", "--sort", "PixCorr")
+    assert result.exit_code == 0, result.output
+    assert "| 1 | ridge-subj01-pixels |" in result.output
+    assert "published" not in result.output  # synthetic data: no published rows
+    out = tmp_path / "board.html"
+    result = invoke("leaderboard", "--runs", fitted, "--format", "html", "--out", out)
+    assert result.exit_code == 0
+    assert out.read_text().count("data:image/png;base64,") == 1
+    result = invoke("leaderboard", "--runs", fitted, "--format", "xml")
+    assert result.exit_code == 1 and "Unknown format 'xml'" in result.output
+
+
+def test_compare_command(fitted, tmp_path):
+    run = list_runs(fitted)[0]
+    out = tmp_path / "cmp.png"
+    result = invoke("compare", run.path, run.path, "--out", out, "--rows", 3, "--cell", 32)
+    assert result.exit_code == 0, result.output
+    img = np.asarray(Image.open(out))
+    assert img.shape[1] > 3 * 32 and img.shape[0] > 3 * 32
+
+
+def test_weights_command(tmp_path):
+    (tmp_path / "inception_v3_google-0cc3c7bd.pth").write_bytes(b"x")
+    result = invoke("weights", "--weights-dir", tmp_path)
+    assert result.exit_code == 0
+    text = result.output
+    assert "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth" in text
+    assert "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar" in text
+    assert "present  inception_v3_google-0cc3c7bd.pth" in text
+    assert "missing  efficientnet_b1-c27df63c.pth" in text
+    assert "5 file(s) missing" in text
