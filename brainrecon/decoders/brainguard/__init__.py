@@ -1,0 +1,43 @@
+"""BrainGuard: privacy-preserving multi-subject MLP decoders trained by federated learning.
+
+``model``      the network, the loss, the output-scale calibration;
+``federated``  clients, the server's :func:`aggregate`, the Dynamic Fusion Learner, the round
+               loop and checkpoints;
+``decoder``    :class:`BrainGuardDecoder`, the registered ``brainguard`` decoder.
+
+See ``spec/brainguard.md``.
+"""
+
+from brainrecon.decoders.brainguard.decoder import BrainGuardDecoder
+from brainrecon.decoders.brainguard.federated import (
+    Client,
+    DynamicFusionLearner,
+    TrainConfig,
+    aggregate,
+    aggregation_weights,
+)
+from brainrecon.decoders.brainguard.model import (
+    BrainGuardNet,
+    apply_calibration,
+    brainguard_loss,
+    fit_calibration,
+    soft_clip_loss,
+    split_tiers,
+    token_shape,
+)
+
+__all__ = [
+    "BrainGuardDecoder",
+    "BrainGuardNet",
+    "Client",
+    "DynamicFusionLearner",
+    "TrainConfig",
+    "aggregate",
+    "aggregation_weights",
+    "apply_calibration",
+    "brainguard_loss",
+    "fit_calibration",
+    "soft_clip_loss",
+    "split_tiers",
+    "token_shape",
+]

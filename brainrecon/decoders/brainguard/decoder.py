@@ -1,0 +1,527 @@
+"""The registered ``brainguard`` decoder: federated multi-subject MLP decoders."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from brainrecon.decoders.base import Decoder
+from brainrecon.decoders.brainguard.federated import (
+    EMA_MODES,
+    Client,
+    TrainConfig,
+    client_devices,
+    load_checkpoint,
+    read_latest,
+    run_federation,
+    save_checkpoint,
+)
+from brainrecon.decoders.brainguard.model import (
+    CALIBRATIONS,
+    BrainGuardNet,
+    apply_calibration,
+    fit_calibration,
+    token_shape,
+)
+from brainrecon.errors import BrainreconError, DataError
+from brainrecon.targets import get_target
+
+NAN_POLICIES = ("error", "zero")
+_PREDICT_BATCH = 256
+# Parameters that do not change what training computes: a checkpoint written under other
+# values of these can be resumed.
+_RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "device", "calibration")
+
+
+class BrainGuardDecoder(Decoder):
+    """Per-subject MLP decoders trained by federated learning (BrainGuard, ``spec/brainguard.md``).
+
+    Every subject is a client: it keeps its voxels and its subject-specific input layer
+    (``ridge``, ``Linear(V -> hidden)``) and trains the whole network on its own data; a
+    server averages the shared layers (residual blocks, head, per-token projector) weighted
+    by the clients' sample counts; each round every client merges the global model into its
+    own in three tiers — the ridge layer is retained, the first shared units are overwritten,
+    and the last ``sync_layers`` units are blended element-wise with weights learned by the
+    Dynamic Fusion Learner. After the last round each subject keeps its own (personalised)
+    model, and its outputs are brought to the training targets' scale (``calibration``).
+
+    Parameters
+    ----------
+    subjects : list of int or None
+        Subjects (clients) to train; None: every subject of the training split.
+    target : {"pixels", "ipadapter"}
+        Target space; ``target_options`` is passed to :func:`brainrecon.targets.get_target`.
+        A target of shape ``(a, *rest)`` is predicted as ``a`` tokens of ``prod(rest)`` values
+        (pixels ``(32, 32, 3)``: 32 rows of 96; IP-Adapter ``(16, 768)``).
+    hidden, n_blocks, dropout : int, int, float
+        Width h of the network, number of residual blocks, dropout in the blocks.
+    rounds : int
+        Federated rounds (600 in the released scripts).
+    local_iterations : int
+        Local epochs each client trains per round (the ablation's 1/5/10/20).
+    sync_layers : int
+        Number of trailing shared layer units (of ``[block 0, …, block n-1, head,
+        projector]``) fused adaptively; the other shared units are overwritten by the global
+        model. 0 to ``n_blocks + 2``.
+    sync_tensors : int or None
+        Count of trailing parameter *tensors* fused adaptively instead (the released code's
+        ``layer_idx``, 24 in its scripts); overrides ``sync_layers`` when given.
+    batch_size, lr, weight_decay : int, float, float
+        Per-client batch size; AdamW (betas 0.9/0.9999) learning rate with a OneCycle schedule
+        over all rounds; decay applied to Linear weights only.
+    mse_weight, softclip_tau, softclip_weight : float
+        Loss = ``mse_weight · MSE`` of the L2-normalised flattened prediction and target
+        ``+ softclip_weight · SoftCLIP`` at temperature ``softclip_tau``.
+    dfl_eta, dfl_grad_scale, dfl_threshold, dfl_num_pre_loss, dfl_max_epochs
+        Dynamic Fusion Learner: step size, gradient scale (1000 in BrainGuard), the stopping
+        rule of its first call (std of the last ``dfl_num_pre_loss`` epoch losses below
+        ``dfl_threshold``) and a cap on that call's epochs.
+    ema : {"none", "standard", "inverted"}
+        What a client uploads: its weights ("none"), a standard EMA of them
+        (``ema ← d·ema + (1-d)·θ`` after each step), or the released code's inverted update
+        (``ema ← d·θ + (1-d)·ema`` before each step). ``ema_decay`` is d.
+    calibration : {"token", "norm", "none"}
+        Output scale (see :func:`~brainrecon.decoders.brainguard.model.fit_calibration`);
+        can be changed after fitting.
+    seed : int
+        Seeds the common initialisation, each subject's input layer, shuffling and dropout.
+    device : str
+        "auto" (all GPUs, one client per GPU round-robin; CPU without CUDA), "cpu", "cuda",
+        "cuda:N".
+    checkpoint_dir : path or None
+        Where a checkpoint (every client's model, optimiser, schedule, fusion weights and
+        random state, and the global model) is written after every ``checkpoint_every``-th
+        round and after the last one; only the newest is kept. At the published size (four
+        clients, h = 2048) one checkpoint is about 5 GB.
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` when one exists.
+    nan_policy : {"error", "zero"}
+        Non-finite voxel values: raise, or replace by 0.
+    progress : bool
+        Show progress bars.
+    """
+
+    name: ClassVar[str] = "brainguard"
+    predicts: ClassVar[str] = "target"
+    multi_subject: ClassVar[bool] = True
+    summary: ClassVar[str] = ("Per-subject MLP decoders trained by federated learning "
+                              "(subject input layers stay private; shared layers fused by DFL).")
+    main_params: ClassVar[tuple[str, ...]] = (
+        "target", "hidden", "rounds", "local_iterations", "sync_layers", "batch_size", "lr", "seed")
+
+    def __init__(
+        self,
+        *,
+        subjects: list[int] | None = None,
+        target: str = "pixels",
+        target_options: dict | None = None,
+        hidden: int = 2048,
+        n_blocks: int = 4,
+        dropout: float = 0.15,
+        rounds: int = 600,
+        local_iterations: int = 1,
+        sync_layers: int = 4,
+        sync_tensors: int | None = None,
+        batch_size: int = 50,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-2,
+        mse_weight: float = 2e4,
+        softclip_tau: float = 0.05,
+        softclip_weight: float = 1.0,
+        dfl_eta: float = 1.0,
+        dfl_grad_scale: float = 1000.0,
+        dfl_threshold: float = 50.0,
+        dfl_num_pre_loss: int = 10,
+        dfl_max_epochs: int = 100,
+        ema: str = "none",
+        ema_decay: float = 0.999,
+        calibration: str = "token",
+        seed: int = 0,
+        device: str = "auto",
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 1,
+        resume: bool = False,
+        nan_policy: str = "error",
+        progress: bool = True,
+    ):
+        self.subjects = subjects
+        self.target = target
+        self.target_options = target_options
+        self.hidden = hidden
+        self.n_blocks = n_blocks
+        self.dropout = dropout
+        self.rounds = rounds
+        self.local_iterations = local_iterations
+        self.sync_layers = sync_layers
+        self.sync_tensors = sync_tensors
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.mse_weight = mse_weight
+        self.softclip_tau = softclip_tau
+        self.softclip_weight = softclip_weight
+        self.dfl_eta = dfl_eta
+        self.dfl_grad_scale = dfl_grad_scale
+        self.dfl_threshold = dfl_threshold
+        self.dfl_num_pre_loss = dfl_num_pre_loss
+        self.dfl_max_epochs = dfl_max_epochs
+        self.ema = ema
+        self.ema_decay = ema_decay
+        self.calibration = calibration
+        self.seed = seed
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.resume = resume
+        self.nan_policy = nan_policy
+        self.progress = progress
+
+    # ------------------------------------------------------------------ validation
+    def _train_config(self) -> TrainConfig:
+        def positive_int(name: str, minimum: int = 1) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+            return int(value)
+
+        def positive_float(name: str, allow_zero: bool = False) -> float:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and \
+                np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+            if not ok:
+                bound = ">= 0" if allow_zero else "> 0"
+                raise DataError(f"{name} must be a finite number {bound}, got {value!r}.")
+            return float(value)
+
+        if self.ema not in EMA_MODES:
+            raise DataError(f"Unknown ema {self.ema!r}. Valid choices: {', '.join(map(repr, EMA_MODES))}.")
+        self._check_choices()
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise DataError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if not 0.0 <= float(self.ema_decay) <= 1.0:
+            raise DataError(f"ema_decay must be in [0, 1], got {self.ema_decay!r}.")
+        if self.resume and self.checkpoint_dir is None:
+            raise DataError(
+                "resume=True needs checkpoint_dir, the directory the interrupted run wrote its "
+                "checkpoints to (CLI: --checkpoint-dir)."
+            )
+        positive_int("checkpoint_every")
+        n_blocks = positive_int("n_blocks", 0)
+        sync_layers = positive_int("sync_layers", 0)
+        if sync_layers > n_blocks + 2:
+            raise DataError(
+                f"sync_layers={sync_layers} must be between 0 and {n_blocks + 2} (the shared "
+                f"layer units: {n_blocks} blocks, the head and the projector)."
+            )
+        sync_tensors = None if self.sync_tensors is None else positive_int("sync_tensors", 0)
+        return TrainConfig(
+            hidden=positive_int("hidden"), n_blocks=n_blocks, dropout=float(self.dropout),
+            rounds=positive_int("rounds"), local_iterations=positive_int("local_iterations"),
+            sync_layers=sync_layers, sync_tensors=sync_tensors,
+            batch_size=positive_int("batch_size"), lr=positive_float("lr"),
+            weight_decay=positive_float("weight_decay", True),
+            mse_weight=positive_float("mse_weight", True), softclip_tau=positive_float("softclip_tau"),
+            softclip_weight=positive_float("softclip_weight", True),
+            dfl_eta=positive_float("dfl_eta", True), dfl_grad_scale=positive_float("dfl_grad_scale", True),
+            dfl_threshold=positive_float("dfl_threshold", True),
+            dfl_num_pre_loss=positive_int("dfl_num_pre_loss"),
+            dfl_max_epochs=positive_int("dfl_max_epochs"), ema=self.ema,
+            ema_decay=float(self.ema_decay), seed=int(self.seed),
+        )
+
+    def _check_choices(self) -> None:
+        if self.calibration not in CALIBRATIONS:
+            raise DataError(
+                f"Unknown calibration {self.calibration!r}. Valid choices: "
+                f"{', '.join(map(repr, CALIBRATIONS))}."
+            )
+        if self.nan_policy not in NAN_POLICIES:
+            raise DataError(
+                f"Unknown nan_policy {self.nan_policy!r}. Valid choices: 'error', 'zero'."
+            )
+
+    def _fit_subjects(self, train) -> list[int]:
+        if self.subjects is None:
+            return [int(s) for s in train.subjects]
+        subjects = [int(s) for s in self.subjects]
+        if not subjects:
+            raise DataError("subjects is empty; give at least one subject or None for all.")
+        if len(set(subjects)) != len(subjects):
+            raise DataError(f"subjects has duplicates: {subjects}.")
+        missing = [s for s in subjects if s not in train.subjects]
+        if missing:
+            raise DataError(
+                f"Subject(s) {missing} are not in the training data; available subjects: "
+                f"{train.subjects}."
+            )
+        return subjects
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train) -> "BrainGuardDecoder":
+        """Train one decoder per subject by federated learning.
+
+        Parameters
+        ----------
+        train : Split
+            Training split; each subject's voxels (n_s, V_s) and its target-space values
+            (n_s, *target_shape) are used by that subject's client only.
+
+        Returns
+        -------
+        self
+        """
+        config = self._train_config()
+        subjects = self._fit_subjects(train)
+        space = get_target(self.target, **(self.target_options or {}))
+        target_shape = tuple(int(s) for s in space.shape)
+        n_tokens, token_dim = token_shape(target_shape)
+
+        voxel_stats, tensors = {}, {}
+        for s in subjects:
+            X = train.voxels(s, nan_policy=self.nan_policy)
+            Y = np.asarray(space.load(train, s, progress=self.progress), dtype=np.float32)
+            if Y.shape != (X.shape[0],) + target_shape:
+                raise DataError(
+                    f"Subject {s}: {X.shape[0]} voxel rows but targets of shape {Y.shape}; "
+                    f"expected {(X.shape[0],) + target_shape}."
+                )
+            if not np.all(np.isfinite(Y)):
+                raise DataError(f"Subject {s}: the {self.target!r} targets contain NaN or infinite values.")
+            # Standardising with the subject's own training statistics is part of the
+            # subject-specific input layer: computed on the client, never shared.
+            mean = X.mean(axis=0, dtype=np.float64)
+            std = X.std(axis=0, dtype=np.float64)
+            std = np.where(std > 1e-8, std, 1.0)
+            voxel_stats[s] = (mean.astype(np.float32), std.astype(np.float32))
+            Xs = ((X - mean) / std).astype(np.float32)
+            tensors[s] = (torch.from_numpy(Xs), torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim)))
+
+        devices = client_devices(self.device, len(subjects))
+        models = self._initial_models(config, {s: tensors[s][0].shape[1] for s in subjects},
+                                      n_tokens, token_dim)
+        clients = [Client(s, tensors[s][0], tensors[s][1], models[s], config, dev)
+                   for s, dev in zip(subjects, devices)]
+        server_device = devices[0] if len(set(devices)) == 1 else torch.device("cpu")
+
+        run_meta = {
+            "config": asdict(config),
+            "params": {k: _plain(v) for k, v in self.get_params().items()
+                       if k not in _RESUME_FREE and k != "subjects"},
+            "subjects": subjects,
+            "n_voxels": {str(s): int(tensors[s][0].shape[1]) for s in subjects},
+            "n_samples": {str(s): int(tensors[s][0].shape[0]) for s in subjects},
+            "fingerprints": {str(s): train.fingerprint(s) for s in subjects},
+            "target_shape": list(target_shape),
+        }
+        history: list[dict] = []
+        start_round, global_state = 0, None
+        ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
+        latest = read_latest(ckpt_dir) if ckpt_dir is not None else None
+        if latest is not None and self.resume:
+            start_round, global_state, history = self._restore(latest, run_meta, clients, server_device)
+        elif latest is not None:
+            warnings.warn(
+                f"{ckpt_dir} holds a checkpoint that will be replaced by this fresh run; pass "
+                f"resume=True (CLI: --resume) to continue it instead.", UserWarning, stacklevel=2)
+
+        every = int(self.checkpoint_every)
+
+        def on_round_end(r: int, state: dict, record: dict) -> None:
+            history.append(_plain(record))
+            if ckpt_dir is not None and ((r + 1) % every == 0 or r + 1 == config.rounds):
+                save_checkpoint(ckpt_dir, round_index=r, clients=clients, global_state=state,
+                                meta={**run_meta, "history": history})
+
+        if start_round < config.rounds:
+            run_federation(clients, rounds=config.rounds, local_iterations=config.local_iterations,
+                           start_round=start_round, global_state=global_state,
+                           server_device=server_device, on_round_end=on_round_end,
+                           progress=bool(self.progress))
+
+        self.models_, self.voxel_stats_, self.calibration_stats_ = {}, {}, {}
+        for client in clients:
+            s = client.subject
+            model = client.model
+            model.eval()
+            raw = _raw_predict(model, client.voxels, client.device)
+            self.calibration_stats_[s] = fit_calibration(
+                raw, client.targets.cpu().numpy(), kind="token")
+            model.set_generator(None)
+            self.models_[s] = model.to("cpu")
+            self.voxel_stats_[s] = voxel_stats[s]
+        self.target_shape_ = target_shape
+        self.token_shape_ = (n_tokens, token_dim)
+        self.federation_ = {
+            "subjects": subjects,
+            "n_train": {str(s): int(tensors[s][0].shape[0]) for s in subjects},
+            "rounds_completed": config.rounds,
+        }
+        self.history_ = history
+        self.n_voxels_ = {s: int(tensors[s][0].shape[1]) for s in subjects}
+        self.subjects_ = list(subjects)
+        return self
+
+    def _initial_models(self, config: TrainConfig, n_voxels: dict[int, int], n_tokens: int,
+                        token_dim: int) -> dict[int, BrainGuardNet]:
+        """Identical shared layers for every client; each subject's input layer seeded apart."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            template = BrainGuardNet(1, config.hidden, config.n_blocks, n_tokens, token_dim,
+                                     config.dropout)
+            models = {}
+            for s, V in n_voxels.items():
+                torch.manual_seed(int(np.random.SeedSequence([config.seed, s, 1]).generate_state(1)[0]))
+                model = copy.deepcopy(template)
+                # Re-assigning keeps ``ridge`` first in the parameter order.
+                model.ridge = torch.nn.Linear(V, config.hidden)
+                models[s] = model
+        return models
+
+    def _restore(self, latest: Path, run_meta: dict, clients: list[Client],
+                 server_device: torch.device) -> tuple[int, dict, list]:
+        meta, global_state, client_tensors = load_checkpoint(latest)
+        differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
+                                   "fingerprints", "target_shape")
+                       if _plain(meta.get(k)) != _plain(run_meta[k])]
+        if differences:
+            detail = []
+            for k in differences:
+                old, new = meta.get(k), run_meta[k]
+                if isinstance(old, dict) and isinstance(new, dict):
+                    keys = sorted(set(old) | set(new), key=str)
+                    changed = [f"{kk}: {old.get(kk)!r} -> {new.get(kk)!r}" for kk in keys
+                               if old.get(kk) != new.get(kk)]
+                    detail.append(f"{k} ({'; '.join(changed)})")
+                else:
+                    detail.append(f"{k} ({old!r} -> {new!r})")
+            raise BrainreconError(
+                f"Cannot resume from {latest}: it was written with different settings or data: "
+                f"{', '.join(detail)}. Use the original settings, or another checkpoint_dir "
+                f"(or resume=False to start over)."
+            )
+        for client in clients:
+            client.restore(client_tensors[client.subject], meta["clients"][str(client.subject)])
+        global_state = {k: v.to(server_device) for k, v in global_state.items()}
+        return int(meta["rounds_completed"]), global_state, list(meta.get("history", []))
+
+    # ------------------------------------------------------------------ predict
+    def predict(self, test) -> dict[int, np.ndarray]:
+        """Predict target-space values for every fitted subject present in ``test``.
+
+        Returns
+        -------
+        dict int -> float32 array of shape (n_test_s, *target_shape)
+            Calibrated to the training targets' scale (``calibration``), aligned with
+            ``test.ids(subject)``.
+        """
+        subjects = self._predict_subjects(test)
+        self._check_choices()
+        device = client_devices(self.device, 1)[0]
+        out = {}
+        for s in subjects:
+            X = test.voxels(s, nan_policy=self.nan_policy)
+            self._check_voxels(X, s)
+            mean, std = self.voxel_stats_[s]
+            Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
+            model = self.models_[s].to(device)
+            model.eval()
+            raw = _raw_predict(model, Xs, device)
+            self.models_[s] = model.to("cpu")
+            pred = apply_calibration(raw, self.calibration_stats_[s], self.calibration)
+            out[s] = pred.reshape((len(X),) + tuple(self.target_shape_))
+        return out
+
+    def for_subject(self, subject: int) -> "BrainGuardDecoder":
+        """A decoder holding only ``subject``'s fitted model (for one run per subject).
+
+        The parameters are unchanged (they describe the federated training that produced
+        it; ``federation_`` names every subject that took part).
+        """
+        self._check_fitted()
+        subject = int(subject)
+        if subject not in self.subjects_:
+            raise DataError(
+                f"Subject {subject} is not among this decoder's fitted subjects {self.subjects_}."
+            )
+        single = type(self)(**self.get_params())
+        single.models_ = {subject: self.models_[subject]}
+        single.voxel_stats_ = {subject: self.voxel_stats_[subject]}
+        single.calibration_stats_ = {subject: self.calibration_stats_[subject]}
+        single.target_shape_ = self.target_shape_
+        single.token_shape_ = self.token_shape_
+        single.federation_ = copy.deepcopy(self.federation_)
+        single.history_ = copy.deepcopy(self.history_)
+        single.n_voxels_ = {subject: self.n_voxels_[subject]}
+        single.subjects_ = [subject]
+        return single
+
+    # ------------------------------------------------------------------ persistence
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        for s in self.subjects_:
+            mean, std = self.voxel_stats_[s]
+            tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.models_[s].state_dict().items()}
+            tensors["voxel_mean"] = torch.from_numpy(np.ascontiguousarray(mean))
+            tensors["voxel_std"] = torch.from_numpy(np.ascontiguousarray(std))
+            for k, v in self.calibration_stats_[s].items():
+                tensors[f"calibration.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
+            save_file(tensors, str(directory / f"subject-{s}.safetensors"))
+        return {
+            "target_shape": list(self.target_shape_),
+            "token_shape": list(self.token_shape_),
+            "federation": self.federation_,
+            "history": self.history_,
+        }
+
+    def _load_weights(self, directory: Path, state: dict[str, Any]) -> None:
+        self.target_shape_ = tuple(int(s) for s in state["target_shape"])
+        self.token_shape_ = tuple(int(s) for s in state["token_shape"])
+        self.federation_ = state.get("federation", {})
+        self.history_ = state.get("history", [])
+        self.models_, self.voxel_stats_, self.calibration_stats_ = {}, {}, {}
+        for s in self.subjects_:
+            path = directory / f"subject-{s}.safetensors"
+            if not path.is_file():
+                raise BrainreconError(f"{directory} is incomplete: {path.name} is missing.")
+            tensors = load_file(str(path))
+            with torch.device("meta"):
+                model = BrainGuardNet(self.n_voxels_[s], int(self.hidden), int(self.n_blocks),
+                                      self.token_shape_[0], self.token_shape_[1], float(self.dropout))
+            model = model.to_empty(device="cpu")
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                                   if k.startswith("model.")}, strict=True)
+            model.eval()
+            self.models_[s] = model
+            self.voxel_stats_[s] = (tensors["voxel_mean"].numpy(), tensors["voxel_std"].numpy())
+            self.calibration_stats_[s] = {k[len("calibration."):]: v.numpy() for k, v in tensors.items()
+                                          if k.startswith("calibration.")}
+
+
+def _raw_predict(model: BrainGuardNet, voxels: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Uncalibrated outputs (n, n_tokens, token_dim) of ``model`` in evaluation mode."""
+    outs = []
+    with torch.no_grad():
+        for start in range(0, voxels.shape[0], _PREDICT_BATCH):
+            batch = voxels[start:start + _PREDICT_BATCH].to(device)
+            outs.append(model(batch).float().cpu().numpy())
+    return np.concatenate(outs, axis=0)
+
+
+def _plain(value: Any) -> Any:
+    """JSON round-trip form (tuples -> lists, int keys -> str) for comparisons and storage."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+__all__ = ["BrainGuardDecoder"]

@@ -1,0 +1,635 @@
+"""Federated training of BrainGuard decoders: clients, server, Dynamic Fusion Learner.
+
+The pieces, and what each one may see:
+
+* a :class:`Client` holds one subject's voxels, targets and model (including the
+  subject's ``ridge`` input layer, its voxel standardisation and its optimiser);
+* the server is a plain function, :func:`aggregate`, of the clients' *uploads* — state
+  dicts of the shared parameter tensors — and their sample counts; it never receives data,
+  and it refuses any upload that contains the subject-specific input layer;
+* a client merges the global model into its own with three tiers (``spec`` §6):
+  **retention** (the ridge layer is never touched), **global alignment** (middle tensors are
+  overwritten), **adaptive tuning** (the last tensors become ``θ_l + (θ_g - θ_l) ⊙ W`` with
+  ``W`` learned by the :class:`DynamicFusionLearner`);
+* :func:`run_federation` runs the rounds and calls back after each one (checkpoints).
+
+One round: every client fuses the previous round's global model into its own (skipped in
+round 0, when there is none yet), trains ``local_iterations`` epochs on its own data, and
+uploads its shared tensors; the server averages them weighted by the clients' sample counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from brainrecon.decoders.brainguard.model import (
+    BrainGuardNet,
+    brainguard_loss,
+    decay_groups,
+    is_private,
+    split_tiers,
+)
+from brainrecon.errors import BrainreconError, DataError
+from brainrecon.io import read_json, write_json_atomic
+
+EMA_MODES = ("none", "standard", "inverted")
+CHECKPOINT_FORMAT = 1
+LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a federated training run (besides data and devices)."""
+
+    hidden: int = 2048
+    n_blocks: int = 4
+    dropout: float = 0.15
+    rounds: int = 600
+    local_iterations: int = 1
+    sync_layers: int = 4
+    sync_tensors: int | None = None
+    batch_size: int = 50
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    mse_weight: float = 2e4
+    softclip_tau: float = 0.05
+    softclip_weight: float = 1.0
+    dfl_eta: float = 1.0
+    dfl_grad_scale: float = 1000.0
+    dfl_threshold: float = 50.0
+    dfl_num_pre_loss: int = 10
+    dfl_max_epochs: int = 100
+    ema: str = "none"
+    ema_decay: float = 0.999
+    seed: int = 0
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return brainguard_loss(pred, target, mse_weight=self.mse_weight,
+                               softclip_tau=self.softclip_tau, softclip_weight=self.softclip_weight)
+
+    def steps_per_epoch(self, n_samples: int) -> int:
+        return -(-int(n_samples) // int(self.batch_size))
+
+
+# --------------------------------------------------------------------------- server
+def aggregation_weights(sample_counts: Sequence[int]) -> list[float]:
+    """FedAvg weights ``n_s / Σ n`` of clients with ``sample_counts`` training samples."""
+    counts = [int(c) for c in sample_counts]
+    if not counts or any(c <= 0 for c in counts):
+        raise DataError(f"Every client needs a positive sample count, got {counts}.")
+    total = float(sum(counts))
+    return [c / total for c in counts]
+
+
+def aggregate(states: Sequence[Mapping[str, torch.Tensor]], sample_counts: Sequence[int],
+              device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The server step: average the clients' uploaded shared tensors.
+
+    This is the only place where information from several subjects meets, and it only ever
+    sees parameters: each element of ``states`` must be a mapping of parameter names to
+    tensors, with the same names in every upload and no subject-specific (``ridge.*``)
+    tensor among them.
+
+    Parameters
+    ----------
+    states : sequence of dict str -> tensor
+        One upload per client (:meth:`Client.upload`).
+    sample_counts : sequence of int
+        Training samples per client; the weights are ``n_s / Σ n``.
+    device : optional
+        Where the global tensors are computed (default: the first upload's device).
+
+    Returns
+    -------
+    dict str -> tensor
+        The global shared tensors, ``Σ_s w_s θ_s``.
+    """
+    if isinstance(states, Mapping) or not isinstance(states, Sequence):
+        raise TypeError(
+            f"aggregate() takes a sequence of client state dicts (parameter name -> tensor), "
+            f"got {type(states).__name__}."
+        )
+    if len(states) != len(sample_counts):
+        raise DataError(f"{len(states)} uploads but {len(sample_counts)} sample counts.")
+    if not states:
+        raise DataError("aggregate() needs at least one client upload.")
+    for k, state in enumerate(states):
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"Upload {k} is a {type(state).__name__}; the server only accepts state dicts "
+                f"(parameter name -> tensor), never data."
+            )
+        bad = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
+        if bad:
+            raise TypeError(f"Upload {k} has non-tensor entries {bad[:3]}; only parameters may be sent.")
+        private = [name for name in state if is_private(name)]
+        if private:
+            raise BrainreconError(
+                f"Upload {k} contains the subject-specific input layer ({private}); it must "
+                f"stay on its client (retention tier)."
+            )
+    names = list(states[0])
+    for k, state in enumerate(states[1:], start=1):
+        if list(state) != names:
+            raise DataError(f"Upload {k} has different parameter names than upload 0.")
+    weights = aggregation_weights(sample_counts)
+    if device is None:
+        device = states[0][names[0]].device if names else "cpu"
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in names:
+            acc = torch.zeros_like(states[0][name], device=device)
+            for w, state in zip(weights, states):
+                acc.add_(state[name].to(device), alpha=w)
+            out[name] = acc
+    return out
+
+
+# --------------------------------------------------------------------------- fusion
+class DynamicFusionLearner:
+    """Learns the element-wise fusion weights ``W`` of the adaptive tier (``spec`` §6).
+
+    For the adaptive tensors, with local ``θ_l`` and global ``θ_g``, every batch of the
+    client's training data does::
+
+        θ_t = θ_l + (θ_g - θ_l) ⊙ W
+        g   = ∂ loss(θ_t) / ∂ θ_t                    (all other tensors frozen)
+        W   = clip(W - eta · (grad_scale · g) ⊙ (θ_g - θ_l), 0, 1)
+
+    ``W`` starts at 1 and persists across rounds. The first call ("start phase") repeats
+    epochs until more than ``num_pre_loss`` epoch losses (the last batch's loss of each
+    epoch) are recorded and the standard deviation of the last ``num_pre_loss`` is below
+    ``threshold`` (at most ``max_start_epochs`` epochs); later calls run one epoch.
+    Dropout is off while ``W`` is learned, so the fusion gradient is not noisier than the
+    data make it. A call where global and local tensors are identical does nothing.
+    """
+
+    def __init__(self, *, eta: float = 1.0, grad_scale: float = 1000.0, threshold: float = 50.0,
+                 num_pre_loss: int = 10, max_start_epochs: int = 100):
+        self.eta = float(eta)
+        self.grad_scale = float(grad_scale)
+        self.threshold = float(threshold)
+        self.num_pre_loss = int(num_pre_loss)
+        self.max_start_epochs = int(max_start_epochs)
+        self.weights: dict[str, torch.Tensor] | None = None
+        self.start_phase = True
+
+    def fuse(self, model: torch.nn.Module, global_state: Mapping[str, torch.Tensor],
+             adaptive: Sequence[str], batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[float]:
+        """Learn ``W`` and write the fused adaptive tensors into ``model``.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            The local model; only the tensors named in ``adaptive`` are changed.
+        global_state : dict str -> tensor
+            Global values of (at least) the ``adaptive`` tensors.
+        adaptive : sequence of str
+            Names of the adaptively fused parameter tensors.
+        batches : callable
+            Returns an iterable of ``(inputs, targets)`` batches (one epoch).
+        loss_fn : callable
+            ``loss_fn(model(inputs), targets) -> scalar``.
+
+        Returns
+        -------
+        list of float
+            The recorded epoch losses (one per epoch run).
+        """
+        adaptive = list(adaptive)
+        if not adaptive:
+            self.start_phase = False
+            return []
+        params = dict(model.named_parameters())
+        local = {n: params[n].detach() for n in adaptive}
+        diff = {n: global_state[n].to(local[n].device, local[n].dtype) - local[n] for n in adaptive}
+        if all(not bool(d.any()) for d in diff.values()):
+            # Nothing to blend (a single client gets its own weights back): skip, as FedALA
+            # skips when the global and local models coincide; the start phase stays pending.
+            return []
+        if self.weights is None:
+            self.weights = {n: torch.ones_like(local[n]) for n in adaptive}
+        missing = [n for n in adaptive if n not in self.weights]
+        if missing:
+            raise DataError(f"Fusion weights are missing for {missing}; the adaptive tier changed.")
+        with torch.no_grad():
+            fused = {n: (local[n] + diff[n] * self.weights[n]).requires_grad_(True) for n in adaptive}
+        frozen = {n: p.detach() for n, p in params.items() if n not in fused}
+        tensors = {**frozen, **fused, **dict(model.named_buffers())}
+        order = [fused[n] for n in adaptive]
+        was_training = model.training
+        model.eval()
+        losses: list[float] = []
+        try:
+            while True:
+                last = None
+                for inputs, targets in batches():
+                    loss = loss_fn(torch.func.functional_call(model, tensors, (inputs,)), targets)
+                    grads = torch.autograd.grad(loss, order)
+                    with torch.no_grad():
+                        for n, g in zip(adaptive, grads):
+                            w = self.weights[n]
+                            w.sub_(self.eta * (self.grad_scale * g) * diff[n]).clamp_(0.0, 1.0)
+                            fused[n].copy_(local[n] + diff[n] * w)
+                    last = loss.detach()
+                if last is not None:
+                    losses.append(float(last))
+                if not self.start_phase:
+                    break
+                if len(losses) > self.num_pre_loss and \
+                        float(np.std(losses[-self.num_pre_loss:])) < self.threshold:
+                    break
+                if len(losses) >= self.max_start_epochs or last is None:
+                    break
+        finally:
+            model.train(was_training)
+        with torch.no_grad():
+            for n in adaptive:
+                params[n].copy_(fused[n])
+        self.start_phase = False
+        return losses
+
+
+# --------------------------------------------------------------------------- client
+class Client:
+    """One subject: its data, its model, its optimiser, its fusion weights.
+
+    Parameters
+    ----------
+    subject : int
+    voxels : tensor of shape (n, V)
+        Standardised training voxels (stays on the client).
+    targets : tensor of shape (n, n_tokens, token_dim)
+    model : BrainGuardNet
+        Already initialised (shared layers from the common initialisation).
+    config : TrainConfig
+    device : torch.device
+    """
+
+    def __init__(self, subject: int, voxels: torch.Tensor, targets: torch.Tensor,
+                 model: BrainGuardNet, config: TrainConfig, device: torch.device):
+        self.subject = int(subject)
+        self.config = config
+        self.device = torch.device(device)
+        self.voxels = voxels.to(self.device)
+        self.targets = targets.to(self.device)
+        self.n_samples = int(voxels.shape[0])
+        self.model = model.to(self.device)
+        self.retained, self.aligned, self.adaptive = split_tiers(
+            self.model, config.sync_layers, config.sync_tensors)
+        seeds = np.random.SeedSequence([int(config.seed), self.subject, 2]).generate_state(2)
+        self.shuffle_generator = torch.Generator(device="cpu").manual_seed(int(seeds[0]))
+        self.dropout_generator = torch.Generator(device=self.device).manual_seed(int(seeds[1]))
+        self.model.set_generator(self.dropout_generator)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, config.weight_decay), lr=config.lr,
+                                           betas=(0.9, 0.9999), eps=1e-8)
+        total = config.rounds * config.local_iterations * config.steps_per_epoch(self.n_samples)
+        # Warm-up over two rounds as in the released schedule (2/600), never less than one
+        # step and never more than OneCycle's own default share.
+        pct = min(0.3, max(2.0 / config.rounds, 1.0 / total))
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=config.lr, total_steps=total, pct_start=pct,
+            final_div_factor=1000.0)
+        self.dfl = DynamicFusionLearner(eta=config.dfl_eta, grad_scale=config.dfl_grad_scale,
+                                        threshold=config.dfl_threshold,
+                                        num_pre_loss=config.dfl_num_pre_loss,
+                                        max_start_epochs=config.dfl_max_epochs)
+        self.ema: dict[str, torch.Tensor] | None = None
+        if config.ema != "none":
+            self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters() if not is_private(n)}
+
+    # -------------------------------------------------------------- data
+    def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of shuffled ``(voxels, targets)`` batches on the client's device."""
+        order = torch.randperm(self.n_samples, generator=self.shuffle_generator)
+        for start in range(0, self.n_samples, self.config.batch_size):
+            idx = order[start:start + self.config.batch_size].to(self.device)
+            yield self.voxels[idx], self.targets[idx]
+
+    # -------------------------------------------------------------- one round
+    def receive(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Merge the global model into the local one (the three tiers)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n in self.aligned:
+                params[n].copy_(global_state[n].to(params[n].device))
+        losses = self.dfl.fuse(self.model, global_state, self.adaptive, self.batches, self.config.loss)
+        return {"dfl_epochs": len(losses), "dfl_loss": losses[-1] if losses else None}
+
+    def train(self, epochs: int) -> float:
+        """Train every local tensor (ridge included) for ``epochs`` epochs; mean batch loss."""
+        self.model.train()
+        total, count = 0.0, 0
+        decay = self.config.ema_decay
+        for _ in range(int(epochs)):
+            for inputs, targets in self.batches():
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.config.loss(self.model(inputs), targets)
+                loss.backward()
+                if self.config.ema == "inverted":
+                    # The released code's order and weighting (spec §4): before the step,
+                    # ema <- decay * param + (1 - decay) * ema, i.e. about one step behind.
+                    self._update_ema(decay, 1.0 - decay, param_weight_first=True)
+                self.optimizer.step()
+                self.scheduler.step()
+                if self.config.ema == "standard":
+                    self._update_ema(decay, 1.0 - decay, param_weight_first=False)
+                total += float(loss.detach())
+                count += 1
+        return total / max(count, 1)
+
+    def _update_ema(self, a: float, b: float, *, param_weight_first: bool) -> None:
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if is_private(n):
+                    continue
+                e = self.ema[n]
+                if param_weight_first:
+                    e.mul_(b).add_(p.detach(), alpha=a)
+                else:
+                    e.mul_(a).add_(p.detach(), alpha=b)
+
+    def upload(self) -> dict[str, torch.Tensor]:
+        """The shared tensors sent to the server (the EMA copy when ``ema`` is on).
+
+        The subject-specific ridge layer is never part of it.
+        """
+        source = self.ema if self.ema is not None else {
+            n: p for n, p in self.model.named_parameters() if not is_private(n)}
+        return {n: t.detach().clone() for n, t in source.items()}
+
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-able metadata that restore this client exactly."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        opt_tensors, opt_meta = _flatten_optimizer(self.optimizer.state_dict())
+        tensors.update(opt_tensors)
+        if self.dfl.weights is not None:
+            tensors.update({f"fusion.{k}": v for k, v in self.dfl.weights.items()})
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.items()})
+        tensors["rng.shuffle"] = self.shuffle_generator.get_state()
+        tensors["rng.dropout"] = self.dropout_generator.get_state()
+        meta = {
+            "subject": self.subject,
+            "n_samples": self.n_samples,
+            "optimizer": opt_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "dfl_start_phase": self.dfl.start_phase,
+            "has_fusion_weights": self.dfl.weights is not None,
+        }
+        return tensors, meta
+
+    def restore(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=True)
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(dict(meta["scheduler"]))
+        if meta["has_fusion_weights"]:
+            self.dfl.weights = {k[len("fusion."):]: v.to(self.device).clone()
+                                for k, v in tensors.items() if k.startswith("fusion.")}
+        self.dfl.start_phase = bool(meta["dfl_start_phase"])
+        if self.ema is not None:
+            self.ema = {k[len("ema."):]: v.to(self.device).clone()
+                        for k, v in tensors.items() if k.startswith("ema.")}
+        self.shuffle_generator.set_state(tensors["rng.shuffle"].clone())
+        self.dropout_generator.set_state(tensors["rng.dropout"].clone())
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    groups = [dict(g) for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars,
+                     "indices": [int(i) for i in state["state"]]}
+
+
+def _unflatten_optimizer(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {int(i): {} for i in meta["indices"]}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            state[int(idx)][name] = value.clone()
+    for idx, entry in meta["scalars"].items():
+        state[int(idx)].update(entry)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+# --------------------------------------------------------------------------- devices
+def client_devices(device: str, n_clients: int) -> list[torch.device]:
+    """One device per client: spread over all GPUs when ``device`` is ``"auto"``/``"cuda"``.
+
+    ``"auto"`` is CUDA when available, else the CPU. With several GPUs, client ``k`` goes
+    to GPU ``k % n_gpus``; a specific device (``"cuda:1"``, ``"cpu"``) holds every client.
+    """
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(
+            f"device={device!r} needs a CUDA GPU visible to torch, and none is "
+            "(torch.cuda.is_available() is False); use device='cpu' or 'auto'."
+        )
+    if name == "cuda":
+        n_gpus = torch.cuda.device_count()
+        return [torch.device("cuda", k % n_gpus) for k in range(n_clients)]
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DataError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    return [dev] * n_clients
+
+
+def _for_each(clients: Sequence[Client], fn: Callable[[Client], Any]) -> list[Any]:
+    """``fn`` on every client: in threads when they sit on distinct GPUs, else in order."""
+    devices = {c.device for c in clients}
+    if len(devices) > 1 and all(d.type == "cuda" for d in devices):
+        with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+            # One worker per device would still let two clients of one GPU overlap; group
+            # clients by device and run each group in order on its own thread.
+            groups: dict[torch.device, list[int]] = {}
+            for k, c in enumerate(clients):
+                groups.setdefault(c.device, []).append(k)
+            results: list[Any] = [None] * len(clients)
+
+            def run_group(indices: list[int]) -> None:
+                for k in indices:
+                    with torch.cuda.device(clients[k].device):
+                        results[k] = fn(clients[k])
+
+            for future in [pool.submit(run_group, idx) for idx in groups.values()]:
+                future.result()
+            return results
+    return [fn(c) for c in clients]
+
+
+# --------------------------------------------------------------------------- the loop
+def run_federation(clients: Sequence[Client], *, rounds: int, local_iterations: int,
+                   start_round: int = 0, global_state: dict[str, torch.Tensor] | None = None,
+                   server_device: torch.device | str | None = None,
+                   on_round_end: Callable[[int, dict[str, torch.Tensor], dict], None] | None = None,
+                   progress: bool = True) -> dict[str, torch.Tensor] | None:
+    """Run rounds ``start_round .. rounds-1`` of federated training.
+
+    Parameters
+    ----------
+    clients : sequence of Client
+    rounds, local_iterations : int
+        Total number of rounds; local epochs per round.
+    start_round : int
+        Number of rounds already completed (resume).
+    global_state : dict or None
+        The global shared tensors after round ``start_round - 1`` (None at the start).
+    server_device : optional
+        Where the server averages (default: the first client's device).
+    on_round_end : callable, optional
+        ``on_round_end(round_index, global_state, record)`` after each round (checkpoints).
+
+    Returns
+    -------
+    dict or None
+        The final global shared tensors.
+    """
+    counts = [c.n_samples for c in clients]
+    bar = tqdm(range(start_round, rounds), desc="BrainGuard rounds", unit="round",
+               initial=start_round, total=rounds, disable=not progress, leave=False)
+    for r in bar:
+        record: dict[str, Any] = {"round": r}
+        if global_state is not None:
+            fusion = _for_each(clients, lambda c: c.receive(global_state))
+            record["dfl_epochs"] = {c.subject: f["dfl_epochs"] for c, f in zip(clients, fusion)}
+        losses = _for_each(clients, lambda c: c.train(local_iterations))
+        record["loss"] = {c.subject: float(l) for c, l in zip(clients, losses)}
+        uploads = [c.upload() for c in clients]
+        global_state = aggregate(uploads, counts, device=server_device or clients[0].device)
+        del uploads
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}")
+        if on_round_end is not None:
+            on_round_end(r, global_state, record)
+    bar.close()
+    return global_state
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: str | os.PathLike, *, round_index: int, clients: Sequence[Client],
+                    global_state: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+    """Write the state after round ``round_index`` (0-based) as safetensors + JSON.
+
+    Layout: ``round-NNNNN/{global.safetensors, client-S.safetensors, checkpoint.json}`` and
+    ``latest.json`` naming the newest complete round directory. The round directory is
+    written under a temporary name and renamed; ``latest.json`` is replaced atomically after
+    it, and only then is the previous round's directory removed, so an interruption at any
+    point leaves a complete checkpoint.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"round-{round_index + 1:05d}"
+    final = directory / name
+    tmp = directory / f".{name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    client_meta = {}
+    for c in clients:
+        tensors, cmeta = c.checkpoint_state()
+        save_file(_cpu_contiguous(tensors), str(tmp / f"client-{c.subject}.safetensors"))
+        client_meta[str(c.subject)] = cmeta
+    save_file(_cpu_contiguous({f"global.{k}": v for k, v in global_state.items()}),
+              str(tmp / "global.safetensors"))
+    write_json_atomic(tmp / "checkpoint.json", {
+        "format": CHECKPOINT_FORMAT,
+        "rounds_completed": round_index + 1,
+        **meta,
+        "clients": client_meta,
+    })
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    previous = read_latest(directory)
+    write_json_atomic(directory / LATEST, {"rounds_completed": round_index + 1, "directory": name})
+    if previous is not None and previous != final and previous.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
+def read_latest(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory under ``directory``, or None."""
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        info = read_json(pointer)
+    except (OSError, json.JSONDecodeError):
+        return None
+    path = Path(directory) / str(info.get("directory", ""))
+    return path if (path / "checkpoint.json").is_file() else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                       dict[int, dict[str, torch.Tensor]]]:
+    """Read a round directory written by :func:`save_checkpoint`.
+
+    Returns
+    -------
+    meta, global_state, client_tensors
+    """
+    path = Path(path)
+    meta = read_json(path / "checkpoint.json")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise BrainreconError(
+            f"{path} is a BrainGuard checkpoint of format {meta.get('format')}, this brainrecon "
+            f"reads format {CHECKPOINT_FORMAT}; start a fresh run (resume=False)."
+        )
+    global_state = {k[len("global."):]: v for k, v in load_file(str(path / "global.safetensors")).items()}
+    client_tensors = {}
+    for subject in meta["clients"]:
+        file = path / f"client-{subject}.safetensors"
+        if not file.is_file():
+            raise BrainreconError(f"Checkpoint {path} is incomplete: {file.name} is missing.")
+        client_tensors[int(subject)] = load_file(str(file))
+    return meta, global_state, client_tensors
+
+
+def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "EMA_MODES",
+    "Client",
+    "DynamicFusionLearner",
+    "TrainConfig",
+    "aggregate",
+    "aggregation_weights",
+    "client_devices",
+    "load_checkpoint",
+    "read_latest",
+    "run_federation",
+    "save_checkpoint",
+]
