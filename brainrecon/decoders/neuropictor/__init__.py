@@ -1,0 +1,13 @@
+"""NeuroPictor (Huo et al., ECCV 2024) on diffusers: fMRI surface maps modulate Stable Diffusion 2.1.
+
+Modules: :mod:`.encoder` (fMRI ViT autoencoder), :mod:`.semantic` (high-level guiding
+network), :mod:`.control` (feature transformation inside a ControlNet), :mod:`.model`
+(frozen SD components, assembly, parameter counts), :mod:`.train` (the stage training
+loop, ``accelerate``), :mod:`.sample` (DDIM with guidance on the semantics only),
+:mod:`.decoder` (:class:`NeuroPictorDecoder`). See ``spec/neuropictor.md``.
+"""
+
+from brainrecon.decoders.neuropictor.decoder import NeuroPictorDecoder
+from brainrecon.decoders.neuropictor.model import component_parameter_counts, describe_text
+
+__all__ = ["NeuroPictorDecoder", "component_parameter_counts", "describe_text"]

@@ -1,0 +1,742 @@
+""":class:`NeuroPictorDecoder`: the three-stage NeuroPictor diffusion decoder behind the Decoder interface."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from brainrecon.decoders.base import Decoder
+from brainrecon.decoders.neuropictor import control, model, sample
+from brainrecon.decoders.neuropictor import train as train_module
+from brainrecon.decoders.neuropictor.weights import (
+    empty_init,
+    load_safetensors_strict,
+    load_state_dict_strict,
+    read_safetensors,
+    save_safetensors_atomic,
+)
+from brainrecon.errors import BrainreconError, DataError
+
+STAGES = ("encoder", "pretrain", "finetune", "cfg")
+# Learning rate and epochs of each stage when not given (spec neuropictor.md §7).
+STAGE_LR = {"encoder": 1e-4, "pretrain": 1e-4, "finetune": 1e-4, "cfg": 1e-5}
+STAGE_EPOCHS = {"encoder": 100, "pretrain": 100, "finetune": 160, "cfg": 20}
+SEM_TARGETS = ("penultimate", "last")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SIZE_PARAMS = tuple(model.Sizes.__dataclass_fields__)
+ENCODER_SIZES = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads")
+HEAD_SIZES = ("bottleneck_dim", "decoder_dim", "decoder_depth", "decoder_heads")
+
+ENCODER_FILE = "fmri_encoder.safetensors"
+HEAD_FILE = "fmri_autoencoder_head.safetensors"
+SEMANTIC_FILE = "semantic.safetensors"
+EMPTY_CONTEXT_FILE = "empty_context.safetensors"
+VALIDATION_ROWS = 4
+VALIDATION_STEPS = 20  # DDIM steps of the validation grids, as in the original code
+
+
+class NeuroPictorDecoder(Decoder):
+    """NeuroPictor (Huo et al., ECCV 2024): fMRI surface maps modulate a frozen Stable Diffusion 2.1-base.
+
+    An fMRI encoder turns a cortical surface map into tokens (257 x 1024); a high-level
+    guiding network maps them to the 77 x 1024 text-conditioning space; a ControlNet whose
+    conditioning embedding is the fMRI feature transformation adds 13 residuals into the
+    frozen UNet. Trained in stages; each ``fit`` runs one stage, starting from the decoder
+    saved by the previous one (``init_from``)::
+
+        encoder   -> ViT autoencoder on surface maps (MSE)                       (any subjects)
+        pretrain  -> diffusion loss, semantic weight 0, auxiliary branch off       (subjects 1-8)
+        finetune  -> diffusion + 0.1 x semantic loss, auxiliary branch on          (one subject)
+        cfg       -> 5 % of contexts replaced by the empty caption, lr 1e-5        (after pretrain or finetune)
+
+    Parameters
+    ----------
+    stage : {"encoder", "pretrain", "finetune", "cfg"}
+        The training stage ``fit`` runs.
+    subjects : list of int, optional
+        Subjects to train on (default: all subjects of the training split).
+    base_model : str
+        The frozen Stable Diffusion 2.1-base: Hugging Face repo id, a local directory in the
+        diffusers layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``), ``"tiny"``
+        (small random components built in-process, for tests without weights) or
+        ``"tiny-pixel"`` (a tiny UNet on an exact pixel-space autoencoder, for smoke runs on
+        the synthetic data).
+    init_from : str, optional
+        Directory of a saved NeuroPictor decoder (a previous stage). Its fMRI encoder is
+        loaded; from a diffusion stage also the semantic network and the ControlNet. Required
+        for stage ``"cfg"``.
+    surface_size, patch_size, encoder_dim, encoder_depth, encoder_heads : int
+        fMRI encoder: 256, 16, 1024, 24, 16.
+    bottleneck_dim, decoder_dim, decoder_depth, decoder_heads : int
+        Autoencoder bottleneck and decoder (stage ``"encoder"`` only): 2048, 512, 8, 16.
+    semantic_hidden : int
+        Intermediate token count of the guiding network (128).
+    image_size : int
+        Training images are resized to, and reconstructions have, this side (512).
+    sem_target : {"penultimate", "last"}
+        Semantic-loss target. ``"penultimate"``: the SD 2.1 text encoder's output, which is
+        the conditioning the UNet uses (diffusers' SD 2.1 text encoder already ends at the
+        OpenCLIP penultimate layer). ``"last"``: the official code's target, the 24-layer
+        OpenCLIP ViT-H/14 text tower's last layer, loaded from ``sem_text_model``.
+    sem_text_model : str
+        Repo id or directory of the 24-layer text model used when ``sem_target="last"``.
+    lr : float, optional
+        AdamW learning rate (default 1e-4; 1e-5 in stage ``"cfg"``).
+    weight_decay : float
+        AdamW weight decay (0.01).
+    batch_size : int
+        Samples per step and per GPU (16).
+    steps, epochs : int, optional
+        Optimiser steps; if ``steps`` is None, ``epochs`` passes over the data (default per
+        stage: 100, 100, 160, 20).
+    semantic_weight : float, optional
+        lambda of the semantic loss (default 0 in ``"pretrain"``, 0.1 in ``"finetune"``, and in
+        ``"cfg"`` 0.1 when the auxiliary branch is active, else 0).
+    cfg_drop : float
+        Probability of replacing a context by the empty-caption embedding in stage ``"cfg"`` (0.05).
+    detach_unet_encoder : bool, optional
+        Run the frozen UNet's encoder and middle block on a detached context (the original's
+        ``no_grad`` in pre-training from SD). Default: true in ``"pretrain"`` only.
+    gradient_checkpointing : bool
+        Recompute activations in the backward pass (fMRI encoder, ControlNet, UNet).
+    mixed_precision : {"auto", "no", "bf16", "fp16"}
+        ``"auto"``: bf16 on CUDA, none on CPU. Frozen modules are stored in this dtype.
+    control_scale : float
+        alpha, multiplies the 13 ControlNet residuals at inference (1.0; 0 = semantics only).
+    guidance_scale : float
+        Classifier-free guidance on the semantics (5.0).
+    num_inference_steps : int
+        DDIM steps (50).
+    predict_batch_size : int
+        Images denoised together at inference (4).
+    seed : int
+        Seeds data order, noise, initialisation and the per-image inference noise.
+    device : str, optional
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None/``"auto"`` (CUDA when available). Under
+        ``accelerate launch`` the process's device is used.
+    checkpoint_dir : str, optional
+        Where training checkpoints (and validation grids) go.
+    resume : bool
+        Continue from the newest checkpoint in ``checkpoint_dir``.
+    checkpoint_every : int
+        Steps between checkpoints (1000).
+    validate_every : int, optional
+        Steps between validation grids (written to ``checkpoint_dir/validation/``).
+    progress : bool
+        Show a progress bar with loss and throughput.
+
+    Notes
+    -----
+    Sizes default to the official architecture: fMRI encoder 302,575,616 parameters,
+    semantic network 2,207,074, feature transformation 4,803,332, ControlNet 363,141,760,
+    frozen UNet 865,910,724 (:func:`component_parameter_counts`).
+    """
+
+    name = "neuropictor"
+    predicts = "images"
+    multi_subject = True
+    summary = "NeuroPictor: fMRI surface maps control Stable Diffusion 2.1 (ControlNet + semantic context)"
+    main_params = ("stage", "base_model", "init_from", "image_size", "batch_size", "steps",
+                   "control_scale", "guidance_scale")
+
+    def __init__(
+        self,
+        *,
+        stage: str = "pretrain",
+        subjects: Sequence[int] | None = None,
+        base_model: str = model.SD21_BASE,
+        init_from: str | None = None,
+        surface_size: int = 256,
+        patch_size: int = 16,
+        encoder_dim: int = 1024,
+        encoder_depth: int = 24,
+        encoder_heads: int = 16,
+        bottleneck_dim: int = 2048,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        semantic_hidden: int = 128,
+        image_size: int = 512,
+        sem_target: str = "penultimate",
+        sem_text_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        lr: float | None = None,
+        weight_decay: float = 0.01,
+        batch_size: int = 16,
+        steps: int | None = None,
+        epochs: int | None = None,
+        semantic_weight: float | None = None,
+        cfg_drop: float = 0.05,
+        detach_unet_encoder: bool | None = None,
+        gradient_checkpointing: bool = True,
+        mixed_precision: str = "auto",
+        control_scale: float = 1.0,
+        guidance_scale: float = 5.0,
+        num_inference_steps: int = 50,
+        predict_batch_size: int = 4,
+        seed: int = 0,
+        device: str | None = None,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        checkpoint_every: int = 1000,
+        validate_every: int | None = None,
+        progress: bool = True,
+    ):
+        self.stage = stage
+        self.subjects = subjects
+        self.base_model = base_model
+        self.init_from = init_from
+        self.surface_size = surface_size
+        self.patch_size = patch_size
+        self.encoder_dim = encoder_dim
+        self.encoder_depth = encoder_depth
+        self.encoder_heads = encoder_heads
+        self.bottleneck_dim = bottleneck_dim
+        self.decoder_dim = decoder_dim
+        self.decoder_depth = decoder_depth
+        self.decoder_heads = decoder_heads
+        self.semantic_hidden = semantic_hidden
+        self.image_size = image_size
+        self.sem_target = sem_target
+        self.sem_text_model = sem_text_model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.steps = steps
+        self.epochs = epochs
+        self.semantic_weight = semantic_weight
+        self.cfg_drop = cfg_drop
+        self.detach_unet_encoder = detach_unet_encoder
+        self.gradient_checkpointing = gradient_checkpointing
+        self.mixed_precision = mixed_precision
+        self.control_scale = control_scale
+        self.guidance_scale = guidance_scale
+        self.num_inference_steps = num_inference_steps
+        self.predict_batch_size = predict_batch_size
+        self.seed = seed
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
+        self.checkpoint_every = checkpoint_every
+        self.validate_every = validate_every
+        self.progress = progress
+
+    describe_text = staticmethod(model.describe_text)
+
+    # ------------------------------------------------------------------ validation of parameters
+    def _sizes(self) -> model.Sizes:
+        values = {k: getattr(self, k) for k in SIZE_PARAMS}
+        for k, v in values.items():
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise BrainreconError(f"{k} must be a positive integer, got {v!r}.")
+        if self.surface_size % self.patch_size:
+            raise BrainreconError(
+                f"surface_size {self.surface_size} is not a multiple of patch_size {self.patch_size}; "
+                f"choose a patch_size that divides it."
+            )
+        for dim, heads, what in ((self.encoder_dim, self.encoder_heads, "encoder"),
+                                 (self.decoder_dim, self.decoder_heads, "decoder")):
+            if dim % heads or dim % 4:
+                raise BrainreconError(
+                    f"{what}_dim {dim} must be a multiple of 4 and of {what}_heads {heads}."
+                )
+        return model.Sizes(**{k: int(v) for k, v in values.items()})
+
+    def _check_choice(self, name: str, choices: Sequence[str]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise BrainreconError(
+                f"Unknown {name} {value!r}. Valid choices: {', '.join(map(repr, choices))}."
+            )
+
+    @property
+    def reconstructs_images(self) -> bool:
+        """False for an encoder-stage decoder, which reconstructs surface maps, not images."""
+        return getattr(self, "stage_", self.stage) != "encoder"
+
+    def _device(self) -> torch.device:
+        if self.device in (None, "auto"):
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise BrainreconError(f"device={self.device!r} but no CUDA device is available; use device='cpu'.")
+        return dev
+
+    def _mixed_precision(self, device: torch.device) -> str:
+        self._check_choice("mixed_precision", MIXED_PRECISION)
+        if self.mixed_precision == "auto":
+            return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        if self.mixed_precision != "no" and device.type != "cuda":
+            raise BrainreconError(
+                f"mixed_precision={self.mixed_precision!r} needs a CUDA device; on CPU use 'no' or 'auto'."
+            )
+        return self.mixed_precision
+
+    # ------------------------------------------------------------------ frozen components
+    def _base(self) -> model.BaseComponents:
+        cache = getattr(self, "_base_cache", None)
+        if cache is None or cache.source != self.base_model:
+            cache = model.load_base_components(self.base_model, seed=int(self.seed))
+            self._base_cache = cache
+        return cache
+
+    def _sem_text_model(self):
+        if self.sem_target != "last":
+            return None
+        cached = getattr(self, "_sem_model_cache", None)
+        if cached is None:
+            cached = self._sem_model_cache = model.load_text_model(self.sem_text_model)
+        return cached
+
+    def _geometry(self, base: model.BaseComponents) -> dict[str, int]:
+        factor = base.vae_scale_factor
+        down = 2 ** (len(base.unet.config.block_out_channels) - 1)
+        if self.image_size % (factor * down):
+            raise BrainreconError(
+                f"image_size {self.image_size} must be a multiple of {factor * down} (VAE factor "
+                f"{factor} x UNet down-sampling {down}); e.g. 512."
+            )
+        return {
+            "latent_size": self.image_size // factor,
+            "latent_channels": int(base.unet.config.in_channels),
+            "channels": int(base.unet.config.block_out_channels[0]),
+            "context_tokens": base.context_tokens,
+            "context_dim": base.context_dim,
+        }
+
+    # ------------------------------------------------------------------ building and loading parts
+    def _init_config(self) -> dict | None:
+        if self.init_from is None:
+            return None
+        cfg = model.read_saved_config(self.init_from)
+        if cfg.get("decoder") != self.name:
+            raise BrainreconError(
+                f"init_from={self.init_from!r} holds a {cfg.get('decoder')!r} decoder, not a NeuroPictor one."
+            )
+        return cfg
+
+    def _check_init_sizes(self, init_cfg: dict, names: Sequence[str]) -> None:
+        params = init_cfg.get("params", {})
+        diff = [f"{k}={params.get(k)!r} there vs {getattr(self, k)!r} here"
+                for k in names if params.get(k) != getattr(self, k)]
+        if diff:
+            raise BrainreconError(
+                f"init_from={self.init_from!r} was trained with other sizes ({'; '.join(diff)}); "
+                f"build this decoder with the same sizes."
+            )
+
+    def _build_trainable(self, stage: str, init_cfg: dict | None, base) -> tuple[torch.nn.Module, dict]:
+        """Fresh or ``init_from``-initialised trainable network for ``stage``; also returns geometry."""
+        sizes = self._sizes()
+        init_stage = (init_cfg or {}).get("state", {}).get("stage")
+        init_dir = Path(self.init_from) if self.init_from else None
+        with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+            torch.manual_seed(int(self.seed))
+            return self._build_trainable_seeded(stage, init_cfg, base, sizes, init_stage, init_dir)
+
+    def _build_trainable_seeded(self, stage, init_cfg, base, sizes, init_stage, init_dir):
+        encoder = sizes.encoder()
+        if init_cfg is not None:
+            self._check_init_sizes(init_cfg, ENCODER_SIZES)
+            load_state_dict_strict(encoder, read_safetensors(init_dir / ENCODER_FILE, "fMRI encoder"),
+                                   "fMRI encoder", source=str(init_dir / ENCODER_FILE))
+        if stage == "encoder":
+            head = sizes.autoencoder_head()
+            if init_stage == "encoder":
+                self._check_init_sizes(init_cfg, HEAD_SIZES)
+                load_state_dict_strict(head, read_safetensors(init_dir / HEAD_FILE, "autoencoder head"),
+                                       "autoencoder head", source=str(init_dir / HEAD_FILE))
+            return model.FMRIAutoencoder(encoder, head), {}
+        geometry = self._geometry(base)
+        if init_cfg is not None and init_stage != "encoder":
+            self._check_init_sizes(init_cfg, ("semantic_hidden", "image_size"))
+            saved = init_cfg["state"].get("geometry", {})
+            if saved != geometry:
+                raise BrainreconError(
+                    f"init_from={self.init_from!r} was trained on a base model of another shape "
+                    f"({saved}) than base_model={self.base_model!r} ({geometry}); use the same base_model."
+                )
+            net = _load_diffusion_parts(init_dir, sizes, init_cfg["state"], encoder=encoder)
+            return net, geometry
+        semantic = sizes.semantic(geometry["context_tokens"], geometry["context_dim"])
+        transform = sizes.feature_transform(geometry["channels"], geometry["latent_size"])
+        controlnet = control.build_controlnet(base.unet, transform)
+        return model.NeuroPictorNet(encoder, semantic, controlnet), geometry
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train, validation=None) -> "NeuroPictorDecoder":
+        """Run the configured training stage.
+
+        Parameters
+        ----------
+        train : brainrecon.data.Split
+            Uses ``train.surfaces(subject)`` ``(n, S, S)``, ``train.images(subject, idx)``
+            (resized to ``image_size``) and ``train.captions(subject)`` (empty when absent).
+        validation : brainrecon.data.Split, optional
+            Source of the validation grids (default: the first training samples).
+
+        Returns
+        -------
+        self
+        """
+        self._check_choice("stage", STAGES)
+        self._check_choice("sem_target", SEM_TARGETS)
+        sizes = self._sizes()
+        subjects = self._fit_subjects(train)
+        device = self._device()
+        mixed = self._mixed_precision(device)
+        init_cfg = self._init_config()
+        init_state = (init_cfg or {}).get("state", {})
+        stage = self.stage
+        if stage == "cfg" and (init_cfg is None or init_state.get("stage") == "encoder"):
+            raise BrainreconError(
+                "Stage 'cfg' continues a trained diffusion model: pass init_from=<saved decoder of "
+                "stage 'pretrain' or 'finetune'> (CLI: --init-from runs/<run>/decoder)."
+            )
+        if self.validate_every and not self.checkpoint_dir:
+            raise BrainreconError("validate_every needs checkpoint_dir (the grids are written there).")
+        diffusion = stage != "encoder"
+        base = self._base() if diffusion else None
+        net, geometry = self._build_trainable(stage, init_cfg, base)
+        if stage == "encoder":
+            use_aux = False
+        elif stage == "cfg":
+            use_aux = bool(init_state.get("aux_active", False))
+        else:
+            use_aux = stage == "finetune"
+        if diffusion:
+            net.semantic.aux.requires_grad_(use_aux)
+            net.semantic.aux_zero.requires_grad_(use_aux)
+        semantic_weight = self.semantic_weight
+        if semantic_weight is None:
+            semantic_weight = 0.1 if stage == "finetune" or (stage == "cfg" and use_aux) else 0.0
+        data = train_module.TrainingData(
+            train, subjects, sizes.surface_size, self.image_size if diffusion else None,
+            captions=diffusion and semantic_weight > 0,
+        )
+        steps = self._total_steps(len(data), stage)
+        empty = None
+        if diffusion:
+            text_device = next(base.text_encoder.parameters()).device
+            empty = train_module.encode_text(base.tokenizer, base.text_encoder, [""], text_device)[0].cpu()
+        cfg = train_module.TrainConfig(
+            stage=stage,
+            lr=float(self.lr if self.lr is not None else STAGE_LR[stage]),
+            weight_decay=float(self.weight_decay),
+            batch_size=int(self.batch_size),
+            total_steps=steps,
+            semantic_weight=float(semantic_weight),
+            use_aux=use_aux,
+            cfg_drop=float(self.cfg_drop) if stage == "cfg" else 0.0,
+            detach_unet_encoder=bool(stage == "pretrain" if self.detach_unet_encoder is None
+                                     else self.detach_unet_encoder) and diffusion,
+            gradient_checkpointing=bool(self.gradient_checkpointing),
+            mixed_precision=mixed,
+            seed=int(self.seed),
+            device=device.type,
+            checkpoint_dir=self.checkpoint_dir,
+            resume=bool(self.resume),
+            checkpoint_every=self.checkpoint_every,
+            validate_every=self.validate_every,
+            progress=bool(self.progress),
+            identity={"stage": stage, "seed": int(self.seed), "batch_size": int(self.batch_size),
+                      "subjects": subjects, "n_samples": len(data),
+                      **{k: getattr(self, k) for k in SIZE_PARAMS}, "image_size": self.image_size},
+        )
+        validate = self._validation_callback(validation if validation is not None else train,
+                                             subjects, geometry, use_aux, empty)
+        stats: dict = {}
+        losses = train_module.run_training(
+            net=net, cfg=cfg, data=data, base=base, empty_context=empty,
+            sem_text_model=self._sem_text_model() if diffusion and semantic_weight > 0 else None,
+            validate=validate, stats=stats,
+        )
+        self.net_ = net.eval()
+        self.stage_ = stage
+        self.aux_active_ = use_aux
+        self.geometry_ = geometry
+        self.empty_context_ = empty
+        self.lineage_ = list(init_state.get("lineage", [])) + [stage]
+        self.losses_ = losses
+        self.train_stats_ = stats
+        self.steps_trained_ = steps
+        self.subjects_ = subjects
+        self.n_voxels_ = {s: int(train.dataset.n_voxels(s)) for s in subjects}
+        return self
+
+    def _fit_subjects(self, train) -> list[int]:
+        if self.subjects is None:
+            return [int(s) for s in train.subjects]
+        subjects = [int(s) for s in self.subjects]
+        missing = [s for s in subjects if s not in train.subjects]
+        if missing:
+            raise DataError(
+                f"Subject(s) {missing} are not in the training data; available subjects: {train.subjects}."
+            )
+        if not subjects:
+            raise BrainreconError("subjects is empty; give at least one subject or None for all.")
+        return subjects
+
+    def _total_steps(self, n: int, stage: str) -> int:
+        if self.steps is not None:
+            if int(self.steps) < 1:
+                raise BrainreconError(f"steps must be at least 1, got {self.steps}.")
+            return int(self.steps)
+        epochs = self.epochs if self.epochs is not None else STAGE_EPOCHS[stage]
+        if int(epochs) < 1:
+            raise BrainreconError(f"epochs must be at least 1, got {epochs}.")
+        processes = _num_processes()
+        return int(epochs) * max(1, math.ceil(n / (int(self.batch_size) * processes)))
+
+    def _validation_callback(self, split, subjects, geometry, use_aux, empty):
+        if not self.validate_every:
+            return None
+        subject = subjects[0] if subjects[0] in split.subjects else split.subjects[0]
+        surfaces = train_module.check_surfaces(split.surfaces(subject), subject, self.surface_size, split)
+        rows = np.arange(min(VALIDATION_ROWS, len(surfaces)))
+
+        def validate(net, step: int, directory: Path) -> None:
+            path = directory / "validation" / f"step_{step:08d}.png"
+            if self.stage == "encoder":
+                with torch.no_grad():
+                    dev = next(net.parameters()).device
+                    recon = net(torch.from_numpy(surfaces[rows]).to(dev)).float().cpu().numpy()
+                top, bottom = _maps_to_images(surfaces[rows]), _maps_to_images(recon)
+            else:
+                top = train_module.resize_images(split.images(subject, rows), self.image_size)
+                bottom = self._sample(net, surfaces[rows], surfaces[rows], split.ids(subject)[rows],
+                                      geometry=geometry, use_aux=use_aux, empty=empty,
+                                      steps=VALIDATION_STEPS)
+            sample.save_grid(np.stack([top, bottom]), path)
+
+        return validate
+
+    # ------------------------------------------------------------------ inference
+    def _check_images_stage(self) -> None:
+        self._check_fitted()
+        if self.stage_ == "encoder":
+            raise BrainreconError(
+                "This NeuroPictor decoder was trained in stage 'encoder' (a surface-map "
+                "autoencoder) and cannot reconstruct images; use it as init_from of a 'pretrain' "
+                "stage (CLI: brainrecon fit --decoder neuropictor --stage pretrain --init-from ...)."
+            )
+
+    def _sample(self, net, structure: np.ndarray, semantics: np.ndarray, image_ids, *,
+                geometry=None, use_aux=None, empty=None, steps=None, control_scale=None) -> np.ndarray:
+        base = self._base()
+        geometry = geometry or self.geometry_
+        use_aux = self.aux_active_ if use_aux is None else use_aux
+        empty = self.empty_context_ if empty is None else empty
+        device = self._device()
+        dtype = train_module.weight_dtype(self._mixed_precision(device))
+        model.place(base.unet, device, dtype)
+        model.place(base.vae, device, dtype)
+        net.to(device).eval()
+        alpha = self.control_scale if control_scale is None else control_scale
+        steps = self.num_inference_steps if steps is None else steps
+        seeds = sample.image_seeds(self.seed, image_ids)
+        shape = (geometry["latent_channels"], geometry["latent_size"], geometry["latent_size"])
+        out = np.empty((len(structure), self.image_size, self.image_size, 3), dtype=np.uint8)
+        bs = int(self.predict_batch_size)
+        with torch.no_grad():
+            for start in range(0, len(structure), bs):
+                sl = slice(start, start + bs)
+                tokens = net.fmri_encoder(torch.from_numpy(np.asarray(structure[sl], np.float32)).to(device))
+                sem_tokens = net.fmri_encoder(torch.from_numpy(np.asarray(semantics[sl], np.float32)).to(device))
+                context, _ = net.semantic(sem_tokens, use_aux=use_aux)
+                latents = sample.denoise(
+                    unet=base.unet, controlnet=net.controlnet, tokens=tokens, context=context,
+                    empty_context=empty.to(device), latents=sample.initial_latents(seeds[sl], shape).to(device),
+                    control_scale=alpha, guidance_scale=self.guidance_scale, num_inference_steps=steps,
+                )
+                out[sl] = sample.decode_latents(base.vae, latents)
+        return out
+
+    def reconstruct(self, surfaces: np.ndarray, *, semantic_surfaces: np.ndarray | None = None,
+                    image_ids: Sequence[int] | None = None, control_scale: float | None = None,
+                    num_inference_steps: int | None = None) -> np.ndarray:
+        """Reconstruct images from surface maps.
+
+        Parameters
+        ----------
+        surfaces : array of shape (n, S, S)
+            Surface maps giving the structure (the ControlNet hint) and, unless
+            ``semantic_surfaces`` is given, the semantics.
+        semantic_surfaces : array of shape (n, S, S), optional
+            Surface maps giving the semantic context (the swap experiment).
+        image_ids : sequence of int, optional
+            Seed each image's noise (default ``0..n-1``).
+        control_scale : float, optional
+            alpha (default: the decoder's ``control_scale``).
+
+        Returns
+        -------
+        uint8 array of shape (n, image_size, image_size, 3)
+        """
+        self._check_images_stage()
+        surfaces = self._as_maps(surfaces, "surfaces")
+        semantics = surfaces if semantic_surfaces is None else self._as_maps(semantic_surfaces, "semantic_surfaces")
+        if len(semantics) != len(surfaces):
+            raise DataError(f"{len(surfaces)} structure maps but {len(semantics)} semantic maps; give one each.")
+        ids = np.arange(len(surfaces)) if image_ids is None else np.asarray(image_ids)
+        return self._sample(self.net_, surfaces, semantics, ids, control_scale=control_scale,
+                            steps=num_inference_steps)
+
+    def _as_maps(self, surfaces, what: str) -> np.ndarray:
+        surfaces = np.asarray(surfaces, dtype=np.float32)
+        if surfaces.ndim != 3 or surfaces.shape[1:] != (self.surface_size, self.surface_size):
+            raise DataError(
+                f"{what} must have shape (n, {self.surface_size}, {self.surface_size}), got {surfaces.shape}."
+            )
+        return surfaces
+
+    def _test_surfaces(self, test, subject: int) -> np.ndarray:
+        self._check_voxels(np.empty((0, int(test.dataset.n_voxels(subject)))), subject)
+        return train_module.check_surfaces(test.surfaces(subject), subject, self.surface_size, test)
+
+    def predict(self, test) -> dict[int, np.ndarray]:
+        """Reconstruct the test images of every fitted subject in ``test``.
+
+        Returns
+        -------
+        dict
+            ``subject -> uint8 (n, image_size, image_size, 3)`` aligned with ``test.ids(subject)``;
+            each image's noise is seeded by ``seed`` and its image id.
+        """
+        self._check_fitted()
+        subjects = self._predict_subjects(test)
+        self._check_images_stage()
+        out = {}
+        for s in subjects:
+            surfaces = self._test_surfaces(test, s)
+            out[s] = self._sample(self.net_, surfaces, surfaces, test.ids(s))
+        return out
+
+    def swap_semantics(self, test, subject: int, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
+        """Semantics from one test fMRI, structure from another (the paper's Fig. 2 / 7).
+
+        Parameters
+        ----------
+        pairs : sequence of (a, b)
+            Row positions in ``test`` of ``subject``: the context comes from ``a``, the
+            ControlNet hint from ``b``.
+
+        Returns
+        -------
+        uint8 array of shape (len(pairs), image_size, image_size, 3)
+        """
+        self._check_images_stage()
+        surfaces = self._test_surfaces(test, subject)
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        bad = pairs[(pairs < 0) | (pairs >= len(surfaces))]
+        if bad.size:
+            raise DataError(
+                f"Test index {int(bad[0])} is out of range: subject {subject} has {len(surfaces)} test "
+                f"images (0..{len(surfaces) - 1})."
+            )
+        ids = test.ids(subject)[pairs[:, 1]]
+        return self._sample(self.net_, surfaces[pairs[:, 1]], surfaces[pairs[:, 0]], ids)
+
+    def control_sweep(self, test, subject: int, indices: Sequence[int],
+                      scales: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> np.ndarray:
+        """Reconstructions of the same test images at several control scales (Fig. 1 / 6).
+
+        Returns
+        -------
+        uint8 array of shape (len(indices), len(scales), image_size, image_size, 3)
+            The same noise for every scale of an image.
+        """
+        self._check_images_stage()
+        surfaces = self._test_surfaces(test, subject)
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(surfaces)):
+            raise DataError(
+                f"Test indices must be in 0..{len(surfaces) - 1} for subject {subject}, got {indices.tolist()}."
+            )
+        ids = test.ids(subject)[indices]
+        columns = [self._sample(self.net_, surfaces[indices], surfaces[indices], ids, control_scale=float(a))
+                   for a in scales]
+        return np.stack(columns, axis=1)
+
+    def for_subject(self, subject: int) -> "NeuroPictorDecoder":
+        """This decoder restricted to ``subject`` (the networks are shared, not copied)."""
+        self._check_fitted()
+        if int(subject) not in self.subjects_:
+            raise DataError(f"This decoder was fitted on subject(s) {self.subjects_}, not {subject}.")
+        view = copy.copy(self)
+        view.subjects_ = [int(subject)]
+        view.n_voxels_ = {int(subject): self.n_voxels_[int(subject)]}
+        return view
+
+    # ------------------------------------------------------------------ persistence
+    def _save_weights(self, directory: Path) -> dict[str, Any]:
+        net = self.net_
+        save_safetensors_atomic(net.fmri_encoder.state_dict(), directory / ENCODER_FILE)
+        state = {
+            "stage": self.stage_,
+            "aux_active": bool(self.aux_active_),
+            "lineage": list(self.lineage_),
+            "steps_trained": int(self.steps_trained_),
+            "final_loss": float(self.losses_[-1]) if self.losses_ else None,
+            "geometry": dict(self.geometry_),
+        }
+        if self.stage_ == "encoder":
+            save_safetensors_atomic(net.head.state_dict(), directory / HEAD_FILE)
+            return state
+        save_safetensors_atomic(net.semantic.state_dict(), directory / SEMANTIC_FILE)
+        control.save_controlnet(net.controlnet, directory)
+        save_safetensors_atomic({"empty_context": self.empty_context_}, directory / EMPTY_CONTEXT_FILE)
+        return state
+
+    def _load_weights(self, directory: Path, state: dict[str, Any]) -> None:
+        sizes = self._sizes()
+        directory = Path(directory)
+        self.stage_ = state["stage"]
+        self.aux_active_ = bool(state.get("aux_active", False))
+        self.lineage_ = list(state.get("lineage", [state["stage"]]))
+        self.steps_trained_ = int(state.get("steps_trained", 0))
+        self.losses_ = [state["final_loss"]] if state.get("final_loss") is not None else []
+        self.geometry_ = dict(state.get("geometry", {}))
+        if self.stage_ == "encoder":
+            encoder, head = empty_init(sizes.encoder), empty_init(sizes.autoencoder_head)
+            load_safetensors_strict(encoder, directory / ENCODER_FILE, "fMRI encoder", assign=True)
+            load_safetensors_strict(head, directory / HEAD_FILE, "autoencoder head", assign=True)
+            self.net_ = model.FMRIAutoencoder(encoder, head).eval()
+            self.empty_context_ = None
+            return
+        self.net_ = _load_diffusion_parts(directory, sizes, state).eval()
+        self.empty_context_ = read_safetensors(directory / EMPTY_CONTEXT_FILE, "empty-caption context")["empty_context"]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _num_processes() -> int:
+    try:
+        from accelerate import PartialState
+
+        return int(PartialState().num_processes)
+    except Exception:  # accelerate state not initialisable (e.g. no backend): one process
+        return 1
+
+
+def _load_diffusion_parts(directory: Path, sizes: model.Sizes, state: dict,
+                          encoder: torch.nn.Module | None = None) -> model.NeuroPictorNet:
+    """Semantic network, ControlNet and feature transformation (and encoder) of a saved diffusion stage."""
+    geometry = state["geometry"]
+    if encoder is None:
+        encoder = empty_init(sizes.encoder)
+        load_safetensors_strict(encoder, directory / ENCODER_FILE, "fMRI encoder", assign=True)
+    semantic = empty_init(lambda: sizes.semantic(geometry["context_tokens"], geometry["context_dim"]))
+    load_safetensors_strict(semantic, directory / SEMANTIC_FILE, "semantic network", assign=True)
+    transform = empty_init(lambda: sizes.feature_transform(geometry["channels"], geometry["latent_size"]))
+    controlnet = control.load_controlnet(directory, transform)
+    return model.NeuroPictorNet(encoder, semantic, controlnet)
+
+
+def _maps_to_images(maps: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(maps, [1, 99])
+    gray = np.clip((maps - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.repeat((gray[..., None] * 255).round().astype(np.uint8), 3, axis=-1)
