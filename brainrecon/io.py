@@ -81,20 +81,32 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            if not overwrite:
-                raise FileExistsError(f"{path} appeared while it was being written; nothing was overwritten")
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} appeared while it was being written; nothing was overwritten")
+        replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_directory(build: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move the finished directory ``build`` to ``final``, replacing an older ``final``.
+
+    The old directory is first renamed aside, so ``final`` never holds a mix of old and new
+    files; it is deleted once the new one is in place.
+    """
+    build, final = Path(build), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(build, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(build, final)
+    return final
 
 
 def _json_default(obj: Any) -> Any:

@@ -13,14 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_ipadapter import (  # noqa: F401 - tiny_weights is a fixture
-    CROSS_DIM,
-    ENC_HIDDEN,
-    ENC_IMAGE,
-    ENC_PATCH,
-    TOKEN_SHAPE,
-    tiny_weights,
-)
+from test_ipadapter import CROSS_DIM, ENC_HIDDEN, ENC_IMAGE, ENC_PATCH, TOKEN_SHAPE
 from typer.testing import CliRunner
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError

@@ -166,11 +166,6 @@ def build_tiny_weights(root: Path) -> dict[str, Path]:
     return {"ipadapter": root / "ipadapter", "sd": root / "sd", "vae": root / "vae", "state": state}
 
 
-@pytest.fixture(scope="session")
-def tiny_weights(tmp_path_factory):
-    return build_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
-
-
 # ---------------------------------------------------------------------------- reference math
 def reference_resampler(sd: dict[str, torch.Tensor], h: torch.Tensor, heads: int, dim_head: int = 64) -> torch.Tensor:
     """The tencent Resampler (spec/ipadapter.md §2), written out from its equations.

@@ -86,7 +86,7 @@ from typing import Any, Callable
 import numpy as np
 
 from brainrecon.errors import DataError
-from brainrecon.io import read_json, write_array_atomic, write_json_atomic
+from brainrecon.io import read_json, replace_directory, write_array_atomic, write_json_atomic
 
 #: Number of NSD scan sessions per subject (NSD Data Manual, Technical notes).
 NSD_SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
@@ -654,7 +654,7 @@ def prepare_nsd(
         os.replace(images[split], build / names["images"].format(**fill))
         if caps is not None:
             write_array_atomic(build / names["captions"].format(**fill), caps[split])
-    _swap_in(build, subject_dir)
+    replace_directory(build, subject_dir)
 
     summary = {
         "subject": subject,
@@ -738,20 +738,6 @@ def _update_manifest(out: Path, subject: int, source: dict, info: dict, name: st
     # A re-prepared subject has new rows; surfaces joined to the old rows are gone with them.
     manifest.get("surfaces", {}).pop(str(subject), None)
     write_json_atomic(out / MANIFEST, manifest)
-
-
-def _swap_in(build: Path, final: Path) -> None:
-    """Rename the finished directory ``build`` to ``final``, replacing an older one."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(build, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(build, final)
 
 
 def _load_state(partial: Path, subject: int, mask: np.ndarray, mask_path: Path) -> dict[str, Any]:

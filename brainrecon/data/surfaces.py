@@ -61,13 +61,12 @@ from brainrecon.data.nsd import (
     MANIFEST,
     NpyRowWriter,
     _read_manifest,
-    _swap_in,
     _tqdm,
     check_subject,
     peak_memory_mb,
 )
 from brainrecon.errors import DataError
-from brainrecon.io import write_array_atomic, write_json_atomic
+from brainrecon.io import replace_directory, write_array_atomic, write_json_atomic
 
 SURFACE_SIZE = 256
 PAD_X = 1
@@ -672,7 +671,7 @@ def _surfaces_only(reader, subject, out, manifest, duplicates, test_ids, root, o
                     w.write(start + i, row)
         del surfaces
     extras = _images_and_captions(root, ids, partial, progress)
-    _swap_in(partial, out / f"subj{subject:02d}")
+    replace_directory(partial, out / f"subj{subject:02d}")
 
     manifest = manifest or {"format": "brainrecon-data", "version": 1, "name": out.resolve().name,
                             "subjects": [], "ids_are_nsd": True}

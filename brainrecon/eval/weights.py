@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainrecon.errors import WeightsNotFoundError
+from brainrecon.hub import downloads_allowed
+from brainrecon.hub import hf_hub_cache as _hf_hub_cache
 
 __all__ = [
     "CLIP_LOCAL_DIRNAME",
@@ -116,36 +118,10 @@ WEIGHT_FILES: dict[str, WeightFile] = {
 }
 
 
-def downloads_allowed() -> bool:
-    """Whether a missing weight file may be downloaded now.
-
-    Returns
-    -------
-    bool
-        False when ``BRAINRECON_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value,
-        or when running under pytest (tests never download); True otherwise.
-    """
-    for var in ("BRAINRECON_OFFLINE", "HF_HUB_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in {"1", "true", "yes", "on"}:
-            return False
-    return "PYTEST_CURRENT_TEST" not in os.environ
-
-
 def _torch_hub_checkpoints() -> Path:
     import torch
 
     return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _hf_hub_cache() -> Path:
-    # Read the environment at call time (huggingface_hub freezes it at import).
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 def _user_dirs(weights_dir) -> list[Path]:

@@ -34,11 +34,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.targets.ipadapter import (
     DEFAULT_REPO_ID,
     IPAdapterWeights,
-    _downloads_allowed,
-    _hf_hub_cache,
     resolve_device,
     resolve_dtype,
     uncond_tokens,
@@ -101,17 +100,17 @@ def _from_pretrained(cls, name: str, what: str, fix: str, **kwargs):
     errors = []
     for repo in candidates:
         try:
-            return cls.from_pretrained(repo, local_files_only=True, cache_dir=str(_hf_hub_cache()), **kwargs)
+            return cls.from_pretrained(repo, local_files_only=True, cache_dir=str(hf_hub_cache()), **kwargs)
         except (OSError, ValueError) as exc:
             errors.append(f"{repo}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    if not _downloads_allowed():
+    if not downloads_allowed():
         raise WeightsNotFoundError(
-            f"The {what} {name!r} is not in the Hugging Face cache ({_hf_hub_cache()}) and downloads are "
+            f"The {what} {name!r} is not in the Hugging Face cache ({hf_hub_cache()}) and downloads are "
             f"disabled (offline) [{'; '.join(errors)}]. {fix}"
         )
     repo = candidates[-1]
     try:
-        return cls.from_pretrained(repo, cache_dir=str(_hf_hub_cache()), **kwargs)
+        return cls.from_pretrained(repo, cache_dir=str(hf_hub_cache()), **kwargs)
     except (OSError, ValueError) as exc:
         raise WeightsNotFoundError(f"Cannot download the {what} {repo!r}: {exc} {fix}") from exc
 

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainrecon.errors import DataError
-from brainrecon.io import read_json, write_json_atomic
+from brainrecon.io import read_json, replace_directory, write_json_atomic
 
 CACHE_ENV = "BRAINRECON_CACHE"
 
@@ -100,14 +100,7 @@ class IdKeyedCache:
             del values, filled
             write_json_atomic(tmp / "cache.json", {"shape": list(self.shape), "dtype": self.dtype.name,
                                                    "description": self.description})
-            if self.directory.exists():
-                old = self.directory.with_name(self.directory.name + ".old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(self.directory, old)
-                os.replace(tmp, self.directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, self.directory)
+            replace_directory(tmp, self.directory)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.io import atomic_path
 from brainrecon.targets import TargetSpace
 from brainrecon.targets.cache import IdKeyedCache, default_cache_root
@@ -107,21 +108,6 @@ def resolve_dtype(dtype: Any, device: str) -> "torch.dtype":
     return names[str(dtype)]
 
 
-def _downloads_allowed() -> bool:
-    from brainrecon.eval.weights import downloads_allowed
-
-    return downloads_allowed()
-
-
-def _hf_hub_cache() -> Path:
-    # Read at call time: huggingface_hub freezes its constants at import.
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]) / "hub"
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE)
 
 
 # ---------------------------------------------------------------------------- checkpoint
@@ -335,7 +321,7 @@ class IPAdapterWeights:
         """A file of the repo from the hub cache (never the network), or None."""
         from huggingface_hub import hf_hub_download
 
-        cache = _hf_hub_cache()
+        cache = hf_hub_cache()
         tried.append(f"{cache}/models--{self.repo_id.replace('/', '--')}/.../{subfolder}/{filename}")
         try:
             return Path(hf_hub_download(self.repo_id, filename, subfolder=subfolder, revision=self.revision,
@@ -346,11 +332,11 @@ class IPAdapterWeights:
     def _download(self, filename: str, subfolder: str, what: str, tried: list[str]) -> Path:
         from huggingface_hub import hf_hub_download
 
-        if not _downloads_allowed():
+        if not downloads_allowed():
             raise self._missing(what, tried, "offline: downloads are disabled")
         try:
             return Path(hf_hub_download(self.repo_id, filename, subfolder=subfolder, revision=self.revision,
-                                        cache_dir=str(_hf_hub_cache())))
+                                        cache_dir=str(hf_hub_cache())))
         except Exception as exc:  # noqa: BLE001 - any network failure becomes one actionable message
             raise self._missing(what, tried, f"download failed: {exc}") from exc
 
@@ -433,7 +419,6 @@ class IPAdapterWeights:
 
     def image_encoder(self, device: str = "cpu", dtype=None):
         """The CLIP vision model (``CLIPVisionModelWithProjection``), eval mode, on ``device``."""
-        import torch
         from transformers import CLIPVisionModelWithProjection
 
         folder = self.encoder_dir()

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -149,10 +151,8 @@ def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
     return canvas
 
 
-def save_grid(images: np.ndarray, path) -> "Path":
+def save_grid(images: np.ndarray, path) -> Path:
     """Write :func:`grid_image` of ``(rows, cols, H, W, 3)`` images as a PNG, atomically."""
-    from pathlib import Path
-
     from PIL import Image
 
     from brainrecon.io import atomic_path

@@ -73,8 +73,8 @@ def check_state_dict(module: nn.Module, state: dict[str, torch.Tensor], what: st
         where = f" from {source}" if source else ""
         raise StateDictMismatchError(
             f"Cannot load the {what} weights{where}: " + "; ".join(parts) + ". The file was "
-            f"saved with a different architecture or size settings; build the decoder with the "
-            f"parameters it was trained with (they are in brainrecon.json)."
+            "saved with a different architecture or size settings; build the decoder with the "
+            "parameters it was trained with (they are in brainrecon.json)."
         )
 
 
