@@ -320,30 +320,36 @@ def _mean_sample_correlation(pred: np.ndarray, target: np.ndarray) -> float:
 
 
 def test_federated_training_helps_subject_1():
-    """Four synthetic subjects share structure: federating them helps subject 1.
+    """Four synthetic subjects share structure: federating them helps subject 1 on average.
 
     Mean per-sample correlation of subject 1's 50 test targets (16x16 pixels), h=128,
-    30 rounds, measured for seeds 0 / 1 / 2 / 3 on the development machine:
+    30 rounds, n_train=200, model seeds 0 / 1 / 2 / 3, measured on the development machine
+    with the synthetic data of this commit:
 
-    - n_train=200 (this test): federated 0.534 / 0.531 / 0.525 / 0.549, alone 0.523 / 0.517 /
-      0.521 / 0.542 — federated ahead for every seed, by 0.004-0.014;
-    - n_train=100: federated 0.408 / 0.410 / 0.393 / 0.403, alone 0.394 / 0.387 / 0.393 / 0.385
-      (seed 2: -0.0006); with plain FedAvg of the shared layers (sync_layers=0) federated
-      lost for 3 of the 4 seeds (0.397 / 0.386 / 0.383 / 0.382);
-    - n_train=60: federated lost for every seed (0.303 / 0.290 / 0.311 / 0.293 vs 0.315 /
-      0.299 / 0.339 / 0.322): with 3 steps per round the private input layers cannot adapt
-      to a backbone averaged over subjects whose input layers started apart.
+    - federated 0.5204 / 0.5323 / 0.5170 / 0.5470, alone 0.5208 / 0.5136 / 0.5176 / 0.5391
+      (difference -0.0004 / +0.0187 / -0.0006 / +0.0079, mean +0.0064).
+
+    The gain is small and a single seed's difference lies within seed-to-seed noise (seed 0
+    alone shows a tie), so the test compares the means over the four seeds. With an earlier
+    version of the synthetic data (training ids by subject position, test voxels scaled by
+    their own split's spread) federated led for every seed at n_train=200 (by 0.004-0.014);
+    at n_train=100 it led for 3 of 4 seeds, with plain FedAvg of the shared layers
+    (sync_layers=0) it lost for 3 of 4, and at n_train=60 it lost for every seed: with 3
+    steps per round the private input layers cannot adapt to a backbone averaged over
+    subjects whose input layers started apart.
     """
     data = make_synthetic(seed=0, n_train=200, n_test=50, image_size=32, surface_size=32)
-    settings = dict(hidden=128, rounds=30, batch_size=25, lr=1e-3, device="cpu", progress=False,
-                    target_options={"size": 16})
     target = get_target("pixels", size=16).load(data.test, 1, progress=False)
-    federated_r = _mean_sample_correlation(
-        BrainGuardDecoder(subjects=[1, 2, 5, 7], **settings).fit(data.train).predict(data.test)[1], target)
-    alone_r = _mean_sample_correlation(
-        BrainGuardDecoder(subjects=[1], **settings).fit(data.train).predict(data.test)[1], target)
-    assert federated_r > 0.45
-    assert federated_r >= alone_r, (federated_r, alone_r)
+    federated, alone = [], []
+    for seed in range(4):
+        settings = dict(hidden=128, rounds=30, batch_size=25, lr=1e-3, device="cpu", progress=False,
+                        target_options={"size": 16}, seed=seed)
+        federated.append(_mean_sample_correlation(
+            BrainGuardDecoder(subjects=[1, 2, 5, 7], **settings).fit(data.train).predict(data.test)[1], target))
+        alone.append(_mean_sample_correlation(
+            BrainGuardDecoder(subjects=[1], **settings).fit(data.train).predict(data.test)[1], target))
+    assert min(federated) > 0.45
+    assert np.mean(federated) >= np.mean(alone), (federated, alone)
 
 
 # --------------------------------------------------------------------------- resume

@@ -167,3 +167,11 @@ def test_select_and_unknown_subject(small_data):
     assert one.subjects == [5] and one.fingerprint(5) == small_data.fingerprint(5)
     with pytest.raises(DataError, match=r"Subject 3 is not in this dataset.*\[1, 2, 5, 7\]"):
         small_data.train.voxels(3)
+
+
+def test_a_subject_is_the_same_whichever_subjects_are_loaded(small_data):
+    alone = make_synthetic(seed=0, subjects=(5,), n_train=120, n_test=12, image_size=32, surface_size=32)
+    np.testing.assert_array_equal(alone.train.voxels(5), small_data.train.voxels(5))
+    np.testing.assert_array_equal(alone.train.ids(5), small_data.train.ids(5))
+    np.testing.assert_array_equal(alone.test.voxels(5), small_data.test.voxels(5))
+    assert alone.fingerprint(5) == small_data.fingerprint(5)

@@ -121,7 +121,9 @@ class Dataset:
         subject = int(subject)
         if subject not in self._fingerprints:
             h = hashlib.sha256()
-            source = {k: v for k, v in self.spec.items() if k not in ("subjects", "path")}
+            # What other subjects were loaded beside this one does not change its data.
+            source = {k: v for k, v in self.spec.items()
+                      if k not in ("subjects", "path", "n_voxels", "subject_info")}
             h.update(json.dumps(source, sort_keys=True, default=str).encode())
             h.update(str(subject).encode())
             for split in SPLITS:

@@ -279,8 +279,8 @@ def make_synthetic(
     Returns
     -------
     Dataset
-        Image ids: the test images are ``0..n_test-1``; subject ``k`` (k-th in ``subjects``)
-        sees ``n_test + k*n_train + arange(n_train)``.
+        Image ids: the test images are ``0..n_test-1``; subject ``s`` sees
+        ``n_test + (s-1)*n_train + arange(n_train)``.
     """
     subjects = tuple(int(s) for s in subjects)
     voxel_items = tuple(sorted((int(k), int(v)) for k, v in (n_voxels or {}).items()))
@@ -321,8 +321,10 @@ def _make_synthetic(seed, subjects, n_train, n_test, image_size, voxel_items, su
     }
     model = _EncodingModel(seed)
     all_ids = {"test": np.arange(n_test, dtype=np.int64)}
-    for k, s in enumerate(subjects):
-        all_ids[s] = n_test + k * n_train + np.arange(n_train, dtype=np.int64)
+    for s in subjects:
+        # Ids depend on the subject number only, so a subject's data is the same whichever
+        # other subjects are generated with it.
+        all_ids[s] = n_test + (s - 1) * n_train + np.arange(n_train, dtype=np.int64)
     id_list = np.concatenate(list(all_ids.values()))
     images = np.empty((len(id_list), image_size, image_size, 3), dtype=np.uint8)
     attrs = []
@@ -348,11 +350,14 @@ def _make_synthetic(seed, subjects, n_train, n_test, image_size, voxel_items, su
         projector = _SurfaceProjector(surface_matrix(pos, surface_size), surface_size)
         noise_rng = np.random.default_rng([int(seed), s, 32452843])
         splits = {}
+        signal_sd = None
         for split, ids in (("train", all_ids[s]), ("test", all_ids["test"])):
             rows = np.array([row_of[int(i)] for i in ids])
             signal = units[rows] @ pool.T
             signal = signal + 0.15 * signal[:, other]
-            signal = signal / (signal.std(axis=0, keepdims=True) + 1e-6)
+            if signal_sd is None:  # unit signal variance over the training images
+                signal_sd = signal.std(axis=0, keepdims=True) + 1e-6
+            signal = signal / signal_sd
             reps = gain * signal[None] + noise * noise_rng.standard_normal((repetitions,) + signal.shape)
             response = reps.mean(axis=0) * scale + baseline
             splits[split] = SplitArrays(
