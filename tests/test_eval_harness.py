@@ -502,7 +502,7 @@ def test_cuda_gives_the_cpu_scores():
 def test_unavailable_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gt, rec = images(16, n=2, size=16)
-    with pytest.raises(DataError, match="no CUDA device is available; use --device cpu"):
+    with pytest.raises(DataError, match="no CUDA device is visible.*--device cpu"):
         run_eval(gt, rec, metrics=["PixCorr"], device="cuda")
     with pytest.raises(DataError, match="Unknown device 'gpu0'"):
         run_eval(gt, rec, metrics=["PixCorr"], device="gpu0")

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.eval import metrics as M
 from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_network, wrap_extractor
@@ -260,18 +261,6 @@ def _check_variant(variant: str) -> str:
     if variant not in VARIANTS:
         raise DataError(f"Unknown variant {variant!r}. Valid variants: {', '.join(map(repr, VARIANTS))}.")
     return variant
-
-
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DataError(f"Unknown device {device!r}. Use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"Device {device!r} was requested but no CUDA device is available; use --device cpu.")
-    return dev
 
 
 class _ImageSource:
@@ -619,7 +608,7 @@ def evaluate(
         raise DataError(f"Unknown ssim_mode {ssim_mode!r}. Valid modes: {', '.join(map(repr, M.SSIM_MODES))}.")
     if blend is not None and variant != "mindeye":
         raise DataError("blend is MindEye2's recipe; use it with variant='mindeye'.")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if int(batch_size) < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
     batch_size = int(batch_size)

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.devices import resolve_device as _resolve_torch_device
 from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.io import atomic_path
 from brainrecon.targets import TargetSpace
@@ -79,17 +80,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # ---------------------------------------------------------------------------- devices
 def resolve_device(device: str | None = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` when a CUDA device is visible, else ``"cpu"``."""
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BrainreconError(f"device={device!r} was requested but no CUDA device is visible; use 'cpu' or 'auto'.")
-    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
-        raise BrainreconError(f"Unknown device {device!r}; valid: 'auto', 'cpu', 'cuda', 'cuda:N', 'mps'.")
-    return device
+    """``"auto"`` -> ``"cuda"`` when a CUDA device is visible, else ``"cpu"`` (as a string)."""
+    return str(_resolve_torch_device(device))
 
 
 def resolve_dtype(dtype: Any, device: str) -> "torch.dtype":

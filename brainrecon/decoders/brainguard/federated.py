@@ -40,6 +40,7 @@ from brainrecon.decoders.brainguard.model import (
     is_private,
     split_tiers,
 )
+from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import read_json, write_json_atomic
 
@@ -447,21 +448,10 @@ def client_devices(device: str, n_clients: int) -> list[torch.device]:
     ``"auto"`` is CUDA when available, else the CPU. With several GPUs, client ``k`` goes
     to GPU ``k % n_gpus``; a specific device (``"cuda:1"``, ``"cpu"``) holds every client.
     """
-    name = str(device)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(
-            f"device={device!r} needs a CUDA GPU visible to torch, and none is "
-            "(torch.cuda.is_available() is False); use device='cpu' or 'auto'."
-        )
-    if name == "cuda":
+    dev = resolve_device(device)
+    if str(dev) == "cuda":  # "auto" or "cuda" without an index: spread over the GPUs
         n_gpus = torch.cuda.device_count()
         return [torch.device("cuda", k % n_gpus) for k in range(n_clients)]
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise DataError(f"Unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
     return [dev] * n_clients
 
 

@@ -20,6 +20,7 @@ from brainrecon.decoders.neuropictor.weights import (
     read_safetensors,
     save_safetensors_atomic,
 )
+from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
 
 STAGES = ("encoder", "pretrain", "finetune", "cfg")
@@ -259,12 +260,7 @@ class NeuroPictorDecoder(Decoder):
         return getattr(self, "stage_", self.stage) != "encoder"
 
     def _device(self) -> torch.device:
-        if self.device in (None, "auto"):
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise BrainreconError(f"device={self.device!r} but no CUDA device is available; use device='cpu'.")
-        return dev
+        return resolve_device(self.device)
 
     def _mixed_precision(self, device: torch.device) -> str:
         self._check_choice("mixed_precision", MIXED_PRECISION)
