@@ -7,7 +7,6 @@ with code 1; set ``BRAINRECON_DEBUG=1`` to see the traceback.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -96,7 +95,7 @@ def fit(
     alphas: Optional[str] = typer.Option(None, "--alphas", help="ridge: comma-separated alpha grid."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="brainguard: federated rounds."),
     local_iterations: Optional[int] = typer.Option(None, "--local-iterations", help="brainguard: local epochs per round."),
-    sync_layers: Optional[int] = typer.Option(None, "--sync-layers", help="brainguard: parameter tensors adaptively tuned."),
+    sync_layers: Optional[int] = typer.Option(None, "--sync-layers", help="brainguard: trailing layers (of blocks, head, projector) fused adaptively; raw tensor count: --param sync_tensors=N."),
     hidden: Optional[int] = typer.Option(None, "--hidden", help="brainguard: hidden width."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last checkpoint."),
@@ -236,17 +235,236 @@ def demo(
     from brainrecon.demo import run_demo
 
     result = run_demo(out, overwrite=overwrite, quick=quick, log=_log)
-    console.print(result["leaderboard"])
+    typer.echo(result["leaderboard"], nl=False)  # plain text: a wide table must not be re-wrapped
     console.print(f"picture grid: {result['grid']}")
 
 
 # --- evaluation commands (issue 3) ---
+WeightsDirOpt = typer.Option(None, "--weights-dir", help="Folder with metric weight files, searched before the torch hub / Hugging Face caches (see `brainrecon weights`).")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    run: Path = typer.Argument(..., help="Run directory (with reconstructions.npy)."),
+    variant: str = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser."),
+    weights_dir: Optional[Path] = WeightsDirOpt,
+    strict: bool = typer.Option(False, "--strict", help="Fail if any metric's weights are missing instead of reporting it unavailable."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable), e.g. -m PixCorr -m SSIM."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per network forward pass."),
+    data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved since the fit."),
+) -> None:
+    """(Re)compute a run's metrics.json and grid.png from its saved reconstructions."""
+    from brainrecon.eval import evaluate_run
+    from brainrecon.eval.harness import TWO_WAY_METRICS
+
+    report = evaluate_run(run, variant=variant, weights_dir=weights_dir, strict=strict, device=device,
+                          metrics=metric or None, batch_size=batch_size, data_source=data)
+    table = Table(title=f"{report.settings.get('run', run.name)} · {report.n_images} images · variant {report.variant}")
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for m, v in report.items():
+        table.add_row(f"{m} {'↑' if report.directions[m] == 'higher' else '↓'}",
+                      f"{100 * v:.2f}%" if m in TWO_WAY_METRICS else f"{v:.4f}")
+    console.print(table)
+    for reason in dict.fromkeys(report.unavailable.values()):
+        names = ", ".join(m for m, r in report.unavailable.items() if r == reason)
+        console.print(f"[yellow]unavailable:[/yellow] {names}: {reason}", markup=True, highlight=False, soft_wrap=True)
+    console.print(f"wrote {Path(run) / 'metrics.json'} and {Path(run) / 'grid.png'}")
+
+
+@app.command("leaderboard")
+def leaderboard_cmd(
+    runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | html."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
+    published: bool = typer.Option(True, "--published/--no-published", help="Show published reference rows beside NSD runs."),
+) -> None:
+    """Rank comparable runs (same data, subject, test images and metric variant)."""
+    from brainrecon.io import atomic_path
+    from brainrecon.leaderboard import leaderboard
+
+    text = leaderboard(runs, sort=sort, fmt=fmt, include_published=published)
+    if out is None:
+        typer.echo(text, nl=False)  # plain echo: rich markup would eat the "[1]" citation marks
+        return
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    console.print(f"wrote {out}")
+
+
+@app.command("compare")
+def compare_cmd(
+    runs: List[Path] = typer.Argument(..., help="Run directories to show side by side."),
+    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    rows: int = typer.Option(8, "--rows", help="Number of test images (rows)."),
+    cell: int = typer.Option(128, "--cell", help="Cell size in pixels."),
+) -> None:
+    """Draw ground truth beside several runs' reconstructions on their shared test images."""
+    from brainrecon.viz import compare_runs
+
+    path = compare_runs(runs, out, max_rows=rows, cell_size=cell)
+    console.print(f"wrote {path}")
+
+
+@app.command("weights")
+def weights_cmd(weights_dir: Optional[Path] = WeightsDirOpt) -> None:
+    """List the metric networks' weight files: present or missing, where, and where to get them."""
+    from brainrecon.eval import weights_status
+
+    rows = weights_status(weights_dir)
+    # One block per file rather than a table: paths and URLs must stay copyable on narrow terminals.
+    for r in rows:
+        status = "[green]present[/green]" if r["status"] == "present" else "[red]missing[/red]"
+        console.print(f"{status}  [bold]{r['file']}[/bold]  ({r['metrics']}; {r['note']})", soft_wrap=True)
+        console.print(f"    {'found at' if r['status'] == 'present' else 'goes to'}: {r['path']}", soft_wrap=True, markup=False)
+        console.print(f"    source:  {r['url']}", soft_wrap=True, markup=False)
+    missing = sum(r["status"] == "missing" for r in rows)
+    if missing:
+        console.print(f"{missing} file(s) missing: download them from the URLs above into a folder and pass "
+                      "--weights-dir (or set BRAINRECON_WEIGHTS).")
 
 # --- IP-Adapter commands (issue 4) ---
+IPAdapterDirOpt = typer.Option(None, "--ipadapter-dir", help="Local copy of h94/IP-Adapter (models/ip-adapter-plus_sd15.*, models/image_encoder/); default: the Hugging Face hub.")
+
+
+@app.command()
+def embed(
+    data: Optional[str] = DataOpt,
+    images: Optional[Path] = typer.Option(None, "--images", help="Embed every image of a .npy or HDF5 stimulus file (NSD's nsd_stimuli.hdf5; row index = image id) instead of a dataset."),
+    images_key: Optional[str] = typer.Option(None, "--images-key", help="HDF5 dataset holding the images (default imgBrick)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Token cache directory; default: where `fit --target ipadapter` looks for this dataset. Required with --images."),
+    subjects: Optional[List[int]] = typer.Option(None, "--subject", "-s", help="Subject(s) to embed (repeat the option); default: all."),
+    ipadapter_dir: Optional[Path] = IPAdapterDirOpt,
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (fp16 on CUDA)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder call."),
+) -> None:
+    """Compute IP-Adapter Plus tokens (16×768) of every image once, into a resumable cache."""
+    from brainrecon.targets.ipadapter import embed_dataset, embed_images_file
+
+    options = {"ipadapter_dir": str(ipadapter_dir) if ipadapter_dir else None, "device": device,
+               "batch_size": batch_size}
+    if images is not None:
+        if out is None:
+            raise BrainreconError("--images needs --out: the directory that receives the token cache.")
+        path = embed_images_file(images, out, key=images_key, **options)
+    else:
+        path = embed_dataset(data, out=out, subjects=subjects or None, **options)
+    console.print(f"IP-Adapter tokens cached in {path}")
+
+
+@app.command()
+def reconstruct(
+    run: Path = typer.Argument(..., help="Run directory of a decoder fitted with --target ipadapter."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
+    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
+    ip_adapter_scale: float = typer.Option(1.0, "--ip-adapter-scale", help="Weight of the image-token attention."),
+    seed: int = typer.Option(0, "--seed", help="Image i uses seed + its test image id."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="SD 1.5-family diffusers folder or repo id (default stable-diffusion-v1-5/stable-diffusion-v1-5)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Separate VAE folder or repo id (e.g. stabilityai/sd-vae-ft-mse)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt; unset = no text, image tokens only (WeADL). --prompt '' encodes the empty prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative text prompt (with --prompt)."),
+    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | pndm | euler | euler-ancestral | dpm++ | unipc."),
+    ipadapter_dir: Optional[Path] = IPAdapterDirOpt,
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (fp16 + SDPA on CUDA)."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse PNGs already made with the same settings."),
+    evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help="Score the images right away."),
+) -> None:
+    """Turn a run's predicted IP-Adapter tokens into images (Stable Diffusion 1.5 + IP-Adapter Plus)."""
+    from brainrecon.generate.ipadapter import reconstruct_run
+
+    result = reconstruct_run(
+        run, steps=steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale, seed=seed,
+        batch_size=batch_size, base_model=base_model, vae=vae, prompt=prompt, negative_prompt=negative_prompt,
+        scheduler=scheduler, ipadapter_dir=str(ipadapter_dir) if ipadapter_dir else None, device=device,
+        resume=resume,
+    )
+    console.print(f"wrote {result.info.get('n_test', '')} reconstructions to {result.path / 'reconstructions'} "
+                  f"and {result.path / 'reconstructions.npy'}")
+    if evaluate:
+        from brainrecon.workflows import evaluate_run_safely
+
+        evaluate_run_safely(result, log=_log)
+        _print_runs([result.__class__.open(result.path)])
+    else:
+        console.print(f"score them with: brainrecon evaluate {run}")
+
 
 # --- NSD preparation commands (issue 7) ---
+@app.command("prepare-nsd")
+def prepare_nsd_command(
+    nsd_root: Path = typer.Option(..., "--nsd-root", help="NSD root: the folder holding nsddata/, nsddata_betas/, nsddata_stimuli/."),
+    subject: int = typer.Option(..., "--subject", "-s", help="Subject 1..8."),
+    out: Path = typer.Option(..., "--out", help="Output directory."),
+    sessions: Optional[str] = typer.Option(None, "--sessions", help="First K sessions, or 'all' (default: all; the first 37 with --test-set 982)."),
+    test_set: Optional[int] = typer.Option(None, "--test-set", help="982 (shared images of sessions 1-37) or 1000 (all shared images shown; default)."),
+    zscore: str = typer.Option("none", "--zscore", help="none (raw NSD units, x300) | session (per-session, per-voxel z-score before averaging)."),
+    captions: Optional[Path] = typer.Option(None, "--captions", help="COCO_73k_annots_curated.npy (73000 x 5 captions)."),
+    format: str = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names)."),
+    beta_version: str = typer.Option("betas_fithrf_GLMdenoise_RR", "--beta-version", help="GLM folder of the betas."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace this subject's prepared files."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Prepare one NSD subject from the raw release (averaged betas, images, ids, captions); resumable."""
+    from brainrecon.data.nsd import prepare_nsd
+
+    r = prepare_nsd(nsd_root, subject, out, sessions=sessions, test_set=test_set, zscore=zscore,
+                    captions=captions, format=format, beta_version=beta_version, overwrite=overwrite,
+                    progress=progress)
+    console.print(
+        f"subject {r['subject']}: {r['n_train']} train / {r['n_test']} test images, {r['n_voxels']} voxels, "
+        f"{r['n_sessions']} sessions ({r['format']} format) -> {r['out']}"
+    )
+    console.print(f"peak memory (process max RSS): {r['peak_memory_mb']:.0f} MB")
+
+
+@app.command("prepare-surfaces")
+def prepare_surfaces_command(
+    source: Path = typer.Option(..., "--source", help="NeuroPictor's NSD folder (fmri_npy/) or NSD_full_brain folder (fmri/0N_norm.h5)."),
+    subject: int = typer.Option(..., "--subject", "-s", help="Subject 1..8."),
+    out: Path = typer.Option(..., "--out", help="brainrecon data directory (from prepare-nsd), or a new one for surfaces only."),
+    duplicates: str = typer.Option("neuropictor", "--duplicates", help="neuropictor (train: last sample, test: first) | first | last | mean."),
+    missing: str = typer.Option("error", "--missing", help="error | zero: rows whose image has no map."),
+    test_ids: Optional[Path] = typer.Option(None, "--test-ids", help="Surfaces-only: test ids (.npy of 0-based ids, or nsd_expdesign.mat)."),
+    vc_roi: Optional[Path] = typer.Option(None, "--vc-roi", help="vc_roi.npz (default: looked for next to the maps)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing surface maps of this subject."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Add NeuroPictor's released 2-D surface maps of one subject, matched by image id."""
+    from brainrecon.data.surfaces import prepare_surfaces
+
+    r = prepare_surfaces(source, subject, out, duplicates=duplicates, missing=missing, test_ids=test_ids,
+                         vc_roi=vc_roi, overwrite=overwrite, progress=progress)
+    gaps = sum(r["missing"].values())
+    console.print(
+        f"subject {r['subject']}: {r['n_train']} train / {r['n_test']} test surface maps ({r['mode']}, "
+        f"{r['reader']} maps{f', {gaps} zero-filled' if gaps else ''}) -> {r['out']}"
+    )
+
 
 # --- NeuroPictor commands (issue 6) ---
+@app.command("neuropictor-sample")
+def neuropictor_sample(
+    run: Path = typer.Argument(..., help="Run directory of a NeuroPictor decoder."),
+    swap_semantics: Optional[List[str]] = typer.Option(None, "--swap-semantics", help="A:B test-image positions: semantics from A, structure from B (repeatable)."),
+    control_sweep: Optional[str] = typer.Option(None, "--control-sweep", help="Control scales, e.g. 0,0.25,0.5,0.75,1 (one grid column each)."),
+    indices: str = typer.Option("0,1,2,3", "--indices", help="Test-image positions of the sweep rows."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Where the PNGs go (default: the run directory)."),
+    data: Optional[str] = DataOpt,
+) -> None:
+    """NeuroPictor's manipulation figures: semantics swap (Fig. 2/7) and control-scale sweep (Fig. 1/6)."""
+    from brainrecon.decoders.neuropictor.figures import parse_floats, parse_pairs, run_figures
+
+    written = run_figures(
+        run, swap_pairs=parse_pairs(swap_semantics or []),
+        scales=parse_floats(control_sweep) if control_sweep else None,
+        indices=[int(i) for i in parse_floats(indices, "--indices")], out_dir=out_dir, data=data,
+    )
+    for path in written.values():
+        console.print(f"wrote {path}")
+
 
 
 def main() -> None:

@@ -279,6 +279,19 @@ def _headers() -> list[str]:
     return ["#", "run", "decoder"] + [f"{m} {ARROW[m]}" for m in METRICS]
 
 
+def _unavailable_notes(members) -> list[str]:
+    """One line per set of unavailable metrics, naming the runs it applies to ("all runs")."""
+    by_set: dict[tuple[str, ...], list[str]] = {}
+    for e in members:
+        if e.unavailable:
+            by_set.setdefault(tuple(e.unavailable), []).append(e.name)
+    notes = []
+    for metrics, names in by_set.items():
+        who = "all runs" if len(names) == len(members) and len(names) > 1 else ", ".join(names)
+        notes.append(f"  unavailable for {who}: {', '.join(metrics)} (weights missing: see `brainrecon weights`)")
+    return notes
+
+
 def _render_table(groups, citations) -> str:
     lines = []
     for label, members, rows in groups:
@@ -291,7 +304,7 @@ def _render_table(groups, citations) -> str:
         for cells in body:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
         notes = [f"  {e.name}: {e.note}" for e in members if e.note]
-        notes += [f"  {e.name}: {m} unavailable" for e in members for m in e.unavailable]
+        notes += _unavailable_notes(members)
         lines.extend(notes)
         lines.append("")
     lines.extend(_citation_lines(citations))

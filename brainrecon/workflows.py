@@ -117,9 +117,13 @@ def fit(
             log(f"fitting {decoder} on subject {s}")
             per_subject[s] = get_decoder(decoder, **{**params, "subject": s}).fit(ds.train)
 
+    if not _is_main_process():
+        # Under `accelerate launch` every process trains; one writes and scores the runs.
+        return []
     runs = []
     for s, dec in per_subject.items():
-        pred = dec.predict(ds.test)[s]
+        # A NeuroPictor encoder-stage decoder only calibrates the fMRI encoder: no images yet.
+        pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
         recon = make_reconstructions(dec, pred, ds, s, log=log)
         run = write_run(out, names[s], decoder=dec, dataset=ds, subject=s, predictions=pred,
                         reconstructions=recon, overwrite=overwrite)
@@ -130,9 +134,19 @@ def fit(
     return runs
 
 
-def make_reconstructions(decoder, predictions: np.ndarray, dataset, subject: int,
+def _is_main_process() -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return True
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def make_reconstructions(decoder, predictions: np.ndarray | None, dataset, subject: int,
                          log: Log = _quiet) -> np.ndarray | None:
     """Images from a decoder's predictions, or None when a generator is needed later."""
+    if predictions is None:
+        return None
     if decoder.predicts == "images":
         return np.asarray(predictions, dtype=np.uint8)
     from brainrecon.targets import get_target

@@ -26,12 +26,15 @@ class DecoderConformance:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
-    @pytest.fixture(scope="class")
+    @pytest.fixture
     def fitted(self):
-        data = self.make_data()
-        decoder = self.make_decoder()
-        returned = decoder.fit(data.train)
-        return data, decoder, returned
+        # Fitted once per test class (stored on the class), shared by its tests.
+        cls = type(self)
+        if "_fitted_once" not in cls.__dict__:
+            data = self.make_data()
+            decoder = self.make_decoder()
+            cls._fitted_once = (data, decoder, decoder.fit(data.train))
+        return cls._fitted_once
 
     # ------------------------------------------------------------------ the tests
     def test_is_registered(self):

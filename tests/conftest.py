@@ -48,3 +48,11 @@ def small_data():
     from brainrecon.data.synthetic import make_synthetic
 
     return make_synthetic(seed=0, n_train=120, n_test=12, image_size=32, surface_size=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Tiny random IP-Adapter, image encoder and SD 1.5-style pipeline folders (built once)."""
+    from test_ipadapter import build_tiny_weights
+
+    return build_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))

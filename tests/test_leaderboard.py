@@ -176,3 +176,17 @@ def test_published_rows_are_cited_and_filtered():
                                            "Inception": .945, "CLIP": .933, "EffNet-B": .639, "SwAV": .350})
     cap = next(r for r in PUBLISHED if r.method.startswith("Brain-Cap"))
     assert "EffNet-B" not in cap.scores
+
+
+def test_unavailable_metrics_are_summarised_once_per_group():
+    from types import SimpleNamespace
+
+    from brainrecon.leaderboard import _unavailable_notes
+
+    missing = {"CLIP": "weights missing", "SwAV": "weights missing"}
+    members = [SimpleNamespace(name="a", unavailable=missing), SimpleNamespace(name="b", unavailable=missing),
+               SimpleNamespace(name="c", unavailable={})]
+    assert _unavailable_notes(members) == [
+        "  unavailable for a, b: CLIP, SwAV (weights missing: see `brainrecon weights`)"]
+    assert _unavailable_notes(members[:2]) == [
+        "  unavailable for all runs: CLIP, SwAV (weights missing: see `brainrecon weights`)"]
