@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from brainrecon.decoders import available as available_decoders
 from brainrecon.errors import BrainreconError
 
 console = Console(stderr=False, highlight=False)
@@ -81,7 +82,7 @@ def _extra_subjects(ctx: typer.Context) -> list[int]:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def fit(
     ctx: typer.Context,
-    decoder: str = typer.Option(..., "--decoder", "-d", help="Decoder name; see `brainrecon decoders`."),
+    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`)."),
     data: Optional[str] = DataOpt,
     subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s): --subjects 1 2 5 7."),
     target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter."),
