@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
+from _machine import cpu_name  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 NSD_VOXELS = (15724, 14278, 13039, 12682)
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     cuda = torch.cuda.is_available()
     gpu = torch.cuda.get_device_name(0) if cuda else "none"
-    print(f"torch {torch.__version__}; CPU: {_cpu_name()} ({args.threads} threads); GPU: {gpu}")
+    print(f"torch {torch.__version__}; CPU: {cpu_name()} ({args.threads} threads); GPU: {gpu}")
     print("4 clients, 16x768 targets, batch 50, n_blocks 4; times in seconds per round.")
     header = ("row", "V (subj 1..4)", "n/subject", "h", "params subj 1", "round 1 (train)",
               "round 2 (DFL start)", "round 3 (steady)", "peak memory")
@@ -122,17 +122,6 @@ def main() -> None:
         t = res["seconds"]
         print(f"{lead} {res['params_subject1'] / 1e6:.1f} M | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | "
               f"{res['peak_gib']:.2f} GiB ({res['peak_kind']}) |")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -30,20 +29,11 @@ import torch
 from brainrecon.eval import evaluate
 from brainrecon.eval import metrics as M
 from brainrecon.eval.extractors import build_network
+from _machine import describe_machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 # Feature sizes of the MindEye variant (spec/metrics.md §2).
 FEATURE_DIMS = {"AlexNet(2)": 192 * 31 * 31, "AlexNet(5)": 256 * 15 * 15, "Inception": 2048, "CLIP": 768,
                 "EffNet-B": 1280, "SwAV": 2048}
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; torch {torch.__version__}"
 
 
 def random_networks(device: torch.device) -> dict:
@@ -110,7 +100,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     measure_n = args.measure_n or (args.n if cuda else 16)
     batch = args.batch_size or (64 if cuda else 8)
-    print(f"machine: {machine()}")
+    print(f"machine: {describe_machine(device)}")
     if cuda:
         print(f"device: {torch.cuda.get_device_name(device)}")
     print(f"images: {args.size}x{args.size} uint8, ground truth + reconstructions, all eight metrics, "

@@ -27,10 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
+from _machine import describe_machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 BATCHES = (1, 4, 8, 16)
 WARMUP, TIMED = 2, 5
@@ -122,20 +121,6 @@ def _subprocess(kind: str, **spec) -> dict:
     return {"error": tail[0][:120]}
 
 
-def machine(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu", action="store_true", help="also measure a tiny model on the CPU")
@@ -152,7 +137,7 @@ def main() -> None:
         return
 
     cuda = torch.cuda.is_available()
-    print(f"## NeuroPictor benchmark — {machine('cuda') if cuda else machine('cpu')}\n")
+    print(f"## NeuroPictor benchmark — {describe_machine('cuda' if cuda else 'cpu')}\n")
     print("Training, full size (512 x 512, stage finetune, bf16, AdamW), mean of 5 steps after 2 warm-up:\n")
     print("| batch | grad. checkpointing | s / step | samples / s | peak GPU memory (GiB) |")
     print("|---:|:---:|---:|---:|---:|")

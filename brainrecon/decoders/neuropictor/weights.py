@@ -1,6 +1,6 @@
 """Safetensors writing and strict loading that names every missing and unexpected key.
 
-The official code loads every checkpoint with ``strict=False``, which silently leaves
+The official code loads every checkpoint non-strictly (`strict` switched off), which silently leaves
 mismatched parameters at their initial values. Here a mismatch is an error that lists the
 keys, so a wrong file or a changed architecture is seen at once.
 """
