@@ -103,6 +103,7 @@ def fit(
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where training checkpoints go."),
     stage: Optional[str] = typer.Option(None, "--stage", help="neuropictor: encoder | pretrain | finetune | cfg."),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="neuropictor: saved decoder (run/decoder) of the previous stage."),
+    ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
@@ -127,6 +128,10 @@ def fit(
         if not sep:
             raise BrainreconError(f"--param expects key=value, got {item!r}.")
         params[key.replace("-", "_")] = _parse_value(value)
+    if ipadapter_dir is not None:
+        if target != "ipadapter":
+            raise BrainreconError("--ipadapter-dir is for --target ipadapter.")
+        params["target_options"] = {**params.get("target_options", {}), "ipadapter_dir": str(ipadapter_dir)}
     runs = workflows.fit(
         decoder, data=data, subjects=subjects or None, target=target, out=out, name=name,
         overwrite=overwrite, params=params, evaluate=evaluate, log=_log,

@@ -334,3 +334,20 @@ def test_cuda_fp16_generation_matches_cpu(tiny_weights, generator):
     assert a.shape == b.shape
     # Same CPU-generated noise; fp16 vs fp32 rounding only.
     assert np.abs(a.astype(int) - b).mean() < 3
+
+
+def test_cli_fit_with_ipadapter_dir_predicts_tokens(tiny_weights, tmp_path):
+    from brainrecon.cli import app
+    from brainrecon.runs import Run
+
+    result = CliRunner().invoke(app, [
+        "fit", "--decoder", "ridge", "--target", "ipadapter", "--ipadapter-dir", str(tiny_weights["ipadapter"]),
+        "--data", "synthetic:n_train=40,n_test=4,image_size=32,surface_size=16", "--subject", "1",
+        "--out", str(tmp_path), "--alphas", "100,1000", "--no-evaluate"])
+    assert result.exit_code == 0, result.output
+    run = Run.open(tmp_path / "ridge-subj01-ipadapter")
+    assert run.predictions().shape == (4,) + TOKEN_SHAPE
+    assert run.reconstructions() is None and "brainrecon reconstruct" in result.output
+    assert run.info["params"]["target_options"] == {"ipadapter_dir": str(tiny_weights["ipadapter"])}
+    wrong = CliRunner().invoke(app, ["fit", "--decoder", "ridge", "--ipadapter-dir", "x"])
+    assert wrong.exit_code == 1 and "--ipadapter-dir is for --target ipadapter" in wrong.output
