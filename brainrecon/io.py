@@ -109,6 +109,21 @@ def replace_directory(build: str | os.PathLike, final: str | os.PathLike) -> Pat
     return final
 
 
+def jsonable(value: Any) -> Any:
+    """``value`` in the form it has after a JSON round trip: dict keys as str, tuples as lists,
+    numpy scalars and arrays as Python numbers and lists, paths as str.
+
+    Used to store parameters and to compare stored settings with current ones.
+    """
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, Path)):
+        return jsonable(_json_default(value))
+    return value
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()

@@ -28,7 +28,7 @@ import numpy as np
 
 from brainrecon import __version__
 from brainrecon.errors import BrainreconError
-from brainrecon.io import atomic_directory, read_json, write_array_atomic, write_json_atomic
+from brainrecon.io import atomic_directory, jsonable, read_json, write_array_atomic, write_json_atomic
 
 RUN_FILE = "run.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -165,7 +165,7 @@ def write_run(
     info = {
         "name": name,
         "decoder": decoder.name,
-        "params": _jsonable(decoder.get_params()),
+        "params": jsonable(decoder.get_params()),
         "subject": subject,
         "target": getattr(decoder, "target", None) if decoder.predicts == "target" else None,
         "predicts": decoder.predicts,
@@ -200,9 +200,3 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
     if not root.is_dir():
         return []
     return [Run.open(p) for p in sorted(root.iterdir()) if (p / RUN_FILE).is_file()]
-
-
-def _jsonable(value: Any) -> Any:
-    from brainrecon.decoders.base import _jsonable as convert
-
-    return convert(value)

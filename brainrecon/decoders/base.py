@@ -26,7 +26,7 @@ import numpy as np
 
 from brainrecon import __version__
 from brainrecon.errors import BrainreconError, DataError, NotFittedError
-from brainrecon.io import atomic_directory, read_json, write_json_atomic
+from brainrecon.io import atomic_directory, jsonable, read_json, write_json_atomic
 
 CONFIG_FILE = "brainrecon.json"
 
@@ -156,7 +156,7 @@ class Decoder(abc.ABC):
                     "decoder": self.name,
                     "format_version": self.format_version,
                     "brainrecon_version": __version__,
-                    "params": _jsonable(self.get_params()),
+                    "params": jsonable(self.get_params()),
                     "subjects": [int(s) for s in self.subjects_],
                     "n_voxels": {str(k): int(v) for k, v in self.n_voxels_.items()},
                     "state": state,
@@ -246,15 +246,3 @@ class Decoder(abc.ABC):
                 f"was fitted on subject(s) {self.subjects_}."
             )
         return subjects
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -35,6 +35,7 @@ import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.hub import downloads_allowed, hf_hub_cache
+from brainrecon.io import jsonable
 from brainrecon.targets.ipadapter import (
     DEFAULT_REPO_ID,
     IPAdapterWeights,
@@ -515,7 +516,7 @@ def reconstruct_run(run, *, steps: int = 50, guidance_scale: float = 7.5, ip_ada
     out_dir = run.path / RECON_DIR
     settings_path = out_dir / SETTINGS_FILE
     names = [f"{row:04d}-id{int(i)}.png" for row, i in enumerate(ids)]
-    reuse = resume and settings_path.is_file() and read_json(settings_path) == _jsonable(settings)
+    reuse = resume and settings_path.is_file() and read_json(settings_path) == jsonable(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not reuse:
         for name in names:
@@ -536,9 +537,3 @@ def reconstruct_run(run, *, steps: int = 50, guidance_scale: float = 7.5, ip_ada
     images = np.stack([np.asarray(Image.open(out_dir / name).convert("RGB")) for name in names])
     run.set_reconstructions(images)
     return Run.open(run.path)
-
-
-def _jsonable(obj: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(obj))

@@ -31,6 +31,7 @@ from brainrecon.decoders.brainguard.model import (
     token_shape,
 )
 from brainrecon.errors import BrainreconError, DataError
+from brainrecon.io import jsonable
 from brainrecon.targets import get_target
 
 NAN_POLICIES = ("error", "zero")
@@ -312,7 +313,7 @@ class BrainGuardDecoder(Decoder):
 
         run_meta = {
             "config": asdict(config),
-            "params": {k: _plain(v) for k, v in self.get_params().items()
+            "params": {k: jsonable(v) for k, v in self.get_params().items()
                        if k not in _RESUME_FREE and k != "subjects"},
             "subjects": subjects,
             "n_voxels": {str(s): int(tensors[s][0].shape[1]) for s in subjects},
@@ -334,7 +335,7 @@ class BrainGuardDecoder(Decoder):
         every = int(self.checkpoint_every)
 
         def on_round_end(r: int, state: dict, record: dict) -> None:
-            history.append(_plain(record))
+            history.append(jsonable(record))
             if ckpt_dir is not None and ((r + 1) % every == 0 or r + 1 == config.rounds):
                 save_checkpoint(ckpt_dir, round_index=r, clients=clients, global_state=state,
                                 meta={**run_meta, "history": history})
@@ -389,7 +390,7 @@ class BrainGuardDecoder(Decoder):
         meta, global_state, client_tensors = load_checkpoint(latest)
         differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
                                    "fingerprints", "target_shape")
-                       if _plain(meta.get(k)) != _plain(run_meta[k])]
+                       if jsonable(meta.get(k)) != jsonable(run_meta[k])]
         if differences:
             detail = []
             for k in differences:
@@ -511,17 +512,6 @@ def _raw_predict(model: BrainGuardNet, voxels: torch.Tensor, device: torch.devic
             batch = voxels[start:start + _PREDICT_BATCH].to(device)
             outs.append(model(batch).float().cpu().numpy())
     return np.concatenate(outs, axis=0)
-
-
-def _plain(value: Any) -> Any:
-    """JSON round-trip form (tuples -> lists, int keys -> str) for comparisons and storage."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 __all__ = ["BrainGuardDecoder"]
