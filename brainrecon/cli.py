@@ -105,6 +105,7 @@ def fit(
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="neuropictor: saved decoder (run/decoder) of the previous stage."),
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
     from brainrecon import workflows
@@ -134,7 +135,7 @@ def fit(
         params["target_options"] = {**params.get("target_options", {}), "ipadapter_dir": str(ipadapter_dir)}
     runs = workflows.fit(
         decoder, data=data, subjects=subjects or None, target=target, out=out, name=name,
-        overwrite=overwrite, params=params, evaluate=evaluate, log=_log,
+        overwrite=overwrite, params=params, recipe=recipe, evaluate=evaluate, log=_log,
     )
     _print_runs(runs)
 
@@ -206,6 +207,17 @@ def decoders_describe(name: str = typer.Argument(..., help="Decoder name.")) -> 
     for k, v in cls.default_params().items():
         table.add_row(k, repr(v))
     console.print(table)
+    from brainrecon.recipes import recipes_for
+
+    for recipe in recipes_for(name).values():
+        rtable = Table(title=f"recipe {recipe.name} — {recipe.summary}".rstrip(" —"),
+                       caption=f"source: {recipe.source}")
+        rtable.add_column("parameter")
+        rtable.add_column("value")
+        rtable.add_column("note")
+        for k, v in recipe.values.items():
+            rtable.add_row(k, repr(v), recipe.notes.get(k, ""))
+        console.print(rtable)
     extra = getattr(cls, "describe_text", None)
     if callable(extra):
         console.print(extra())

@@ -46,6 +46,7 @@ def fit(
     name: str | None = None,
     overwrite: bool = False,
     params: dict[str, Any] | None = None,
+    recipe: str | None = None,
     evaluate: bool = True,
     dataset=None,
     log: Log = _quiet,
@@ -71,6 +72,9 @@ def fit(
         ``<decoder>-subjXX-<target>``). Existing runs are refused unless ``overwrite``.
     params : dict
         Further decoder parameters.
+    recipe : str, optional
+        A named recipe of the decoder (:mod:`brainrecon.recipes`); explicitly given
+        ``params`` win over its values. The run records the recipe's name.
     evaluate : bool
         Score reconstructions with the evaluation harness when they exist.
 
@@ -78,8 +82,12 @@ def fit(
     -------
     list of Run
     """
+    from brainrecon.recipes import apply_recipe
+
     cls = get_decoder_class(decoder)
-    params = dict(params or {})
+    params = apply_recipe(decoder, recipe, params or {})
+    if recipe is not None:
+        log(f"recipe {recipe!r} applied (explicit parameters win)")
     ds = dataset if dataset is not None else load_dataset(data, subjects=subjects)
     if subjects is None:
         subjects = ds.subjects if cls.multi_subject else ds.subjects[:1]
@@ -126,7 +134,8 @@ def fit(
         pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
         recon = make_reconstructions(dec, pred, ds, s, log=log)
         run = write_run(out, names[s], decoder=dec, dataset=ds, subject=s, predictions=pred,
-                        reconstructions=recon, overwrite=overwrite)
+                        reconstructions=recon, overwrite=overwrite,
+                        extra={"recipe": recipe})
         log(f"wrote run {run.path}")
         if evaluate and recon is not None:
             evaluate_run_safely(run, log=log)
