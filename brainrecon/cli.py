@@ -271,11 +271,14 @@ def evaluate_cmd(
     metric: Optional[List[str]] = typer.Option(None, "--metric", "-m", help="Only this metric (repeatable), e.g. -m PixCorr -m SSIM."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per network forward pass."),
     data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved since the fit."),
+    download: bool = typer.Option(False, "--download", help="Download missing metric weights (off by default; same as BRAINRECON_ALLOW_DOWNLOADS=1)."),
 ) -> None:
     """(Re)compute a run's metrics.json and grid.png from its saved reconstructions."""
     from brainrecon.eval import evaluate_run
     from brainrecon.eval.harness import TWO_WAY_METRICS
 
+    if download:
+        os.environ["BRAINRECON_ALLOW_DOWNLOADS"] = "1"
     report = evaluate_run(run, variant=variant, weights_dir=weights_dir, strict=strict, device=device,
                           metrics=metric or None, batch_size=batch_size, data_source=data)
     table = Table(title=f"{report.settings.get('run', run.name)} · {report.n_images} images · variant {report.variant}")
@@ -327,10 +330,31 @@ def compare_cmd(
 
 
 @app.command("weights")
-def weights_cmd(weights_dir: Optional[Path] = WeightsDirOpt) -> None:
+def weights_cmd(
+    weights_dir: Optional[Path] = WeightsDirOpt,
+    download: bool = typer.Option(False, "--download", help="Fetch every missing file (resumable, verified) into --to, $BRAINRECON_WEIGHTS or the torch hub / Hugging Face caches."),
+    to: Optional[Path] = typer.Option(None, "--to", help="Folder to fetch or import into (then pass it as --weights-dir)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated metrics or keys, e.g. CLIP,SwAV."),
+    with_: Optional[str] = typer.Option(None, "--with", help="Also the generation weights: ipadapter,sd15,sd21."),
+    mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL of a mirror with the same file names (or $BRAINRECON_MIRROR)."),
+    print_urls: bool = typer.Option(False, "--print-urls", help="Print the downloads instead of fetching them."),
+    fmt: str = typer.Option("list", "--format", help="For --print-urls: list | sh."),
+    from_dir: Optional[Path] = typer.Option(None, "--from", help="Import files fetched elsewhere from this folder (verified)."),
+) -> None:
     """List the metric networks' weight files: present or missing, where, and where to get them."""
     from brainrecon.eval import weights_status
 
+    if download or print_urls or from_dir is not None:
+        from brainrecon import fetch
+
+        items = fetch.plan(to=to or weights_dir, only=only, with_=with_, mirror=mirror)
+        if print_urls:
+            typer.echo(fetch.print_urls(items, fmt), nl=False)
+        elif from_dir is not None:
+            fetch.import_from(items, from_dir, log=typer.echo)
+        else:
+            fetch.fetch_all(items, log=typer.echo)
+        return
     rows = weights_status(weights_dir)
     # One block per file rather than a table: paths and URLs must stay copyable on narrow terminals.
     for r in rows:
@@ -340,8 +364,8 @@ def weights_cmd(weights_dir: Optional[Path] = WeightsDirOpt) -> None:
         console.print(f"    source:  {r['url']}", soft_wrap=True, markup=False)
     missing = sum(r["status"] == "missing" for r in rows)
     if missing:
-        console.print(f"{missing} file(s) missing: download them from the URLs above into a folder and pass "
-                      "--weights-dir (or set BRAINRECON_WEIGHTS).")
+        console.print(f"{missing} file(s) missing: `brainrecon weights --download` fetches them (or download them "
+                      "from the URLs above into a folder and pass --weights-dir / set BRAINRECON_WEIGHTS).")
 
 # --- IP-Adapter commands (issue 4) ---
 IPAdapterDirOpt = typer.Option(None, "--ipadapter-dir", help="Local copy of h94/IP-Adapter (models/ip-adapter-plus_sd15.*, models/image_encoder/); default: the Hugging Face hub.")

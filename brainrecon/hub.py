@@ -13,18 +13,20 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 def downloads_allowed() -> bool:
-    """Whether a missing weight file may be downloaded now.
+    """Whether a missing weight file may be downloaded now (opt-in).
 
     Returns
     -------
     bool
-        False when ``BRAINRECON_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to a true value,
-        or when running under pytest (tests never download); True otherwise.
+        True only when ``BRAINRECON_ALLOW_DOWNLOADS`` is set to a true value (what
+        ``brainrecon weights --download`` and ``evaluate --download`` do) and neither
+        ``BRAINRECON_OFFLINE`` nor ``HF_HUB_OFFLINE`` is set; False otherwise, so no
+        command opens a connection to fetch weights unless asked.
     """
     for var in ("BRAINRECON_OFFLINE", "HF_HUB_OFFLINE"):
         if os.environ.get(var, "").strip().lower() in _TRUE:
             return False
-    return "PYTEST_CURRENT_TEST" not in os.environ
+    return os.environ.get("BRAINRECON_ALLOW_DOWNLOADS", "").strip().lower() in _TRUE
 
 
 def hf_hub_cache() -> Path:

@@ -30,6 +30,44 @@ def _no_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", _blocked)
 
 
+_REAL_CONNECT = socket.socket.connect
+_REAL_CREATE_CONNECTION = socket.create_connection
+_REAL_GETADDRINFO = socket.getaddrinfo
+
+
+def _is_loopback(host) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(str(host)).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture
+def allow_loopback(monkeypatch, _no_network):
+    """Permit connections to 127.0.0.0/8 and ::1 only (by numeric address); all else stays blocked."""
+
+    def connect(self, address):
+        if isinstance(address, tuple) and _is_loopback(address[0]):
+            return _REAL_CONNECT(self, address)
+        return _blocked()
+
+    def create_connection(address, *args, **kwargs):
+        if _is_loopback(address[0]):
+            return _REAL_CREATE_CONNECTION(address, *args, **kwargs)
+        return _blocked()
+
+    def getaddrinfo(host, *args, **kwargs):
+        if _is_loopback(host):
+            return _REAL_GETADDRINFO(host, *args, **kwargs)
+        return _blocked()
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
 @pytest.fixture(autouse=True)
 def _private_locations(monkeypatch, tmp_path_factory):
     """Caches and default data locations point into a temporary directory."""

@@ -268,6 +268,7 @@ def test_download_attempt_fails_fast_when_network_is_unreachable(monkeypatch):
     monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("BRAINRECON_OFFLINE", raising=False)
+    monkeypatch.setenv("BRAINRECON_ALLOW_DOWNLOADS", "1")  # downloads are opt-in (issue 15)
     assert W.downloads_allowed()
     monkeypatch.setattr(W, "_reachable_hosts", {})
     with pytest.raises(WeightsNotFoundError, match="download failed, cannot reach download.pytorch.org"):

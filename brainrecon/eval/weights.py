@@ -16,8 +16,8 @@ holding ``config.json`` and ``model.safetensors`` (as ``save_pretrained`` writes
 When a file is missing and downloads are allowed it is fetched by the normal
 mechanism (``torch.hub.download_url_to_file`` into the torch hub cache, with the
 SHA-256 prefix in the file name checked; ``from_pretrained`` for CLIP). Downloads
-are off when ``BRAINRECON_OFFLINE`` or ``HF_HUB_OFFLINE`` is set, and inside a
-pytest run.
+are opt-in: only with ``BRAINRECON_ALLOW_DOWNLOADS=1`` (``evaluate --download``) or
+through ``brainrecon weights --download`` (:mod:`brainrecon.fetch`).
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ def _missing_message(wf: WeightFile, weights_dir, reason: str) -> str:
     else:
         how = f"download {wf.url} into <weights-dir>/ or {_torch_hub_checkpoints()}/"
         name = wf.filename
-    return f"weights {name} not found ({reason}). Searched: {places}. To fix: {how}, or pass --weights-dir."
+    return (f"weights {name} not found ({reason}). Searched: {places}. To fix: run "
+            f"`brainrecon weights --download --only {wf.key}`, or {how}, or pass --weights-dir.")
 
 
 _reachable_hosts: dict[str, str | None] = {}
