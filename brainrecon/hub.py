@@ -6,6 +6,7 @@ Diffusion), so that one switch turns downloads off everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,6 +28,27 @@ def downloads_allowed() -> bool:
         if os.environ.get(var, "").strip().lower() in _TRUE:
             return False
     return os.environ.get("BRAINRECON_ALLOW_DOWNLOADS", "").strip().lower() in _TRUE
+
+
+@contextlib.contextmanager
+def hub_offline_unless_allowed():
+    """Within the block, huggingface_hub makes no request unless :func:`downloads_allowed`.
+
+    ``local_files_only=True`` is not enough: huggingface_hub also fetches side data (its
+    agent registry) from the hub unless its import-time ``HF_HUB_OFFLINE`` constant is set,
+    so the constant is switched on for the block and restored afterwards.
+    """
+    if downloads_allowed():
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
 
 
 def hf_hub_cache() -> Path:

@@ -264,3 +264,27 @@ def test_cli_weights_download_print_urls_and_from(tmp_path, allow_loopback):
     assert urls.output.strip() == W.WEIGHT_FILES["alexnet"].url
     res = runner.invoke(app, ["weights", "--from", str(tmp_path / "w"), "--only", "SwAV", "--to", str(tmp_path / "v")])
     assert res.exit_code == 0 and (tmp_path / "v" / "swav_800ep_pretrain.pth.tar").is_file()
+
+
+def test_neuropictor_base_model_from_the_hub_is_not_downloaded_unasked(monkeypatch):
+    """On an online machine a hub repo id that is not cached fails with no connection attempt."""
+    import huggingface_hub.constants
+
+    from brainrecon.decoders.neuropictor import model
+    from brainrecon.errors import WeightsNotFoundError
+
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "BRAINRECON_ALLOW_DOWNLOADS", "PYTEST_CURRENT_TEST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    attempts = []
+
+    def record(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("recorded connection attempt")
+
+    monkeypatch.setattr(socket.socket, "connect", lambda self, addr: record(addr))
+    monkeypatch.setattr(socket, "create_connection", record)
+    monkeypatch.setattr(socket, "getaddrinfo", record)
+    with pytest.raises(WeightsNotFoundError):
+        model.load_base_components(model.SD21_BASE)
+    assert attempts == []

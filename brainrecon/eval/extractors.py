@@ -245,16 +245,20 @@ def _load_clip(where, local_only: bool) -> nn.Module:
     # The repo holds the whole CLIP model; its text-tower keys are expected leftovers,
     # so silence the per-key report (a size mismatch still raises).
     transformers.logging.set_verbosity_error()
+    from brainrecon.hub import hub_offline_unless_allowed
+
     try:
-        cfg = AutoConfig.from_pretrained(where, local_files_only=local_only)
+        with hub_offline_unless_allowed():
+            cfg = AutoConfig.from_pretrained(where, local_files_only=local_only)
         if isinstance(cfg, CLIPConfig):
             vision_cfg = cfg.vision_config
             vision_cfg.projection_dim = cfg.projection_dim
         else:
             vision_cfg = cfg
-        model = CLIPVisionModelWithProjection.from_pretrained(
-            where, config=vision_cfg, local_files_only=local_only, dtype=torch.float32
-        )
+        with hub_offline_unless_allowed():
+            model = CLIPVisionModelWithProjection.from_pretrained(
+                where, config=vision_cfg, local_files_only=local_only, dtype=torch.float32
+            )
     finally:
         transformers.logging.set_verbosity(verbosity)
     return model.eval()

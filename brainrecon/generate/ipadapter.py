@@ -99,15 +99,18 @@ def _from_pretrained(cls, name: str, what: str, fix: str, **kwargs):
             raise WeightsNotFoundError(f"Cannot load the {what} from {path}: {exc} {fix}") from exc
     candidates = [name] + ([_MIRRORS[name]] if name in _MIRRORS else [])
     errors = []
+    from brainrecon.hub import hub_offline_unless_allowed
+
     for repo in candidates:
         try:
-            return cls.from_pretrained(repo, local_files_only=True, cache_dir=str(hf_hub_cache()), **kwargs)
+            with hub_offline_unless_allowed():  # local_files_only alone still lets huggingface_hub call out
+                return cls.from_pretrained(repo, local_files_only=True, cache_dir=str(hf_hub_cache()), **kwargs)
         except (OSError, ValueError) as exc:
             errors.append(f"{repo}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     if not downloads_allowed():
         raise WeightsNotFoundError(
             f"The {what} {name!r} is not in the Hugging Face cache ({hf_hub_cache()}) and downloads are "
-            f"disabled (offline) [{'; '.join(errors)}]. {fix}"
+            f"disabled (opt-in: `brainrecon weights --download --with sd15` or BRAINRECON_ALLOW_DOWNLOADS=1) [{'; '.join(errors)}]. {fix}"
         )
     repo = candidates[-1]
     try:

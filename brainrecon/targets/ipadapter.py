@@ -305,8 +305,8 @@ class IPAdapterWeights:
         return WeightsNotFoundError(
             f"IP-Adapter weights not found: {what} ({reason}). Looked in: {'; '.join(map(str, tried))}. "
             f"To fix: `huggingface-cli download {self.repo_id} {files} --local-dir DIR` and pass "
-            f"--ipadapter-dir DIR (ipadapter_dir=DIR), or allow downloads into the Hugging Face cache "
-            f"(unset HF_HUB_OFFLINE / BRAINRECON_OFFLINE)."
+            f"--ipadapter-dir DIR (ipadapter_dir=DIR), or fetch them with "
+            f"`brainrecon weights --download --with ipadapter` (downloads are opt-in: BRAINRECON_ALLOW_DOWNLOADS=1)."
         )
 
     def _hub_file(self, filename: str, subfolder: str, tried: list[str]) -> Path | None:

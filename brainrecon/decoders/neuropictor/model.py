@@ -169,16 +169,21 @@ def load_base_components(base_model: str = SD21_BASE, *, seed: int = 0) -> BaseC
                 raise _missing_weights(base_model, sub, f"the subfolder {sub}/ is missing")
             if required and not (root / sub / required).is_file():
                 raise _missing_weights(base_model, sub, f"{sub}/{required} is missing")
+    from brainrecon.hub import downloads_allowed, hub_offline_unless_allowed
+
+    local = not downloads_allowed()  # downloads are opt-in (brainrecon.hub)
     loaders = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(base_model, subfolder="unet"),
-        "vae": lambda: AutoencoderKL.from_pretrained(base_model, subfolder="vae"),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder"),
-        "tokenizer": lambda: CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer"),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(base_model, subfolder="unet", local_files_only=local),
+        "vae": lambda: AutoencoderKL.from_pretrained(base_model, subfolder="vae", local_files_only=local),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(base_model, subfolder="text_encoder",
+                                                              local_files_only=local),
+        "tokenizer": lambda: CLIPTokenizer.from_pretrained(base_model, subfolder="tokenizer", local_files_only=local),
     }
     parts = {}
     for name, load in loaders.items():
         try:
-            parts[name] = load()
+            with hub_offline_unless_allowed():
+                parts[name] = load()
         except (OSError, ValueError, ConnectionError) as exc:  # hub errors derive from OSError
             raise _missing_weights(base_model, name, exc) from exc
     return BaseComponents(source=base_model, **parts).freeze()
@@ -188,8 +193,11 @@ def load_text_model(repo_or_dir: str):
     """Load a ``CLIPTextModel`` (the 24-layer semantic-loss target model) with a clear error."""
     from transformers import CLIPTextModel
 
+    from brainrecon.hub import downloads_allowed, hub_offline_unless_allowed
+
     try:
-        model = CLIPTextModel.from_pretrained(repo_or_dir)
+        with hub_offline_unless_allowed():
+            model = CLIPTextModel.from_pretrained(repo_or_dir, local_files_only=not downloads_allowed())
     except (OSError, ValueError, ConnectionError) as exc:
         raise WeightsNotFoundError(
             f"Cannot load the semantic-target text model {repo_or_dir!r} ({type(exc).__name__}). "
