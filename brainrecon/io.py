@@ -13,9 +13,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
+
+from brainrecon.errors import BrainreconError
 
 
 @contextlib.contextmanager
@@ -64,9 +66,56 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike, *, required: Iterable[str] = (),
+              fix: str = "re-create it with the command that wrote it") -> Any:
+    """Read a JSON file; a damaged one is a :class:`BrainreconError` naming the file, what is
+    wrong (missing, a directory, empty, not JSON, missing field X) and ``fix``."""
+    path = Path(path)
+    if path.is_dir():
+        raise BrainreconError(f"{path} is a directory where a JSON file should be; {fix}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise BrainreconError(f"{path} is missing; {fix}.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BrainreconError(f"{path} cannot be read ({exc}); {fix}.") from None
+    if not text.strip():
+        raise BrainreconError(f"{path} is empty (a write was cut short?); {fix}.")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise BrainreconError(f"{path} is not valid JSON ({exc}; truncated?); {fix}.") from None
+    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise BrainreconError(
+            f"{path} is missing field(s) {', '.join(map(repr, missing))}; {fix}."
+        )
+    return data
+
+
+def load_array(path: str | os.PathLike, *, fix: str, mmap: bool = False,
+               dtype_kind: str | None = None, ndim: int | None = None) -> np.ndarray:
+    """Load a ``.npy`` array; a damaged or wrongly typed one is a :class:`BrainreconError`
+    naming the file, what is wrong (expected vs found) and ``fix``."""
+    path = Path(path)
+    if path.is_dir():
+        raise BrainreconError(f"{path} is a directory where an array file should be; {fix}.")
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise BrainreconError(f"{path} is missing; {fix}.") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise BrainreconError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
+    if dtype_kind is not None and arr.dtype.kind not in dtype_kind:
+        raise BrainreconError(
+            f"{path} holds {arr.dtype} values, expected dtype kind {dtype_kind!r}; {fix}."
+        )
+    if ndim is not None and arr.ndim != ndim:
+        raise BrainreconError(
+            f"{path} has shape {arr.shape}, expected {ndim} dimension(s); {fix}."
+        )
+    return arr
 
 
 @contextlib.contextmanager

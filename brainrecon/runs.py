@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,14 @@ import numpy as np
 
 from brainrecon import __version__
 from brainrecon.errors import BrainreconError
-from brainrecon.io import atomic_directory, jsonable, read_json, write_array_atomic, write_json_atomic
+from brainrecon.io import (atomic_directory, jsonable, load_array, read_json, write_array_atomic,
+                           write_json_atomic)
 
 RUN_FILE = "run.json"
+#: Fields every run.json has (written by :func:`write_run`).
+RUN_FIELDS = ("decoder", "params", "subject", "predicts", "data")
+_REFIT = "the run is damaged: fit it again (`brainrecon fit ... --overwrite`)"
+_REEVAL = "re-run `brainrecon evaluate RUN` to write it again"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 __all__ = [
@@ -57,7 +63,14 @@ class Run:
                 f"{path} is not a brainrecon run ({RUN_FILE} is missing). "
                 f"Runs are written by `brainrecon fit`."
             )
-        return cls(path, read_json(path / RUN_FILE))
+        info = read_json(path / RUN_FILE, required=RUN_FIELDS, fix=_REFIT)
+        try:
+            int(info["subject"])
+        except (TypeError, ValueError):
+            raise BrainreconError(
+                f"{path / RUN_FILE}: field 'subject' is {info['subject']!r}, expected an integer; {_REFIT}."
+            ) from None
+        return cls(path, info)
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, decoder={self.info.get('decoder')!r}, subject={self.subject})"
@@ -72,10 +85,18 @@ class Run:
 
     def _optional_array(self, filename: str) -> np.ndarray | None:
         f = self.path / filename
-        return np.load(f, mmap_mode="r", allow_pickle=False) if f.is_file() else None
+        if not f.exists():
+            return None
+        arr = load_array(f, fix=_REFIT, mmap=True)
+        n = len(self.test_ids())
+        if arr.ndim == 0 or arr.shape[0] != n:
+            raise BrainreconError(
+                f"{f} has shape {arr.shape}, expected {n} rows (one per test id); {_REFIT}."
+            )
+        return arr
 
     def test_ids(self) -> np.ndarray:
-        return np.load(self.path / "test_ids.npy", allow_pickle=False)
+        return load_array(self.path / "test_ids.npy", fix=_REFIT, dtype_kind="iu", ndim=1)
 
     def predictions(self) -> np.ndarray | None:
         return self._optional_array("predictions.npy")
@@ -85,7 +106,7 @@ class Run:
 
     def metrics(self) -> dict[str, Any] | None:
         f = self.path / "metrics.json"
-        return read_json(f) if f.is_file() else None
+        return read_json(f, fix=_REEVAL) if f.exists() else None
 
     def dataset(self, source: str | os.PathLike | None = None):
         """The run's dataset (re-opened from its spec, or from ``source`` if the data moved)."""
@@ -195,8 +216,26 @@ def write_run(
 
 
 def list_runs(root: str | os.PathLike) -> list[Run]:
-    """Every run directly under ``root`` (sorted by name); a missing root gives an empty list."""
+    """Every readable run directly under ``root`` (sorted by name); a missing root gives an
+    empty list. A broken run (damaged run.json, test ids or metrics) is skipped with a
+    :class:`BrokenRunWarning` naming it, so one bad folder does not hide the others."""
     root = Path(root)
     if not root.is_dir():
         return []
-    return [Run.open(p) for p in sorted(root.iterdir()) if (p / RUN_FILE).is_file()]
+    runs = []
+    for p in sorted(root.iterdir()):
+        if not (p / RUN_FILE).exists():
+            continue
+        try:
+            run = Run.open(p)
+            run.test_ids()
+            run.metrics()
+        except BrainreconError as exc:
+            warnings.warn(f"skipping broken run {p.name}: {exc}", BrokenRunWarning, stacklevel=2)
+            continue
+        runs.append(run)
+    return runs
+
+
+class BrokenRunWarning(UserWarning):
+    """A run folder that cannot be read was left out of a collection."""

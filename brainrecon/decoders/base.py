@@ -177,7 +177,10 @@ class Decoder(abc.ABC):
             raise BrainreconError(
                 f"{directory} is not a saved brainrecon decoder: {CONFIG_FILE} is missing."
             )
-        config = read_json(config_path)
+        config = read_json(
+            config_path, required=("decoder", "format_version", "subjects", "n_voxels"),
+            fix="the saved decoder is damaged: refit it, or copy it again from where it was made",
+        )
         name = config.get("decoder")
         if cls is Decoder or not cls.name:
             from brainrecon.decoders import get_decoder_class

@@ -32,6 +32,7 @@ import contextlib
 import importlib
 import math
 import warnings
+import zipfile
 from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable
@@ -1049,20 +1050,42 @@ class RidgeDecoder(Decoder):
         path = Path(directory) / state.get("weights", _WEIGHTS_FILE)
         if not path.is_file():
             raise DataError(f"{path} is missing: the saved ridge decoder is incomplete; refit it.")
-        with np.load(path, allow_pickle=False) as npz:
-            self.coef_ = npz["coef"]
-            self.intercept_ = npz["intercept"]
-            self.x_mean_ = npz["x_mean"]
-            self.x_scale_ = npz["x_scale"]
-            self.alphas_ = npz["alphas"]
-            self.alpha_grid_ = npz["alpha_grid"]
-            self.cv_scores_ = npz["cv_scores"].astype(np.float64)
-            self.y_mean_ = npz["y_mean"]
-            self.y_std_ = npz["y_std"]
-            if "scale" in npz.files:
-                self.scale_ = npz["scale"]
-                self.shift_ = npz["shift"]
+        fix = "the saved ridge decoder is damaged: refit it"
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
+        required = ("coef", "intercept", "x_mean", "x_scale", "alphas", "alpha_grid",
+                    "cv_scores", "y_mean", "y_std")
+        missing = [k for k in required if k not in arrays]
+        if missing:
+            raise DataError(f"{path} is missing array(s) {missing}; {fix}.")
         self.target_shape_ = tuple(int(d) for d in state["target_shape"])
+        n_vox = int(next(iter(self.n_voxels_.values())))
+        n_out = int(np.prod(self.target_shape_))
+        expected = {"coef": (n_vox, n_out), "intercept": (n_out,), "x_mean": (n_vox,),
+                    "x_scale": (n_vox,)}
+        for key, shape in expected.items():
+            arr = arrays.get(key)
+            if arr is None or arr.shape != shape or arr.dtype.kind != "f":
+                found = "absent" if arr is None else f"{arr.dtype} {arr.shape}"
+                raise DataError(
+                    f"{path}: array {key!r} is {found}, expected floating point of shape {shape} "
+                    f"({n_vox} voxels, {n_out} target values in brainrecon.json); {fix}."
+                )
+        self.coef_ = arrays["coef"]
+        self.intercept_ = arrays["intercept"]
+        self.x_mean_ = arrays["x_mean"]
+        self.x_scale_ = arrays["x_scale"]
+        self.alphas_ = arrays["alphas"]
+        self.alpha_grid_ = arrays["alpha_grid"]
+        self.cv_scores_ = arrays["cv_scores"].astype(np.float64)
+        self.y_mean_ = arrays["y_mean"]
+        self.y_std_ = arrays["y_std"]
+        if "scale" in arrays:
+            self.scale_ = arrays["scale"]
+            self.shift_ = arrays["shift"]
         if self.rescale == "train" and not hasattr(self, "scale_"):
             raise DataError(
                 f"{path} holds no rescaling statistics but rescale='train'; refit the decoder."

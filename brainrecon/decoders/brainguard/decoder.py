@@ -490,13 +490,25 @@ class BrainGuardDecoder(Decoder):
             path = directory / f"subject-{s}.safetensors"
             if not path.is_file():
                 raise BrainreconError(f"{directory} is incomplete: {path.name} is missing.")
-            tensors = load_file(str(path))
+            try:
+                tensors = load_file(str(path))
+            except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+                raise BrainreconError(
+                    f"{path} is damaged or truncated ({exc}); the saved BrainGuard decoder "
+                    f"cannot be read: refit it."
+                ) from None
             with torch.device("meta"):
                 model = BrainGuardNet(self.n_voxels_[s], int(self.hidden), int(self.n_blocks),
                                       self.token_shape_[0], self.token_shape_[1], float(self.dropout))
             model = model.to_empty(device="cpu")
-            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                                   if k.startswith("model.")}, strict=True)
+            try:
+                model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
+                                       if k.startswith("model.")}, strict=True)
+            except RuntimeError as exc:
+                raise BrainreconError(
+                    f"{path} does not match the network brainrecon.json describes "
+                    f"(names or shapes differ: {str(exc).splitlines()[0]} ...); refit the decoder."
+                ) from None
             model.eval()
             self.models_[s] = model
             self.voxel_stats_[s] = (tensors["voxel_mean"].numpy(), tensors["voxel_std"].numpy())

@@ -1,0 +1,113 @@
+"""Damaged files of a finished run give one clear BrainreconError, never a traceback or a
+silent wrong answer; a broken run among good ones is skipped with a warning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from brainrecon.errors import BrainreconError
+from brainrecon.runs import BrokenRunWarning, Run, list_runs
+
+
+@pytest.fixture(scope="module")
+def ridge_run(tmp_path_factory):
+    from brainrecon import workflows
+
+    out = tmp_path_factory.mktemp("runs")
+    runs = workflows.fit("ridge", data="synthetic:n_train=80,n_test=8,image_size=32,surface_size=32", subjects=[1],
+                         out=out, params={"device": "cpu", "alphas": [1.0, 100.0]}, evaluate=False)
+    return runs[0].path
+
+
+@pytest.fixture
+def run_copy(ridge_run, tmp_path):
+    dst = tmp_path / "runs" / ridge_run.name
+    shutil.copytree(ridge_run, dst)
+    return dst
+
+
+def _truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+CASES = {
+    "decoder npz truncated": lambda r: _truncate(next((r / "decoder").glob("*.npz"))),
+    "decoder npz emptied": lambda r: next((r / "decoder").glob("*.npz")).write_bytes(b""),
+    "decoder json truncated": lambda r: _truncate(r / "decoder" / "brainrecon.json"),
+    "decoder json not json": lambda r: (r / "decoder" / "brainrecon.json").write_text("hello"),
+    "decoder json is a directory": lambda r: ((r / "decoder" / "brainrecon.json").unlink(),
+                                              (r / "decoder" / "brainrecon.json").mkdir()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_damaged_decoder_is_a_clear_error(run_copy, case):
+    CASES[case](run_copy)
+    with pytest.raises(BrainreconError, match=str(run_copy / "decoder")):
+        Run.open(run_copy).load_decoder()
+
+
+def test_wrong_shaped_ridge_weights_are_refused(run_copy):
+    npz = next((run_copy / "decoder").glob("*.npz"))
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["coef"] = arrays["coef"][:-1]
+    np.savez(npz, **arrays)
+    with pytest.raises(BrainreconError, match="'coef'.*expected floating point of shape"):
+        Run.open(run_copy).load_decoder()
+
+
+def test_run_json_missing_fields(run_copy):
+    info = json.loads((run_copy / "run.json").read_text())
+    del info["data"]
+    (run_copy / "run.json").write_text(json.dumps(info))
+    with pytest.raises(BrainreconError, match="missing field.*'data'"):
+        Run.open(run_copy)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.9])
+def test_truncated_arrays(run_copy, keep):
+    _truncate(run_copy / "reconstructions.npy", keep)
+    with pytest.raises(BrainreconError, match="reconstructions.npy"):
+        Run.open(run_copy).reconstructions()
+
+
+def test_test_ids_holding_strings(run_copy):
+    np.save(run_copy / "test_ids.npy", np.array(["a", "b"]))
+    with pytest.raises(BrainreconError, match="test_ids.npy holds <U1 values"):
+        Run.open(run_copy).test_ids()
+
+
+def test_predictions_of_wrong_length(run_copy):
+    pred = np.load(run_copy / "predictions.npy")
+    np.save(run_copy / "predictions.npy", pred[:-1])
+    with pytest.raises(BrainreconError, match="expected 8 rows"):
+        Run.open(run_copy).predictions()
+
+
+def test_broken_run_is_skipped_among_good_ones(run_copy):
+    root = run_copy.parent
+    good = root / "good"
+    shutil.copytree(run_copy, good)
+    (run_copy / "run.json").write_text("{")
+    with pytest.warns(BrokenRunWarning, match=f"skipping broken run {run_copy.name}"):
+        runs = list_runs(root)
+    assert [r.name for r in runs] == [Run.open(good).name]
+    assert runs[0].test_ids().shape == (8,)
+
+
+def test_cli_prints_one_red_line_and_exits_1(run_copy, tmp_path):
+    from brainrecon.cli import app
+
+    _truncate(next((run_copy / "decoder").glob("*.npz")))
+    result = CliRunner().invoke(app, ["predict", str(run_copy), "--out", str(tmp_path / "p.npy")])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "damaged or truncated" in result.output
