@@ -28,6 +28,18 @@ class _Group(TyperGroup):
     """Turns a domain error anywhere below into one red line and exit code 1."""
 
     def invoke(self, ctx):
+        import warnings
+
+        from brainrecon.runs import BrokenRunWarning
+
+        def _show(message, category, *args, **kwargs):
+            if issubclass(category, BrokenRunWarning):
+                err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+            else:
+                _default_showwarning(message, category, *args, **kwargs)
+
+        _default_showwarning = warnings.showwarning
+        warnings.showwarning = _show
         try:
             return super().invoke(ctx)
         except BrainreconError as exc:
@@ -35,6 +47,8 @@ class _Group(TyperGroup):
                 raise
             err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
             raise typer.Exit(1) from None
+        finally:
+            warnings.showwarning = _default_showwarning
 
 
 app = typer.Typer(

@@ -111,3 +111,15 @@ def test_cli_prints_one_red_line_and_exits_1(run_copy, tmp_path):
     assert result.exit_code == 1
     assert "Traceback" not in result.output
     assert "damaged or truncated" in result.output
+
+
+def test_leaderboard_cli_warns_in_one_line_and_ranks_the_rest(run_copy):
+    from brainrecon.cli import app
+
+    root = run_copy.parent
+    shutil.copytree(run_copy, root / "good")
+    (run_copy / "run.json").write_text("{")
+    result = CliRunner().invoke(app, ["leaderboard", "--runs", str(root)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipping broken run {run_copy.name}" in result.output
+    assert "Traceback" not in result.output
