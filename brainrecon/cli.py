@@ -59,6 +59,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+def _version(value: bool) -> None:
+    if value:
+        from brainrecon import __version__
+
+        console.print(f"brainrecon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print brainrecon's version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars (same as TQDM_DISABLE=1)."),
+) -> None:
+    """Reconstruct the images a person saw from their fMRI responses."""
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 decoders_app = typer.Typer(help="List the registered decoders, or describe one.",
                            invoke_without_command=True)
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import BrainreconError
 
 __all__ = ["EXTRA_REPOS", "FetchItem", "download", "fetch_all", "import_from", "plan", "print_urls"]
@@ -252,7 +253,7 @@ def download(item: FetchItem, *, progress: bool = True, retries: int = 3, timeou
                 mode = "wb"
             try:
                 with open(part, mode) as f, tqdm(total=total, initial=offset, unit="B", unit_scale=True,
-                                                 desc=dest.name, disable=not progress, leave=False) as bar:
+                                                 desc=dest.name, disable=bar_disabled(progress), leave=False) as bar:
                     while True:
                         chunk = resp.read(_CHUNK)
                         if not chunk:

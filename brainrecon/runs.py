@@ -197,6 +197,7 @@ def write_run(
         "n_test": int(len(test_ids)),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "brainrecon_version": __version__,
+        "provenance": provenance(decoder),
     }
     if extra:
         info.update(extra)
@@ -213,6 +214,47 @@ def write_run(
             write_array_atomic(tmp / "reconstructions.npy", np.asarray(reconstructions, dtype=np.uint8))
         write_json_atomic(tmp / RUN_FILE, info)
     return Run(path, info)
+
+
+def provenance(decoder=None) -> dict[str, Any]:
+    """What made a run: package versions, the git commit of a brainrecon checkout (when
+    there is one), the exact command line, the decoder's seed and device."""
+    import platform
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    versions = {}
+    for package in ("brainrecon", "numpy", "torch", "diffusers", "transformers", "himalaya", "flwr"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    commit = None
+    source = Path(__file__).resolve().parent.parent
+    if (source / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"],
+                                 capture_output=True, text=True, timeout=10)
+            if out.returncode == 0:
+                commit = out.stdout.strip()
+                dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain",
+                                        "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=10)
+                if dirty.returncode == 0 and dirty.stdout.strip():
+                    commit += "+dirty"
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    params = decoder.get_params() if decoder is not None else {}
+    return {
+        "versions": versions,
+        "git_commit": commit,
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "seed": params.get("seed"),
+        "device": params.get("device"),
+    }
 
 
 def list_runs(root: str | os.PathLike) -> list[Run]:

@@ -85,6 +85,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError
 from brainrecon.io import read_json, replace_directory, write_array_atomic, write_json_atomic
 
@@ -523,7 +524,7 @@ def peak_memory_mb() -> float:
 def _tqdm(progress: bool, **kwargs):
     from tqdm.auto import tqdm
 
-    return tqdm(disable=not progress, **kwargs)
+    return tqdm(disable=bar_disabled(progress), **kwargs)
 
 
 def prepare_nsd(

@@ -41,6 +41,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError, NotFittedError
 
 try:  # scikit-learn >= 1.6
@@ -397,7 +398,7 @@ def _solve_eigen(
         return g, backend.clip(omh, float(backend.finfo(dtype).eps), None)
 
     if score == "loo":
-        show = None if progress is None else not progress
+        show = bar_disabled(True if progress is None else progress)
         for a in tqdm(range(n_alphas), desc="ridge LOO", disable=show, leave=False):
             g, omh = one_minus_h(alphas_dev[a])
             # In-sample residuals Rᵀ = ZT diag(g) Qᵀ (+ baseT): scale the r x n factor,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from brainrecon.progress import bar_disabled
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.eval import metrics as M
@@ -662,7 +663,7 @@ def evaluate(
         return now
 
     n_batches = math.ceil(n / batch_size)
-    for b in tqdm(range(n_batches), desc=f"evaluate ({variant})", unit="batch", disable=not progress):
+    for b in tqdm(range(n_batches), desc=f"evaluate ({variant})", unit="batch", disable=bar_disabled(progress)):
         gi = np.arange(b * batch_size, min((b + 1) * batch_size, n))
         ri = rec_order[gi]
         t0 = time.perf_counter()

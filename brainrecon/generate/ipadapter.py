@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.io import jsonable
@@ -359,7 +360,7 @@ class IPAdapterGenerator:
         height = int(height or pipe.unet.config.sample_size * pipe.vae_scale_factor)
         width = int(width or pipe.unet.config.sample_size * pipe.vae_scale_factor)
         out = np.empty((n, height, width, 3), dtype=np.uint8)
-        bar = tqdm(total=n, desc="generating images", unit="img", disable=not progress)
+        bar = tqdm(total=n, desc="generating images", unit="img", disable=bar_disabled(progress))
         for start in range(0, n, int(batch_size)):
             idx = np.arange(start, min(n, start + int(batch_size)))
             b = len(idx)
@@ -406,7 +407,7 @@ class IPAdapterGenerator:
             # Negative half first, as the guidance below expects.
             text = torch.cat([text_neg, text_pos]) if do_cfg else text_pos
             ip = (torch.cat([uncond, pred]) if do_cfg else pred)[:, None]  # (2B or B, 1, T, D)
-            for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=not progress):
+            for t in tqdm(scheduler.timesteps, desc="denoising", leave=False, disable=bar_disabled(progress)):
                 x = torch.cat([latents] * 2) if do_cfg else latents
                 x = scheduler.scale_model_input(x, t)
                 eps = unet(x, t, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [ip]},

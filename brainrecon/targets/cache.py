@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError
 from brainrecon.io import read_json, replace_directory, write_json_atomic
 
@@ -152,7 +153,7 @@ class IdKeyedCache:
         if cache_ids is None or not np.all(np.isin(todo, cache_ids)):
             self._create(np.unique(np.asarray(ids, dtype=np.int64)))
         cache_ids, values, filled = self._open("r+")
-        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, leave=False)
+        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=bar_disabled(progress), leave=False)
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             result = np.asarray(compute(batch))

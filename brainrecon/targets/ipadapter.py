@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from brainrecon.progress import bar_disabled
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.devices import resolve_device as _resolve_torch_device
 from brainrecon.hub import downloads_allowed, hf_hub_cache
@@ -531,7 +532,7 @@ class IPAdapterEmbedder:
         torch = self._torch
         n = len(images)
         out = np.empty((n,) + self.token_shape, dtype=np.float32)
-        for start in tqdm(range(0, n, batch_size), desc="IP-Adapter tokens", disable=not progress, leave=False):
+        for start in tqdm(range(0, n, batch_size), desc="IP-Adapter tokens", disable=bar_disabled(progress), leave=False):
             block = np.asarray(images[start : start + batch_size])
             pixels = torch.from_numpy(clip_preprocess(block, self.image_size))
             out[start : start + len(block)] = self.tokens_from_pixels(pixels).cpu().numpy()

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from brainrecon.progress import bar_disabled
 from brainrecon.decoders.brainguard.model import (
     BrainGuardNet,
     brainguard_loss,
@@ -507,7 +508,7 @@ def run_federation(clients: Sequence[Client], *, rounds: int, local_iterations: 
     """
     counts = [c.n_samples for c in clients]
     bar = tqdm(range(start_round, rounds), desc="BrainGuard rounds", unit="round",
-               initial=start_round, total=rounds, disable=not progress, leave=False)
+               initial=start_round, total=rounds, disable=bar_disabled(progress), leave=False)
     for r in bar:
         record: dict[str, Any] = {"round": r}
         if global_state is not None:

@@ -387,8 +387,10 @@ def run_training(
 
     from tqdm.auto import tqdm
 
+    from brainrecon.progress import bar_disabled
+
     bar = tqdm(total=cfg.total_steps, initial=start, desc=f"neuropictor {cfg.stage}",
-               disable=not (cfg.progress and accelerator.is_main_process), unit="step")
+               disable=bar_disabled(cfg.progress and accelerator.is_main_process), unit="step")
     rate = None
     stats = {} if stats is None else stats
     stats["step_seconds"] = []
