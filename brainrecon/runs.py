@@ -34,7 +34,7 @@ from brainrecon.io import (atomic_directory, jsonable, load_array, read_json, wr
 
 RUN_FILE = "run.json"
 #: Fields every run.json has (written by :func:`write_run`).
-RUN_FIELDS = ("decoder", "params", "subject", "predicts", "data")
+RUN_FIELDS = ("decoder", "subject")
 _REFIT = "the run is damaged: fit it again (`brainrecon fit ... --overwrite`)"
 _REEVAL = "re-run `brainrecon evaluate RUN` to write it again"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -120,6 +120,11 @@ class Run:
                     f"(fingerprint {ds.fingerprint(self.subject)} != {self.info.get('fingerprint')})."
                 )
             return ds
+        if "data" not in self.info:
+            raise BrainreconError(
+                f"{self.path / RUN_FILE} is missing field 'data' (where the run's data is); "
+                f"pass the data explicitly (--data), or {_REFIT}."
+            )
         return dataset_from_spec(self.info["data"])
 
     def load_decoder(self):

@@ -68,7 +68,11 @@ def test_run_json_missing_fields(run_copy):
     info = json.loads((run_copy / "run.json").read_text())
     del info["data"]
     (run_copy / "run.json").write_text(json.dumps(info))
-    with pytest.raises(BrainreconError, match="missing field.*'data'"):
+    with pytest.raises(BrainreconError, match="missing field 'data'"):
+        Run.open(run_copy).dataset()
+    del info["subject"]
+    (run_copy / "run.json").write_text(json.dumps(info))
+    with pytest.raises(BrainreconError, match="missing field.*'subject'"):
         Run.open(run_copy)
 
 
