@@ -30,23 +30,29 @@ import numpy as np
 import torch
 
 
-def sd15_pipeline(device: str, dtype: torch.dtype):
-    """A full-size SD 1.5 pipeline with random weights, built directly on ``device``."""
+def sd15_pipeline(device: str, dtype: torch.dtype, tiny: bool = False):
+    """A full-size SD 1.5 pipeline with random weights, built directly on ``device``
+    (``tiny``: the same architecture at toy widths, for smoke runs)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+    unet_width = (32, 64) if tiny else (320, 640, 1280, 1280)
+    vae_width = (32, 32) if tiny else (128, 256, 512, 512)
+    n_down = len(unet_width)
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=768, attention_head_dim=8,
+            sample_size=16 if tiny else 64, in_channels=4, out_channels=4,
+            layers_per_block=1 if tiny else 2, block_out_channels=unet_width,
+            down_block_types=("CrossAttnDownBlock2D",) * (n_down - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_down - 1),
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
         ).to(dtype)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1 if tiny else 2,
+            sample_size=32 if tiny else 512, block_out_channels=vae_width,
+            down_block_types=("DownEncoderBlock2D",) * len(vae_width),
+            up_block_types=("UpDecoderBlock2D",) * len(vae_width), scaling_factor=0.18215,
+            norm_num_groups=32,
         ).to(dtype)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
@@ -82,11 +88,11 @@ def random_ipadapter_state(unet) -> dict:
     return {"image_proj": proj, "ip_adapter": ip}
 
 
-def build_generator(device: str):
+def build_generator(device: str, tiny: bool = False):
     from brainrecon.generate import IPAdapterGenerator
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = sd15_pipeline(device, dtype)
+    pipe = sd15_pipeline(device, dtype, tiny=tiny)
     state = random_ipadapter_state(pipe.unet)
     n_unet = sum(p.numel() for p in pipe.unet.parameters())
     n_ip = sum(v.numel() for v in state["ip_adapter"].values())
