@@ -366,12 +366,29 @@ def test_clip_loads_from_weights_dir_and_hub_cache(tmp_path, monkeypatch):
     torch.testing.assert_close(got, expected)
     assert net.cache_key is not None
 
-    snap = tmp_path / "hf" / "hub" / "models--openai--clip-vit-large-patch14" / "snapshots" / "0123abc"
+    repo = tmp_path / "hf" / "hub" / "models--openai--clip-vit-large-patch14"
+    snap = repo / "snapshots" / "0123abc"
     _save_tiny_clip(snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abc")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     assert W.find_weights(W.WEIGHT_FILES["clip"]) == snap
     torch.testing.assert_close(build_network("clip")(x)["CLIP"], expected)
+
+
+def test_hub_cache_lookup_follows_refs_main(tmp_path, monkeypatch):
+    """As the hub resolves it: the snapshot refs/main names, not the alphabetically first one."""
+    repo = tmp_path / "hf" / "hub" / "models--openai--clip-vit-large-patch14"
+    old, new = repo / "snapshots" / "000old", repo / "snapshots" / "fffnew"
+    _save_tiny_clip(old)
+    _save_tiny_clip(new)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert W.find_weights(W.WEIGHT_FILES["clip"]) is None  # no refs/main: nothing is guessed
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("fffnew\n")
+    assert W.find_weights(W.WEIGHT_FILES["clip"]) == new
 
 
 # ---------------------------------------------------------------------------- cache

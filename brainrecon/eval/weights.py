@@ -154,16 +154,18 @@ def search_places(wf: WeightFile, weights_dir=None) -> list[Path]:
     return [d / wf.filename for d in _user_dirs(weights_dir)] + [_torch_hub_checkpoints() / wf.filename]
 
 
-def _hf_snapshot_with_weights(repo_dir: Path) -> Path | None:
-    """A snapshot folder of a hub-cache repo that has config.json and a weights file."""
-    snapshots = repo_dir / "snapshots"
-    if not snapshots.is_dir():
+def _hf_snapshot_with_weights(repo_dir: Path, revision: str = "main") -> Path | None:
+    """The snapshot of a hub-cache repo that ``refs/<revision>`` points at, as the hub resolves
+    it, when it has config.json and a weights file; None otherwise (an unpinned snapshot left by
+    another revision is never picked instead)."""
+    ref = repo_dir / "refs" / revision
+    if not ref.is_file():
         return None
-    for snap in sorted(snapshots.iterdir()):
-        if (snap / "config.json").is_file() and any(
-            (snap / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")
-        ):
-            return snap
+    snap = repo_dir / "snapshots" / ref.read_text(encoding="utf-8").strip()
+    if (snap / "config.json").is_file() and any(
+        (snap / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")
+    ):
+        return snap
     return None
 
 
