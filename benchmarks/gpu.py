@@ -80,12 +80,11 @@ def section_ridge(device: str, smoke: bool) -> dict:
 
 
 def section_eval(device: str, smoke: bool) -> dict:
+    import eval as eb
     import numpy as np
+    import torch
 
     from brainrecon.eval import evaluate
-    import eval as eb
-
-    import torch
 
     n, size = (8, 32) if smoke else (982, 512)
     nets = {} if smoke else eb.random_networks(torch.device(device))
@@ -111,9 +110,8 @@ def section_eval(device: str, smoke: bool) -> dict:
 
 
 def section_generate(device: str, smoke: bool) -> dict:
-    import numpy as np
-
     import generate as gb
+    import numpy as np
 
     gen, sizes = gb.build_generator(device, tiny=smoke)
     steps = 3 if smoke else 50

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from brainrecon.progress import bar_disabled
 from brainrecon.errors import BrainreconError
+from brainrecon.progress import bar_disabled
 
 __all__ = ["EXTRA_REPOS", "FetchItem", "download", "fetch_all", "import_from", "plan", "print_urls"]
 

@@ -118,6 +118,27 @@ def load_array(path: str | os.PathLike, *, fix: str, mmap: bool = False,
     return arr
 
 
+def load_npz(path: str | os.PathLike, *, fix: str, required: Iterable[str] = ()) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, read eagerly; a damaged file or a missing array is a
+    :class:`BrainreconError` naming the file and ``fix``."""
+    import zipfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise BrainreconError(f"{path} is a directory where an .npz file should be; {fix}.")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise BrainreconError(f"{path} is missing; {fix}.") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise BrainreconError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise BrainreconError(f"{path} is missing array(s) {missing}; {fix}.")
+    return arrays
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name; move it to ``path`` when the block succeeds.

@@ -45,16 +45,6 @@ class Recipe:
         merged.update(params)
         return merged
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "decoder": self.decoder,
-            "summary": self.summary,
-            "source": self.source,
-            "values": {k: _copy(v) for k, v in self.values.items()},
-            "notes": dict(self.notes),
-        }
-
 
 def _copy(value: Any) -> Any:
     if isinstance(value, dict):
@@ -95,9 +85,10 @@ def get_recipe(decoder: str, name: str) -> Recipe:
 
 
 def apply_recipe(decoder: str, name: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` with recipe ``name`` applied underneath, plus ``recipe=name`` recorded.
+    """``params`` with recipe ``name`` applied underneath (explicit ``params`` win).
 
-    With ``name=None`` the params are returned unchanged (a copy).
+    With ``name=None`` the params are returned unchanged (a copy). Recording the recipe's
+    name in the run is the caller's job (:func:`brainrecon.workflows.fit` does it).
     """
     if name is None:
         return dict(params)

@@ -29,11 +29,17 @@ import numpy as np
 
 from brainrecon import __version__
 from brainrecon.errors import BrainreconError
-from brainrecon.io import (atomic_directory, jsonable, load_array, read_json, write_array_atomic,
-                           write_json_atomic)
+from brainrecon.io import (
+    atomic_directory,
+    jsonable,
+    load_array,
+    read_json,
+    write_array_atomic,
+    write_json_atomic,
+)
 
 RUN_FILE = "run.json"
-#: Fields every run.json has (written by :func:`write_run`).
+#: Fields a run.json must have for the run to be opened (write_run writes many more).
 RUN_FIELDS = ("decoder", "subject")
 _REFIT = "the run is damaged: fit it again (`brainrecon fit ... --overwrite`)"
 _REEVAL = "re-run `brainrecon evaluate RUN` to write it again"

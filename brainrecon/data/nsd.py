@@ -85,9 +85,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError
 from brainrecon.io import read_json, replace_directory, write_array_atomic, write_json_atomic
+from brainrecon.progress import bar_disabled
 
 #: Number of NSD scan sessions per subject (NSD Data Manual, Technical notes).
 NSD_SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}

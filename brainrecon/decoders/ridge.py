@@ -32,7 +32,6 @@ import contextlib
 import importlib
 import math
 import warnings
-import zipfile
 from numbers import Integral
 from pathlib import Path
 from typing import Any, Callable
@@ -41,8 +40,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
-from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError, NotFittedError
+from brainrecon.io import load_npz
+from brainrecon.progress import bar_disabled
 
 try:  # scikit-learn >= 1.6
     from sklearn.utils.validation import validate_data as _validate_data
@@ -1052,27 +1052,19 @@ class RidgeDecoder(Decoder):
         if not path.is_file():
             raise DataError(f"{path} is missing: the saved ridge decoder is incomplete; refit it.")
         fix = "the saved ridge decoder is damaged: refit it"
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
-        required = ("coef", "intercept", "x_mean", "x_scale", "alphas", "alpha_grid",
-                    "cv_scores", "y_mean", "y_std")
-        missing = [k for k in required if k not in arrays]
-        if missing:
-            raise DataError(f"{path} is missing array(s) {missing}; {fix}.")
+        arrays = load_npz(path, fix=fix, required=(
+            "coef", "intercept", "x_mean", "x_scale", "alphas", "alpha_grid", "cv_scores",
+            "y_mean", "y_std"))
         self.target_shape_ = tuple(int(d) for d in state["target_shape"])
         n_vox = int(next(iter(self.n_voxels_.values())))
         n_out = int(np.prod(self.target_shape_))
         expected = {"coef": (n_vox, n_out), "intercept": (n_out,), "x_mean": (n_vox,),
                     "x_scale": (n_vox,)}
         for key, shape in expected.items():
-            arr = arrays.get(key)
-            if arr is None or arr.shape != shape or arr.dtype.kind != "f":
-                found = "absent" if arr is None else f"{arr.dtype} {arr.shape}"
+            arr = arrays[key]
+            if arr.shape != shape or arr.dtype.kind != "f":
                 raise DataError(
-                    f"{path}: array {key!r} is {found}, expected floating point of shape {shape} "
+                    f"{path}: array {key!r} is {arr.dtype} {arr.shape}, expected floating point of shape {shape} "
                     f"({n_vox} voxels, {n_out} target values in brainrecon.json); {fix}."
                 )
         self.coef_ = arrays["coef"]

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from brainrecon.progress import bar_disabled
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.eval import metrics as M
 from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_network, wrap_extractor
+from brainrecon.progress import bar_disabled
 
 __all__ = [
     "DISTANCE_METRICS",

@@ -33,10 +33,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from brainrecon.progress import bar_disabled
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.io import jsonable
+from brainrecon.progress import bar_disabled
 from brainrecon.targets.ipadapter import (
     DEFAULT_REPO_ID,
     IPAdapterWeights,

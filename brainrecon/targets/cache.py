@@ -23,9 +23,9 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from brainrecon.progress import bar_disabled
 from brainrecon.errors import DataError
 from brainrecon.io import read_json, replace_directory, write_json_atomic
+from brainrecon.progress import bar_disabled
 
 CACHE_ENV = "BRAINRECON_CACHE"
 

@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from brainrecon.progress import bar_disabled
-from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.devices import resolve_device as _resolve_torch_device
+from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.hub import downloads_allowed, hf_hub_cache
 from brainrecon.io import atomic_path
+from brainrecon.progress import bar_disabled
 from brainrecon.targets import TargetSpace
 from brainrecon.targets.cache import IdKeyedCache, default_cache_root
 

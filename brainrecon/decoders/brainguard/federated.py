@@ -33,7 +33,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from brainrecon.progress import bar_disabled
 from brainrecon.decoders.brainguard.model import (
     BrainGuardNet,
     brainguard_loss,
@@ -44,6 +43,7 @@ from brainrecon.decoders.brainguard.model import (
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import read_json, write_json_atomic
+from brainrecon.progress import bar_disabled
 
 EMA_MODES = ("none", "standard", "inverted")
 CHECKPOINT_FORMAT = 1
