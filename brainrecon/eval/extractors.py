@@ -15,7 +15,6 @@ features. Tests replace these networks with tiny random ones through the
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from brainrecon.errors import WeightsNotFoundError
-from brainrecon.eval.weights import WEIGHT_FILES, WeightFile, resolve_weights
+from brainrecon.eval.weights import OPENAI_CLIP_FILENAME, WEIGHT_FILES, WeightFile, file_digest, resolve_weights
 
 __all__ = [
     "NETWORK_METRICS",
@@ -264,6 +263,92 @@ def _load_clip(where, local_only: bool) -> nn.Module:
     return model.eval()
 
 
+
+
+def _read_openai_clip_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of OpenAI's CLIP file: a TorchScript archive as ``clip.load`` fetches it
+    (read with ``torch.jit.load``, which restores tensors and TorchScript code but runs none),
+    or a plain state dict (read with ``weights_only=True``)."""
+    try:
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    except RuntimeError:
+        pass
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of many kinds
+        raise WeightsNotFoundError(
+            f"{path} is neither a TorchScript CLIP archive nor a plain state dict ({exc}). "
+            f"Use OpenAI's {OPENAI_CLIP_FILENAME} as `clip.load('ViT-L/14')` downloads it."
+        ) from exc
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise WeightsNotFoundError(f"{path} does not hold a CLIP state dict.")
+    return obj
+
+
+def _openai_clip_to_hf(state: Mapping[str, torch.Tensor], path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Map OpenAI CLIP's image tower onto ``CLIPVisionModelWithProjection``: its config (every
+    size read from the tensors; heads = width / 64 and QuickGELU, as OpenAI's ``build_model``)
+    and its state dict. The text tower is not needed for the metric and is left out."""
+    v = {k[len("visual."):]: t for k, t in state.items() if k.startswith("visual.")}
+    need = ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "ln_post.weight", "proj")
+    missing = [k for k in need if k not in v]
+    if missing:
+        raise WeightsNotFoundError(
+            f"{path} has no OpenAI CLIP image tower (missing visual.{missing[0]}); "
+            f"use OpenAI's {OPENAI_CLIP_FILENAME} or the Hugging Face folder."
+        )
+    width, _, patch, _ = v["conv1.weight"].shape
+    n_pos = v["positional_embedding"].shape[0]
+    grid = int(round((n_pos - 1) ** 0.5))
+    if grid * grid + 1 != n_pos:
+        raise WeightsNotFoundError(f"{path}: visual.positional_embedding has {n_pos} rows, not a square grid + 1.")
+    layers = 1 + max(int(k.split(".")[2]) for k in v if k.startswith("transformer.resblocks."))
+    config = dict(
+        hidden_size=int(width), intermediate_size=int(v["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        num_hidden_layers=layers, num_attention_heads=int(width) // 64 or 1, image_size=int(patch * grid),
+        patch_size=int(patch), projection_dim=int(v["proj"].shape[1]), hidden_act="quick_gelu", layer_norm_eps=1e-5,
+    )
+    f32 = {k: t.to(torch.float32) for k, t in v.items()}  # OpenAI stores fp16
+    out = {
+        "vision_model.embeddings.class_embedding": f32["class_embedding"],
+        "vision_model.embeddings.patch_embedding.weight": f32["conv1.weight"],
+        "vision_model.embeddings.position_embedding.weight": f32["positional_embedding"],
+        "vision_model.pre_layrnorm.weight": f32["ln_pre.weight"],
+        "vision_model.pre_layrnorm.bias": f32["ln_pre.bias"],
+        "vision_model.post_layernorm.weight": f32["ln_post.weight"],
+        "vision_model.post_layernorm.bias": f32["ln_post.bias"],
+        "visual_projection.weight": f32["proj"].T.contiguous(),
+    }
+    pairs = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+             "attn.out_proj": "self_attn.out_proj"}
+    for i in range(layers):
+        src, dst = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+        for a, b in pairs.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = f32[f"{src}{a}.{p}"]
+        for p in ("weight", "bias"):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), f32[f"{src}attn.in_proj_{p}"].chunk(3, dim=0)):
+                out[f"{dst}self_attn.{name}.{p}"] = part.contiguous()
+    return config, out
+
+
+def _load_openai_clip(path: Path) -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config, state = _openai_clip_to_hf(_read_openai_clip_state(path), path)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise WeightsNotFoundError(
+            f"{path} does not map exactly onto CLIP's image tower (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); use OpenAI's {OPENAI_CLIP_FILENAME}."
+        )
+    return model.eval()
+
+
 def _random_clip(config: dict | None = None) -> nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -271,10 +356,19 @@ def _random_clip(config: dict | None = None) -> nn.Module:
 
 
 def _clip_cache_key(path) -> str:
+    """Identity of a CLIP folder's weights: content hashes of its config and of the weight
+    file ``from_pretrained`` loads (safetensors first, as transformers does)."""
     path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
     weights = next(p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.exists())
-    return f"clip:{path.name}:{weights.stat().st_size}:{cfg.get('projection_dim')}"
+    return f"clip:config-sha256:{file_digest(path / 'config.json')}:{weights.name}-sha256:{file_digest(weights)}"
+
+
+def _file_cache_key(path, filename: str) -> str:
+    """Identity of a single weight file: its name, its content hash and torchvision's version
+    (the architecture that reads it)."""
+    import torchvision
+
+    return f"{filename}:sha256:{file_digest(path)}:torchvision-{torchvision.__version__}"
 
 
 def build_network(
@@ -320,8 +414,10 @@ def build_network(
             module = _ClipImageEmbeds(module)
         return FeatureNetwork(name, metrics, module, None, "random initialisation")
     where = resolve_weights(wf, weights_dir, allow_download)
-    import torchvision
-
+    if name == "clip" and isinstance(where, Path) and where.is_file():
+        model = _load_openai_clip(where)
+        key = f"clip-openai:{where.name}-sha256:{file_digest(where)}"
+        return FeatureNetwork(name, metrics, _ClipImageEmbeds(model), key, f"{where} (OpenAI TorchScript, as fp32)")
     if name == "clip":
         local = not isinstance(where, str)
         try:
@@ -339,5 +435,4 @@ def build_network(
         key = _clip_cache_key(where) if not isinstance(where, str) else None
         return FeatureNetwork(name, metrics, _ClipImageEmbeds(model), key, str(where))
     module = _build_torchvision(name, variant, Path(where))
-    key = f"{wf.filename}:{Path(where).stat().st_size}:torchvision-{torchvision.__version__}"
-    return FeatureNetwork(name, metrics, module, key, str(where))
+    return FeatureNetwork(name, metrics, module, _file_cache_key(where, wf.filename), str(where))

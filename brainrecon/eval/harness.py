@@ -45,6 +45,7 @@ from PIL import Image
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
 from brainrecon.eval import metrics as M
+from brainrecon.eval import stats
 from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_network, wrap_extractor
 from brainrecon.progress import bar_disabled
 
@@ -107,6 +108,16 @@ class EvalReport(Mapping):
         Library versions the numbers depend on.
     timings : dict of str to float
         Seconds per stage.
+    per_image : dict of str to ndarray
+        Metric -> score of each test image (its mean is the metric); empty for a report
+        read back from ``metrics.json`` alone (:meth:`load` reads the CSV beside it).
+    ids : ndarray or None
+        Test image id of each per-image row (ground-truth order).
+    intervals : dict of str to (float, float)
+        Metric -> 95 % percentile bootstrap interval over images (see
+        :mod:`brainrecon.eval.stats`; settings in :attr:`bootstrap`).
+    bootstrap : dict
+        ``method``, ``n_resamples``, ``confidence``, ``seed``, ``two_way_note``.
     """
 
     directions = {m: ("higher" if HIGHER_IS_BETTER[m] else "lower") for m in METRICS}
@@ -122,6 +133,10 @@ class EvalReport(Mapping):
         versions: Mapping[str, str] | None = None,
         timings: Mapping[str, float] | None = None,
         created: str | None = None,
+        per_image: Mapping[str, Any] | None = None,
+        ids=None,
+        intervals: Mapping[str, Any] | None = None,
+        bootstrap: Mapping[str, Any] | None = None,
     ):
         self._scores = {m: float(scores[m]) for m in METRICS if m in scores}
         self.n_images = int(n_images)
@@ -131,6 +146,12 @@ class EvalReport(Mapping):
         self.versions = dict(versions or {})
         self.timings = dict(timings or {})
         self.created = created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.per_image = {m: np.asarray(v, dtype=np.float64) for m, v in (per_image or {}).items()}
+        self.ids = None if ids is None else np.asarray(ids, dtype=np.int64)
+        self.intervals = {m: (float("nan") if v[0] is None else float(v[0]),
+                              float("nan") if v[1] is None else float(v[1]))
+                          for m, v in (intervals or {}).items()}
+        self.bootstrap = dict(bootstrap or {})
 
     def __getitem__(self, metric: str) -> float:
         if metric in self._scores:
@@ -164,6 +185,9 @@ class EvalReport(Mapping):
             "versions": self.versions,
             "timings_s": self.timings,
             "created": self.created,
+            "intervals": {m: [None if math.isnan(x) else x for x in v] for m, v in self.intervals.items()},
+            "bootstrap": self.bootstrap,
+            "per_image_file": PER_IMAGE_FILE if self.per_image else None,
         }
 
     def to_json(self, indent: int = 2) -> str:
@@ -196,13 +220,96 @@ class EvalReport(Mapping):
             versions=data.get("versions"),
             timings=data.get("timings_s"),
             created=data.get("created"),
+            intervals=data.get("intervals"),
+            bootstrap=data.get("bootstrap"),
         )
 
+    @classmethod
+    def load(cls, path) -> "EvalReport":
+        """Read ``metrics.json`` and, when present, the per-image scores written beside it.
+
+        Raises
+        ------
+        DataError
+            If either file is not what :meth:`save` writes.
+        """
+        from brainrecon.io import read_json
+
+        path = Path(path)
+        report = cls.from_json(read_json(path, fix="recompute it with `brainrecon evaluate RUN`"))
+        csv_path = path.with_name(PER_IMAGE_FILE)
+        if csv_path.is_file():
+            report.ids, report.per_image = read_per_image(csv_path)
+        return report
+
     def save(self, path) -> Path:
-        """Write :meth:`to_json` to ``path`` atomically."""
+        """Write :meth:`to_json` to ``path`` atomically, and the per-image scores beside it
+        (``per_image.csv``: one row per test image id, one column per metric)."""
         from brainrecon.io import write_json_atomic
 
+        path = Path(path)
+        if self.per_image:
+            write_per_image(path.with_name(PER_IMAGE_FILE), self.per_image, self.ids)
         return write_json_atomic(path, self.to_dict())
+
+
+PER_IMAGE_FILE = "per_image.csv"
+
+
+def write_per_image(path, per_image: Mapping[str, Any], ids=None) -> Path:
+    """Write per-image scores as CSV (``image_id`` then one column per metric; exact floats).
+
+    ``pandas.read_csv(path, index_col="image_id")`` reads it directly.
+    """
+    import csv
+    import io as _io
+
+    from brainrecon.io import atomic_path
+
+    metrics = [m for m in METRICS if m in per_image]
+    n = len(next(iter(per_image.values())))
+    ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
+    if len(ids) != n or any(len(per_image[m]) != n for m in metrics):
+        raise ValueError("per-image scores and ids must have one entry per test image")
+    buf = _io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", *metrics])
+    cols = [np.asarray(per_image[m], dtype=np.float64) for m in metrics]
+    for i in range(n):
+        w.writerow([int(ids[i]), *(repr(float(c[i])) if not math.isnan(c[i]) else "" for c in cols)])
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+    return Path(path)
+
+
+def read_per_image(path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Read :func:`write_per_image`'s CSV: ``(ids, {metric: scores})``.
+
+    Raises
+    ------
+    DataError
+        Naming the file and what is wrong with it.
+    """
+    import csv
+
+    path = Path(path)
+    fix = f"delete {path} and recompute it with `brainrecon evaluate RUN`"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read per-image scores {path}: {exc}; {fix}.") from exc
+    if not rows or not rows[0] or rows[0][0] != "image_id" or any(m not in METRICS for m in rows[0][1:]):
+        raise DataError(f"{path} is not a brainrecon per-image score file (bad header); {fix}.")
+    head = rows[0]
+    body = [r for r in rows[1:] if r]
+    try:
+        ids = np.array([int(r[0]) for r in body], dtype=np.int64)
+        cols = {m: np.array([float(r[j]) if r[j] != "" else np.nan for r in body], dtype=np.float64)
+                for j, m in enumerate(head) if j > 0}
+    except (ValueError, IndexError) as exc:
+        raise DataError(f"{path} has a malformed row ({exc}); {fix}.") from exc
+    return ids, cols
 
 
 def _format_score(metric: str, value: float) -> str:
@@ -546,6 +653,9 @@ def evaluate(
     ssim_mode: str | None = None,
     blend=None,
     allow_download: bool | None = None,
+    n_resamples: int = stats.DEFAULT_RESAMPLES,
+    confidence: float = stats.DEFAULT_CONFIDENCE,
+    seed: int = stats.DEFAULT_SEED,
 ) -> EvalReport:
     """Score reconstructions against ground truth with the eight NSD metrics.
 
@@ -586,6 +696,8 @@ def evaluate(
     allow_download : bool, optional
         Whether missing weights may be downloaded (default: yes, unless offline
         variables are set or under pytest).
+    n_resamples, confidence, seed
+        The bootstrap of each metric's interval over images (recorded in the report).
 
     Returns
     -------
@@ -719,25 +831,34 @@ def evaluate(
                 rec_feats[m].append(f)
             t0 = tick(f"network {net.name}", t0)
 
-    scores: dict[str, float] = {}
+    per_image: dict[str, np.ndarray] = {}
     if "PixCorr" in wanted:
-        scores["PixCorr"] = float(np.mean(np.concatenate(pix_scores)))
+        per_image["PixCorr"] = np.concatenate(pix_scores)
     if "SSIM" in wanted:
-        scores["SSIM"] = float(np.mean(np.concatenate(ssim_scores)))
+        per_image["SSIM"] = np.concatenate(ssim_scores)
     t0 = time.perf_counter()
     for net in nets:
         if net.name not in cached_nets:
             for m in net.metrics:
-                gt_feats[m] = torch.cat(gt_feats[m])
+                gt_feats[m] = _cat_release(gt_feats[m])
             if net.name in cache_files:
                 _save_cached(cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
         for m in net.metrics:
-            fr = torch.cat(rec_feats[m])
+            fr = _cat_release(rec_feats.pop(m))
             if m in TWO_WAY_METRICS:
-                scores[m] = M.two_way_identification(gt_feats[m], fr)
+                per_image[m] = M.two_way_per_reconstruction(gt_feats[m], fr)
             else:
-                scores[m] = M.correlation_distance(gt_feats[m], fr)
+                per_image[m] = M.correlation_distance_per_pair(gt_feats[m], fr)
+            del fr
+            gt_feats.pop(m)
     tick("scores", t0)
+    scores = {m: float(np.mean(v)) for m, v in per_image.items()}
+    t0 = time.perf_counter()
+    intervals = {
+        m: stats.bootstrap_interval(v, n_resamples=n_resamples, confidence=confidence, seed=seed)
+        for m, v in per_image.items()
+    }
+    tick("bootstrap intervals", t0)
     timings["total"] = time.perf_counter() - t_start
 
     settings = {
@@ -752,10 +873,32 @@ def evaluate(
         "rec_size": list(rec_src.size),
         "device": str(dev),
     }
+    bootstrap = {
+        "method": stats.BOOTSTRAP_METHOD, "n_resamples": int(n_resamples), "confidence": float(confidence),
+        "seed": int(seed), "two_way_note": stats.TWO_WAY_APPROXIMATION,
+    }
     return EvalReport(
         scores, n_images=n, variant=variant, unavailable=unavailable, settings=settings,
         versions=_versions(), timings={k: round(v, 4) for k, v in timings.items()},
+        per_image=per_image, ids=gt_ids if gt_ids is not None else np.arange(n), intervals=intervals,
+        bootstrap=bootstrap,
     )
+
+
+def _cat_release(chunks: list) -> torch.Tensor:
+    """Concatenate feature batches into one preallocated tensor, freeing each batch as it is
+    copied (peak: the result plus one batch, not twice the features)."""
+    if isinstance(chunks, torch.Tensor):
+        return chunks
+    total = sum(c.shape[0] for c in chunks)
+    out = torch.empty((total, *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=chunks[0].device)
+    pos = 0
+    while chunks:
+        c = chunks.pop(0)
+        out[pos : pos + c.shape[0]] = c
+        pos += c.shape[0]
+        del c
+    return out
 
 
 def _ids_hash(ids) -> str:
@@ -780,6 +923,10 @@ def evaluate_run(
     write: bool = True,
     data_source=None,
     grid_rows: int = 8,
+    ssim_mode: str | None = None,
+    blend=None,
+    n_resamples: int = stats.DEFAULT_RESAMPLES,
+    seed: int = stats.DEFAULT_SEED,
 ) -> EvalReport:
     """(Re)compute a run's ``metrics.json`` and ``grid.png`` from its saved reconstructions.
 
@@ -787,10 +934,16 @@ def evaluate_run(
     ----------
     run : brainrecon.runs.Run or path-like
         A run directory written by ``brainrecon fit``.
-    variant, metrics, device, weights_dir, extractors, strict, batch_size, cache_dir, progress
+    variant, metrics, device, weights_dir, extractors, strict, batch_size, cache_dir, progress, ssim_mode
         As in :func:`evaluate`.
+    blend : run, path-like or array, optional
+        MindEye2's enhanced evaluation: the images blended into the reconstructions, as
+        another run (matched by test id), a ``.npy`` file or an array in this run's test
+        order.
+    n_resamples, seed
+        Bootstrap of the intervals.
     write : bool
-        Write ``metrics.json`` (atomically) and ``grid.png`` into the run.
+        Write ``metrics.json``, ``per_image.csv`` (atomically) and ``grid.png`` into the run.
     data_source : path-like, optional
         Where the run's dataset is now, if it moved since the fit.
     grid_rows : int
@@ -828,13 +981,17 @@ def evaluate_run(
         )
     index = np.array([pos[int(v)] for v in rec_ids], dtype=np.int64)
     gt = ds.test.images(subject, index=index)
+    blend_images, blend_source = _blend_images(blend, rec_ids)
     report = evaluate(
         gt, recs, metrics=metrics, variant=variant, device=device, gt_ids=rec_ids, rec_ids=rec_ids,
         weights_dir=weights_dir, extractors=extractors, strict=strict, batch_size=batch_size,
-        cache_dir=cache_dir, progress=progress,
+        cache_dir=cache_dir, progress=progress, ssim_mode=ssim_mode, blend=blend_images,
+        n_resamples=n_resamples, seed=seed,
     )
     report.settings["run"] = run.name
     report.settings["subject"] = subject
+    if blend_source is not None:
+        report.settings["blend_source"] = blend_source
     if write:
         from brainrecon.viz import image_grid
 
@@ -842,3 +999,35 @@ def evaluate_run(
         rows = min(grid_rows, len(rec_ids))
         image_grid(gt[:rows], {run.name: np.asarray(recs[:rows])}, path=run.path / "grid.png", max_rows=rows)
     return report
+
+
+def _blend_images(blend, rec_ids: np.ndarray):
+    """The blend images of :func:`evaluate_run` in the run's test order, and where they came from."""
+    from brainrecon.runs import Run
+
+    if blend is None:
+        return None, None
+    if isinstance(blend, Run) or (isinstance(blend, (str, os.PathLike)) and Path(blend).is_dir()):
+        other = blend if isinstance(blend, Run) else Run.open(blend)
+        images = other.reconstructions()
+        if images is None:
+            raise DataError(f"Blend run {other.name!r} ({other.path}) has no reconstructions.npy to blend in.")
+        pos = {int(v): i for i, v in enumerate(np.asarray(other.test_ids(), dtype=np.int64))}
+        missing = [int(v) for v in rec_ids if int(v) not in pos]
+        if missing:
+            raise DataError(
+                f"Blend run {other.name!r} has no reconstruction of test id {missing[0]} "
+                f"({len(missing)} ids missing); blend a run of the same test images."
+            )
+        return np.asarray(images)[np.array([pos[int(v)] for v in rec_ids])], f"run {other.path}"
+    if isinstance(blend, (str, os.PathLike)):
+        from brainrecon.io import load_array
+
+        arr = load_array(blend, fix="pass a .npy of images (n, H, W, 3) in the run's test order, or a run directory")
+        source = str(blend)
+    else:
+        arr, source = np.asarray(blend), "array"
+    if len(arr) != len(rec_ids):
+        raise DataError(f"blend has {len(arr)} images for the run's {len(rec_ids)} test images.")
+    return arr, source
+

@@ -35,9 +35,11 @@ from brainrecon.hub import hf_hub_cache as _hf_hub_cache
 __all__ = [
     "CLIP_LOCAL_DIRNAME",
     "CLIP_REPO_ID",
+    "OPENAI_CLIP_FILENAME",
     "WEIGHT_FILES",
     "WeightFile",
     "downloads_allowed",
+    "file_digest",
     "find_weights",
     "resolve_weights",
     "search_places",
@@ -46,6 +48,9 @@ __all__ = [
 
 CLIP_REPO_ID = "openai/clip-vit-large-patch14"
 CLIP_LOCAL_DIRNAME = "clip-vit-large-patch14"
+# OpenAI's own CLIP file, as `clip.load("ViT-L/14")` keeps it in ~/.cache/clip (every reference
+# evaluation used it); accepted for the CLIP metric beside the Hugging Face folder.
+OPENAI_CLIP_FILENAME = "ViT-L-14.pt"
 _TORCHVISION_BASE = "https://download.pytorch.org/models/"
 _DOWNLOAD_TIMEOUT_S = 30
 
@@ -118,6 +123,10 @@ WEIGHT_FILES: dict[str, WeightFile] = {
 }
 
 
+def _openai_clip_cache() -> Path:
+    return Path("~/.cache/clip").expanduser()
+
+
 def _torch_hub_checkpoints() -> Path:
     import torch
 
@@ -148,8 +157,11 @@ def search_places(wf: WeightFile, weights_dir=None) -> list[Path]:
         ``models--openai--clip-vit-large-patch14``).
     """
     if wf.source == "huggingface":
-        places = [d / CLIP_LOCAL_DIRNAME for d in _user_dirs(weights_dir)]
+        places = []
+        for d in _user_dirs(weights_dir):
+            places += [d / CLIP_LOCAL_DIRNAME, d / OPENAI_CLIP_FILENAME]
         places.append(_hf_hub_cache() / ("models--" + CLIP_REPO_ID.replace("/", "--")))
+        places.append(_openai_clip_cache() / OPENAI_CLIP_FILENAME)
         return places
     return [d / wf.filename for d in _user_dirs(weights_dir)] + [_torch_hub_checkpoints() / wf.filename]
 
@@ -185,7 +197,10 @@ def find_weights(wf: WeightFile, weights_dir=None) -> Path | None:
     """
     for place in search_places(wf, weights_dir):
         if wf.source == "huggingface":
-            if place.name.startswith("models--"):
+            if place.name == OPENAI_CLIP_FILENAME:
+                if place.is_file():
+                    return place
+            elif place.name.startswith("models--"):
                 snap = _hf_snapshot_with_weights(place)
                 if snap is not None:
                     return snap
@@ -198,28 +213,68 @@ def find_weights(wf: WeightFile, weights_dir=None) -> Path | None:
     return None
 
 
-_verified: dict[tuple[str, int, int], bool] = {}
+_digests: dict[tuple[str, int, int, int], str] = {}
+_DIGEST_INDEX = "digests.json"
+
+
+def _digest_index_path() -> Path:
+    if os.environ.get("BRAINRECON_CACHE"):
+        return Path(os.environ["BRAINRECON_CACHE"]).expanduser() / "eval" / _DIGEST_INDEX
+    return Path("~/.cache/brainrecon/eval").expanduser() / _DIGEST_INDEX
+
+
+def _read_digest_index() -> dict:
+    import json
+
+    try:
+        data = json.loads(_digest_index_path().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent or damaged: digests are recomputed, never trusted
+    return data if isinstance(data, dict) else {}
+
+
+def file_digest(path) -> str:
+    """SHA-256 (hex) of a weight file's content.
+
+    Memoised per file identity (resolved path, size, modification time, inode) in this
+    process and in ``digests.json`` of the evaluation cache, so a 1.7 GB CLIP file is read
+    once, not at every evaluation; any change to the file changes its identity.
+    """
+    path = Path(path).resolve()
+    st = path.stat()
+    ident = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if ident in _digests:
+        return _digests[ident]
+    key = "|".join(map(str, ident))
+    index = _read_digest_index()
+    digest = index.get(key)
+    if not (isinstance(digest, str) and len(digest) == 64):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        index[key] = digest
+        try:
+            from brainrecon.io import write_json_atomic
+
+            write_json_atomic(_digest_index_path(), index)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    _digests[ident] = digest
+    return digest
 
 
 def _check_hash(wf: WeightFile, path: Path) -> None:
     """Compare a local file with the SHA-256 prefix in its name (torch hub's convention)."""
     if wf.sha256_prefix is None:
         return
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key in _verified:
-        return
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_digest(path)
     if not digest.startswith(wf.sha256_prefix):
         raise WeightsNotFoundError(
             f"{path} does not match the expected weights: its SHA-256 starts with {digest[:8]}, "
             f"expected {wf.sha256_prefix}. Download it again from {wf.url}."
         )
-    _verified[key] = True
 
 
 def _missing_message(wf: WeightFile, weights_dir, reason: str) -> str:
@@ -227,7 +282,8 @@ def _missing_message(wf: WeightFile, weights_dir, reason: str) -> str:
     if wf.source == "huggingface":
         how = (
             f"download the Hugging Face repo {CLIP_REPO_ID} ({wf.url}; config.json and model.safetensors) "
-            f"into <weights-dir>/{CLIP_LOCAL_DIRNAME}/ or the Hugging Face cache"
+            f"into <weights-dir>/{CLIP_LOCAL_DIRNAME}/ or the Hugging Face cache (OpenAI's {OPENAI_CLIP_FILENAME} "
+            f"in <weights-dir>/ or ~/.cache/clip/ works too)"
         )
         name = f"{CLIP_REPO_ID} ({wf.filename})"
     else:
