@@ -4,10 +4,14 @@ Modules: :mod:`.encoder` (fMRI ViT autoencoder), :mod:`.semantic` (high-level gu
 network), :mod:`.control` (feature transformation inside a ControlNet), :mod:`.model`
 (frozen SD components, assembly, parameter counts), :mod:`.train` (the stage training
 loop, ``accelerate``), :mod:`.sample` (DDIM with guidance on the semantics only),
-:mod:`.decoder` (:class:`NeuroPictorDecoder`). See ``spec/neuropictor.md``.
+:mod:`.decoder` (:class:`NeuroPictorDecoder`), :mod:`.official` (the released files).
 """
 
 from brainrecon.decoders.neuropictor.decoder import NeuroPictorDecoder
-from brainrecon.decoders.neuropictor.model import component_parameter_counts, describe_text
+from brainrecon.decoders.neuropictor.model import (
+    component_parameter_counts,
+    describe_text,
+)
+from brainrecon.decoders.neuropictor.official import load_official_encoder
 
-__all__ = ["NeuroPictorDecoder", "component_parameter_counts", "describe_text"]
+__all__ = ["NeuroPictorDecoder", "component_parameter_counts", "describe_text", "load_official_encoder"]

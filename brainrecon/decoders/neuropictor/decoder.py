@@ -11,8 +11,12 @@ import numpy as np
 import torch
 
 from brainrecon.decoders.base import Decoder
-from brainrecon.decoders.neuropictor import control, model, sample
+from brainrecon.decoders.neuropictor import control, model, official, sample
 from brainrecon.decoders.neuropictor import train as train_module
+from brainrecon.decoders.neuropictor.encoder import (
+    LAYER_NORM_EPS,
+    LEGACY_LAYER_NORM_EPS,
+)
 from brainrecon.decoders.neuropictor.weights import (
     empty_init,
     load_safetensors_strict,
@@ -37,6 +41,9 @@ ENCODER_FILE = "fmri_encoder.safetensors"
 HEAD_FILE = "fmri_autoencoder_head.safetensors"
 SEMANTIC_FILE = "semantic.safetensors"
 EMPTY_CONTEXT_FILE = "empty_context.safetensors"
+# Layout of a saved NeuroPictor decoder (``state["layout"]`` in brainrecon.json). 1 (no field):
+# encoder LayerNorm eps 1e-6; 2: eps taken from the ``encoder_eps`` parameter (default 1e-5).
+LAYOUT = 2
 VALIDATION_ROWS = 4
 VALIDATION_STEPS = 20  # DDIM steps of the validation grids, as in the original code
 
@@ -73,6 +80,20 @@ class NeuroPictorDecoder(Decoder):
         for stage ``"cfg"``.
     surface_size, patch_size, encoder_dim, encoder_depth, encoder_heads : int
         fMRI encoder: 256, 16, 1024, 24, 16.
+    encoder_init : str, optional
+        The released UK-Biobank fMRI autoencoder (``checkpoint_120000.pth``, or a file of the
+        same layout) to start the fMRI encoder from, when ``init_from`` is not given (read by
+        :func:`~brainrecon.decoders.neuropictor.load_official_encoder`; its sizes must agree with
+        the size parameters above).
+    encoder_config : str, optional
+        Its ``fMRI_AutoEncoder.yaml``: heads and dropout rate (sizes are checked against the file).
+    encoder_eps : float
+        LayerNorm eps of the encoder (1e-5, the official ``nn.LayerNorm`` default). Decoders
+        saved before this parameter existed load with the 1e-6 they were trained with.
+    encoder_drop, encoder_attn_drop, encoder_drop_path : float, optional
+        Dropout, attention-dropout and stochastic-depth rates of the encoder blocks during
+        training. Default: ``Model.drop_rate`` of ``encoder_config`` for all three (as the
+        official model uses it), else 0; the last two default to ``encoder_drop``.
     bottleneck_dim, decoder_dim, decoder_depth, decoder_heads : int
         Autoencoder bottleneck and decoder (stage ``"encoder"`` only): 2048, 512, 8, 16.
     semantic_hidden : int
@@ -157,6 +178,12 @@ class NeuroPictorDecoder(Decoder):
         encoder_dim: int = 1024,
         encoder_depth: int = 24,
         encoder_heads: int = 16,
+        encoder_init: str | None = None,
+        encoder_config: str | None = None,
+        encoder_eps: float = LAYER_NORM_EPS,
+        encoder_drop: float | None = None,
+        encoder_attn_drop: float | None = None,
+        encoder_drop_path: float | None = None,
         bottleneck_dim: int = 2048,
         decoder_dim: int = 512,
         decoder_depth: int = 8,
@@ -196,6 +223,12 @@ class NeuroPictorDecoder(Decoder):
         self.encoder_dim = encoder_dim
         self.encoder_depth = encoder_depth
         self.encoder_heads = encoder_heads
+        self.encoder_init = encoder_init
+        self.encoder_config = encoder_config
+        self.encoder_eps = encoder_eps
+        self.encoder_drop = encoder_drop
+        self.encoder_attn_drop = encoder_attn_drop
+        self.encoder_drop_path = encoder_drop_path
         self.bottleneck_dim = bottleneck_dim
         self.decoder_dim = decoder_dim
         self.decoder_depth = decoder_depth
@@ -246,6 +279,45 @@ class NeuroPictorDecoder(Decoder):
                     f"{what}_dim {dim} must be a multiple of 4 and of {what}_heads {heads}."
                 )
         return model.Sizes(**{k: int(v) for k, v in values.items()})
+
+    def _encoder_options(self, training: bool) -> dict[str, float]:
+        """LayerNorm eps and (in training) the dropout rates of the fMRI encoder."""
+        eps = float(self.encoder_eps)
+        if not eps > 0:
+            raise BrainreconError(f"encoder_eps must be positive, got {self.encoder_eps!r}.")
+        if not training:  # dropout is inactive in eval mode; the yaml need not exist here
+            return {"eps": eps}
+        drop = self.encoder_drop
+        if drop is None:
+            drop = official.read_encoder_config(self.encoder_config).get("drop_rate", 0.0)
+        rates = {"drop": drop,
+                 "attn_drop": drop if self.encoder_attn_drop is None else self.encoder_attn_drop,
+                 "drop_path": drop if self.encoder_drop_path is None else self.encoder_drop_path}
+        for name, rate in rates.items():
+            if not 0.0 <= float(rate) < 1.0:
+                raise BrainreconError(f"The encoder's {name} rate must be in [0, 1), got {rate!r}.")
+        return {"eps": eps, **{k: float(v) for k, v in rates.items()}}
+
+    def _official_encoder(self, sizes: model.Sizes):
+        """The encoder of ``encoder_init`` (with this decoder's eps and rates), checked against the sizes."""
+        obj = official.torch_load_weights_only(self.encoder_init, "fMRI encoder (encoder_init)")
+        state = official.encoder_state_from_file(obj, str(self.encoder_init))
+        spec = official.infer_encoder_spec(state, official.read_encoder_config(self.encoder_config),
+                                           str(self.encoder_init))
+        found = {"surface_size": spec.surface_size, "patch_size": spec.patch_size,
+                 "encoder_dim": spec.dim, "encoder_depth": spec.depth, "encoder_heads": spec.heads}
+        diff = [f"{k}={v}" for k, v in found.items() if getattr(sizes, k) != v]
+        if diff or spec.in_chans != 1:
+            what = ", ".join(f"{k}={getattr(sizes, k)}" for k in found)
+            raise BrainreconError(
+                f"encoder_init={self.encoder_init!r} holds an encoder with "
+                f"{', '.join(f'{k}={v}' for k, v in found.items())}, in_chans={spec.in_chans}"
+                + ("" if self.encoder_config else " (heads: the official 16, no encoder_config given)")
+                + f", but this decoder has {what}. Build the decoder with "
+                + (", ".join(diff) if diff else "the same sizes") + " (single-channel surface maps)."
+            )
+        return official.encoder_from_state(state, self.encoder_config, source=str(self.encoder_init),
+                                           **self._encoder_options(training=True))
 
     def _check_choice(self, name: str, choices: Sequence[str]) -> None:
         value = getattr(self, name)
@@ -335,13 +407,35 @@ class NeuroPictorDecoder(Decoder):
             return self._build_trainable_seeded(stage, init_cfg, base, sizes, init_stage, init_dir)
 
     def _build_trainable_seeded(self, stage, init_cfg, base, sizes, init_stage, init_dir):
-        encoder = sizes.encoder()
+        options = self._encoder_options(training=True)
+        if self.encoder_init is not None:
+            if init_cfg is not None:
+                raise BrainreconError(
+                    "Give either init_from (a saved brainrecon decoder) or encoder_init (the released "
+                    "fMRI encoder file), not both: init_from already holds an fMRI encoder."
+                )
+            if stage == "encoder":
+                raise BrainreconError(
+                    "encoder_init starts a diffusion stage from the released fMRI encoder; use it "
+                    "with stage 'pretrain' (or 'finetune'), not 'encoder'."
+                )
+            encoder = self._official_encoder(sizes)
+        else:
+            encoder = sizes.encoder(**options)
         if init_cfg is not None:
             self._check_init_sizes(init_cfg, ENCODER_SIZES)
+            saved_eps = _saved_encoder_eps(init_cfg)
+            if saved_eps != float(self.encoder_eps):
+                raise BrainreconError(
+                    f"init_from={self.init_from!r} was trained with encoder LayerNorm eps {saved_eps:g}, "
+                    f"this decoder has encoder_eps={self.encoder_eps!r}. Pass encoder_eps={saved_eps:g} "
+                    f"(CLI: --param encoder_eps={saved_eps:g}) to continue with the value it was trained "
+                    f"with, or refit the earlier stage."
+                )
             load_state_dict_strict(encoder, read_safetensors(init_dir / ENCODER_FILE, "fMRI encoder"),
                                    "fMRI encoder", source=str(init_dir / ENCODER_FILE))
         if stage == "encoder":
-            head = sizes.autoencoder_head()
+            head = sizes.autoencoder_head(**options)
             if init_stage == "encoder":
                 self._check_init_sizes(init_cfg, HEAD_SIZES)
                 load_state_dict_strict(head, read_safetensors(init_dir / HEAD_FILE, "autoencoder head"),
@@ -356,7 +450,7 @@ class NeuroPictorDecoder(Decoder):
                     f"init_from={self.init_from!r} was trained on a base model of another shape "
                     f"({saved}) than base_model={self.base_model!r} ({geometry}); use the same base_model."
                 )
-            net = _load_diffusion_parts(init_dir, sizes, init_cfg["state"], encoder=encoder)
+            net = _load_diffusion_parts(init_dir, sizes, init_cfg["state"], {}, encoder=encoder)
             return net, geometry
         semantic = sizes.semantic(geometry["context_tokens"], geometry["context_dim"])
         transform = sizes.feature_transform(geometry["channels"], geometry["latent_size"])
@@ -441,7 +535,8 @@ class NeuroPictorDecoder(Decoder):
             progress=bool(self.progress),
             identity={"stage": stage, "seed": int(self.seed), "batch_size": int(self.batch_size),
                       "subjects": subjects, "n_samples": len(data),
-                      **{k: getattr(self, k) for k in SIZE_PARAMS}, "image_size": self.image_size},
+                      **{k: getattr(self, k) for k in SIZE_PARAMS}, "image_size": self.image_size,
+                      "encoder_eps": float(self.encoder_eps)},
         )
         validate = self._validation_callback(validation if validation is not None else train,
                                              subjects, geometry, use_aux, empty)
@@ -679,6 +774,7 @@ class NeuroPictorDecoder(Decoder):
             "steps_trained": int(self.steps_trained_),
             "final_loss": float(self.losses_[-1]) if self.losses_ else None,
             "geometry": dict(self.geometry_),
+            "layout": LAYOUT,
         }
         if self.stage_ == "encoder":
             save_safetensors_atomic(net.head.state_dict(), directory / HEAD_FILE)
@@ -697,14 +793,24 @@ class NeuroPictorDecoder(Decoder):
         self.steps_trained_ = int(state.get("steps_trained", 0))
         self.losses_ = [state["final_loss"]] if state.get("final_loss") is not None else []
         self.geometry_ = dict(state.get("geometry", {}))
+        if int(state.get("layout", 1)) < 2:
+            # Saved before the encoder followed the official eps: keep the value it was trained with.
+            self.encoder_eps = LEGACY_LAYER_NORM_EPS
+        elif int(state["layout"]) > LAYOUT:
+            raise BrainreconError(
+                f"{directory} was saved by a newer brainrecon (NeuroPictor layout {state['layout']}, "
+                f"this one reads up to {LAYOUT}); upgrade brainrecon to load it."
+            )
+        options = self._encoder_options(training=False)
         if self.stage_ == "encoder":
-            encoder, head = empty_init(sizes.encoder), empty_init(sizes.autoencoder_head)
+            encoder = empty_init(lambda: sizes.encoder(**options))
+            head = empty_init(lambda: sizes.autoencoder_head(**options))
             load_safetensors_strict(encoder, directory / ENCODER_FILE, "fMRI encoder", assign=True)
             load_safetensors_strict(head, directory / HEAD_FILE, "autoencoder head", assign=True)
             self.net_ = model.FMRIAutoencoder(encoder, head).eval()
             self.empty_context_ = None
             return
-        self.net_ = _load_diffusion_parts(directory, sizes, state).eval()
+        self.net_ = _load_diffusion_parts(directory, sizes, state, options).eval()
         self.empty_context_ = read_safetensors(directory / EMPTY_CONTEXT_FILE, "empty-caption context")["empty_context"]
 
 
@@ -718,12 +824,19 @@ def _num_processes() -> int:
         return 1
 
 
-def _load_diffusion_parts(directory: Path, sizes: model.Sizes, state: dict,
+def _saved_encoder_eps(config: dict) -> float:
+    """The encoder LayerNorm eps a saved decoder was trained with (1e-6 before layout 2)."""
+    if int(config.get("state", {}).get("layout", 1)) < 2:
+        return LEGACY_LAYER_NORM_EPS
+    return float(config.get("params", {}).get("encoder_eps", LAYER_NORM_EPS))
+
+
+def _load_diffusion_parts(directory: Path, sizes: model.Sizes, state: dict, encoder_options: dict,
                           encoder: torch.nn.Module | None = None) -> model.NeuroPictorNet:
     """Semantic network, ControlNet and feature transformation (and encoder) of a saved diffusion stage."""
     geometry = state["geometry"]
     if encoder is None:
-        encoder = empty_init(sizes.encoder)
+        encoder = empty_init(lambda: sizes.encoder(**encoder_options))
         load_safetensors_strict(encoder, directory / ENCODER_FILE, "fMRI encoder", assign=True)
     semantic = empty_init(lambda: sizes.semantic(geometry["context_tokens"], geometry["context_dim"]))
     load_safetensors_strict(semantic, directory / SEMANTIC_FILE, "semantic network", assign=True)

@@ -8,7 +8,8 @@ final LayerNorm. NeuroPictor uses **all** tokens after that LayerNorm — ``(B, 
 For its own training stage the encoder is paired with :class:`FMRIAutoencoderHead`: the CLS
 token alone is projected to a bottleneck vector (``pred``, 1024 -> 2048), which a small ViT
 decoder expands back into the map (one token plus ``(S/p)^2`` mask tokens). It is a one-token
-bottleneck autoencoder, not a random-masking MAE (spec ``neuropictor.md`` §2).
+bottleneck autoencoder, not a random-masking MAE (fMRI-PTE, Qian et al. 2023; official
+``fmrienc_src/transformer_layers.py``).
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``blocks.i.attn.qkv``,
 ``blocks.i.mlp.fc1`` ...), the naming of the released fMRI-PTE checkpoint, so that weights
@@ -25,9 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# MAE-derived ViTs (which fMRI-PTE follows) use LayerNorm eps 1e-6; the released yaml that would
-# confirm it ships only with the checkpoint.
-LAYER_NORM_EPS = 1e-6
+# The official fMRI autoencoder builds every LayerNorm as ``nn.LayerNorm(dim)``, torch's default
+# eps 1e-5 (``fmrienc_src/transformer_layers.py``, ``fMRI_Autoencoder``). brainrecon's saves
+# before NeuroPictor layout 2 used the MAE value 1e-6; they keep it when loaded.
+LAYER_NORM_EPS = 1e-5
+LEGACY_LAYER_NORM_EPS = 1e-6
 
 
 def sincos_position_embedding(dim: int, grid_size: int, cls_token: bool = True) -> torch.Tensor:
@@ -88,45 +91,73 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int):
+    def __init__(self, dim: int, heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if dim % heads:
             raise ValueError(f"Width {dim} is not divisible by {heads} heads.")
         self.heads = heads
+        self.attn_drop = float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2],
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample with probability ``p`` (rescaled by ``1 - p``)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (timm ``Block``: mlp_ratio 4, qkv bias)."""
+    """Pre-norm transformer block (timm ``Block``: mlp_ratio 4, qkv bias).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+    ``drop`` (after the attention projection and in the MLP), ``attn_drop`` (attention
+    weights) and ``drop_path`` (stochastic depth) are timm's three rates; the official
+    autoencoder sets all three to the yaml's ``drop_rate``.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, *, eps: float = LAYER_NORM_EPS,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
@@ -151,6 +182,12 @@ class FMRIEncoder(nn.Module):
         Width (1024), number of blocks (24) and attention heads (16).
     in_chans : int
         Input channels (1).
+    eps : float
+        LayerNorm eps (1e-5, the official value).
+    drop, attn_drop, drop_path : float
+        Dropout, attention dropout and stochastic-depth rates of every block (0; the official
+        code sets all three to ``drop_rate`` of ``fMRI_AutoEncoder.yaml``). Active in training
+        only.
 
     Notes
     -----
@@ -159,7 +196,8 @@ class FMRIEncoder(nn.Module):
     """
 
     def __init__(self, *, surface_size: int = 256, patch_size: int = 16, dim: int = 1024,
-                 depth: int = 24, heads: int = 16, in_chans: int = 1):
+                 depth: int = 24, heads: int = 16, in_chans: int = 1, eps: float = LAYER_NORM_EPS,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.surface_size = surface_size
         self.patch_embed = PatchEmbed(surface_size, patch_size, in_chans, dim)
@@ -167,8 +205,11 @@ class FMRIEncoder(nn.Module):
         self.register_buffer(
             "pos_embed", sincos_position_embedding(dim, self.patch_embed.grid_size), persistent=True
         )
-        self.blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.blocks = nn.ModuleList([
+            Block(dim, heads, eps=eps, drop=drop, attn_drop=attn_drop, drop_path=drop_path)
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.gradient_checkpointing = False
         self._init_weights()
 
@@ -219,7 +260,8 @@ class FMRIAutoencoderHead(nn.Module):
 
     def __init__(self, *, surface_size: int = 256, patch_size: int = 16, encoder_dim: int = 1024,
                  bottleneck: int = 2048, dim: int = 512, depth: int = 8, heads: int = 16,
-                 in_chans: int = 1):
+                 in_chans: int = 1, eps: float = LAYER_NORM_EPS, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0):
         super().__init__()
         self.patch_size = patch_size
         self.grid_size = surface_size // patch_size
@@ -230,8 +272,11 @@ class FMRIAutoencoderHead(nn.Module):
         self.register_buffer(
             "decoder_pos_embed", sincos_position_embedding(dim, self.grid_size), persistent=True
         )
-        self.decoder_blocks = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
-        self.decoder_norm = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.decoder_blocks = nn.ModuleList([
+            Block(dim, heads, eps=eps, drop=drop, attn_drop=attn_drop, drop_path=drop_path)
+            for _ in range(depth)
+        ])
+        self.decoder_norm = nn.LayerNorm(dim, eps=eps)
         self.decoder_pred = nn.Linear(dim, patch_size**2 * in_chans)
         self.gradient_checkpointing = False
         nn.init.normal_(self.mask_token, std=0.02)

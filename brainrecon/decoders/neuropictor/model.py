@@ -456,15 +456,17 @@ class Sizes:
     def n_tokens(self) -> int:
         return 1 + (self.surface_size // self.patch_size) ** 2
 
-    def encoder(self) -> FMRIEncoder:
+    def encoder(self, **options) -> FMRIEncoder:
+        """The fMRI encoder; ``options``: ``eps``, ``drop``, ``attn_drop``, ``drop_path``."""
         return FMRIEncoder(surface_size=self.surface_size, patch_size=self.patch_size,
-                           dim=self.encoder_dim, depth=self.encoder_depth, heads=self.encoder_heads)
+                           dim=self.encoder_dim, depth=self.encoder_depth, heads=self.encoder_heads,
+                           **options)
 
-    def autoencoder_head(self) -> FMRIAutoencoderHead:
+    def autoencoder_head(self, **options) -> FMRIAutoencoderHead:
         return FMRIAutoencoderHead(
             surface_size=self.surface_size, patch_size=self.patch_size, encoder_dim=self.encoder_dim,
             bottleneck=self.bottleneck_dim, dim=self.decoder_dim, depth=self.decoder_depth,
-            heads=self.decoder_heads,
+            heads=self.decoder_heads, **options,
         )
 
     def semantic(self, context_tokens: int, context_dim: int) -> SemanticNetwork:

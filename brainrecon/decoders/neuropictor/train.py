@@ -52,6 +52,8 @@ from brainrecon.io import atomic_directory, read_json, write_json_atomic
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_PREFIX = "step_"
+# Identity entries that checkpoints written before they existed implicitly had.
+IDENTITY_DEFAULTS = {"encoder_eps": 1e-6}
 
 
 @dataclass
@@ -283,7 +285,7 @@ def save_checkpoint(directory: Path, step: int, net, optimizer, cfg: TrainConfig
 
 def load_checkpoint(path: Path, net, optimizer, cfg: TrainConfig) -> tuple[int, list[float]]:
     info = read_json(path / "trainer.json")
-    saved = info.get("identity", {})
+    saved = {**IDENTITY_DEFAULTS, **info.get("identity", {})}
     diff = {k: (saved.get(k), v) for k, v in cfg.identity.items() if saved.get(k) != v}
     if diff:
         shown = ", ".join(f"{k}={a!r} in the checkpoint vs {b!r} now" for k, (a, b) in diff.items())
