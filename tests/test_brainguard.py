@@ -418,8 +418,11 @@ def test_for_subject_save_load(tmp_path):
     decoder = get_decoder("brainguard", subjects=[1, 2], **TINY).fit(data.train)
     full = decoder.predict(data.test)
     single = decoder.for_subject(2)
-    assert single.subjects_ == [2] and single.get_params() == decoder.get_params()
-    assert single.federation_["subjects"] == [1, 2]
+    # Nothing about subject 1 goes with subject 2's decoder (its run is subject 2's alone).
+    assert single.subjects_ == [2] and single.get_params() == {**decoder.get_params(), "subjects": [2]}
+    assert single.federation_ == {"subjects": [2], "n_sites": 2, "n_train": {"2": 120},
+                                  "rounds_completed": 2}
+    assert all(set(r["loss"]) == {"2"} for r in single.history_) and len(single.history_) == 2
     single.save(tmp_path / "s2")
     loaded = load_decoder(tmp_path / "s2")
     pred = loaded.predict(data.test)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,15 +30,18 @@ from brainrecon.decoders.brainguard.model import (
     fit_calibration,
     token_shape,
 )
+from brainrecon.decoders.brainguard.recipes import RECIPES
 from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import jsonable
+from brainrecon.recipes import Recipe
 from brainrecon.targets import get_target
 
 NAN_POLICIES = ("error", "zero")
 _PREDICT_BATCH = 256
 # Parameters that do not change what training computes: a checkpoint written under other
 # values of these can be resumed.
-_RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "resume", "progress", "device", "calibration")
+_RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "progress", "device",
+                "calibration")
 
 
 class BrainGuardDecoder(Decoder):
@@ -86,11 +89,25 @@ class BrainGuardDecoder(Decoder):
         ``dfl_threshold``) and a cap on that call's epochs.
     ema : {"none", "standard", "inverted"}
         What a client uploads: its weights ("none"), a standard EMA of them
-        (``ema ← d·ema + (1-d)·θ`` after each step), or the released code's inverted update
+        (``ema ← d·ema + (1-d)·θ`` after each step, restarted from the fused model after
+        each round's fusion), or the released code's inverted update
         (``ema ← d·θ + (1-d)·ema`` before each step). ``ema_decay`` is d.
+    warmup_epochs : float
+        OneCycle warm-up length in local epochs (the released ``pct_start`` is
+        ``2 / (rounds · local_steps)``: two epochs, whatever ``local_iterations`` is).
+    decay_layernorm : bool
+        Also decay LayerNorm weights, as the released code does by accident of its
+        parameter-name matching (biases are never decayed).
+    validation_fraction : float
+        Share of each subject's training samples held out (at the client) to score the
+        model after every local epoch; the subject keeps its best-scoring model, as the
+        released code keeps ``client{id}_best.pth``. 0 keeps the last model.
     calibration : {"token", "norm", "none"}
         Output scale (see :func:`~brainrecon.decoders.brainguard.model.fit_calibration`);
-        can be changed after fitting.
+        can be changed after fitting. The loss only sees each prediction's direction, so
+        raw outputs have an arbitrary per-sample scale: for pixel targets ``"token"`` is
+        what makes images at all; the released code and the WeADL fork feed raw
+        predictions to their generators (the recipes set ``"none"``).
     seed : int
         Seeds the common initialisation, each subject's input layer, shuffling and dropout.
     device : str
@@ -99,7 +116,8 @@ class BrainGuardDecoder(Decoder):
     checkpoint_dir : path or None
         Where a checkpoint (every client's model, optimiser, schedule, fusion weights and
         random state, and the global model) is written after every ``checkpoint_every``-th
-        round and after the last one; only the newest is kept. At the published size (four
+        round and after the last one; the newest ``checkpoint_keep`` are kept (each also
+        holds every client's best-by-validation model). At the published size (four
         clients, h = 2048) one checkpoint is about 5 GB.
     resume : bool
         Continue from the checkpoint in ``checkpoint_dir`` when one exists.
@@ -116,6 +134,7 @@ class BrainGuardDecoder(Decoder):
                               "(subject input layers stay private; shared layers fused by DFL).")
     main_params: ClassVar[tuple[str, ...]] = (
         "target", "hidden", "rounds", "local_iterations", "sync_layers", "batch_size", "lr", "seed")
+    recipes: ClassVar[tuple[Recipe, ...]] = RECIPES
 
     def __init__(
         self,
@@ -143,11 +162,15 @@ class BrainGuardDecoder(Decoder):
         dfl_max_epochs: int = 100,
         ema: str = "none",
         ema_decay: float = 0.999,
+        warmup_epochs: float = 2.0,
+        decay_layernorm: bool = False,
+        validation_fraction: float = 0.0,
         calibration: str = "token",
         seed: int = 0,
         device: str = "auto",
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 1,
+        checkpoint_keep: int = 1,
         resume: bool = False,
         nan_policy: str = "error",
         progress: bool = True,
@@ -175,11 +198,15 @@ class BrainGuardDecoder(Decoder):
         self.dfl_max_epochs = dfl_max_epochs
         self.ema = ema
         self.ema_decay = ema_decay
+        self.warmup_epochs = warmup_epochs
+        self.decay_layernorm = decay_layernorm
+        self.validation_fraction = validation_fraction
         self.calibration = calibration
         self.seed = seed
         self.device = device
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
+        self.checkpoint_keep = checkpoint_keep
         self.resume = resume
         self.nan_policy = nan_policy
         self.progress = progress
@@ -214,6 +241,13 @@ class BrainGuardDecoder(Decoder):
                 "checkpoints to (CLI: --checkpoint-dir)."
             )
         positive_int("checkpoint_every")
+        positive_int("checkpoint_keep")
+        if not isinstance(self.decay_layernorm, bool):
+            raise DataError(f"decay_layernorm must be True or False, got {self.decay_layernorm!r}.")
+        fraction = self.validation_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)) or \
+                not 0.0 <= float(fraction) < 1.0:
+            raise DataError(f"validation_fraction must be in [0, 1), got {fraction!r}.")
         n_blocks = positive_int("n_blocks", 0)
         sync_layers = positive_int("sync_layers", 0)
         if sync_layers > n_blocks + 2:
@@ -234,7 +268,8 @@ class BrainGuardDecoder(Decoder):
             dfl_threshold=positive_float("dfl_threshold", True),
             dfl_num_pre_loss=positive_int("dfl_num_pre_loss"),
             dfl_max_epochs=positive_int("dfl_max_epochs"), ema=self.ema,
-            ema_decay=float(self.ema_decay), seed=int(self.seed),
+            ema_decay=float(self.ema_decay), warmup_epochs=positive_float("warmup_epochs", True),
+            decay_layernorm=bool(self.decay_layernorm), seed=int(self.seed),
         )
 
     def _check_choices(self) -> None:
@@ -280,34 +315,15 @@ class BrainGuardDecoder(Decoder):
         """
         config = self._train_config()
         subjects = self._fit_subjects(train)
-        space = get_target(self.target, **(self.target_options or {}))
-        target_shape = tuple(int(s) for s in space.shape)
-        n_tokens, token_dim = token_shape(target_shape)
-
-        voxel_stats, tensors = {}, {}
-        for s in subjects:
-            X = train.voxels(s, nan_policy=self.nan_policy)
-            Y = np.asarray(space.load(train, s, progress=self.progress), dtype=np.float32)
-            if Y.shape != (X.shape[0],) + target_shape:
-                raise DataError(
-                    f"Subject {s}: {X.shape[0]} voxel rows but targets of shape {Y.shape}; "
-                    f"expected {(X.shape[0],) + target_shape}."
-                )
-            if not np.all(np.isfinite(Y)):
-                raise DataError(f"Subject {s}: the {self.target!r} targets contain NaN or infinite values.")
-            # Standardising with the subject's own training statistics is part of the
-            # subject-specific input layer: computed on the client, never shared.
-            mean = X.mean(axis=0, dtype=np.float64)
-            std = X.std(axis=0, dtype=np.float64)
-            std = np.where(std > 1e-8, std, 1.0)
-            voxel_stats[s] = (mean.astype(np.float32), std.astype(np.float32))
-            Xs = ((X - mean) / std).astype(np.float32)
-            tensors[s] = (torch.from_numpy(Xs), torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim)))
-
+        target_shape, n_tokens, token_dim = self._target_layout()
+        sites = {s: self._site_data(train, s, target_shape) for s in subjects}
+        voxel_stats = {s: sites[s].stats for s in subjects}
+        tensors = {s: (sites[s].voxels, sites[s].targets) for s in subjects}
         devices = client_devices(self.device, len(subjects))
         models = self._initial_models(config, {s: tensors[s][0].shape[1] for s in subjects},
                                       n_tokens, token_dim)
-        clients = [Client(s, tensors[s][0], tensors[s][1], models[s], config, dev)
+        clients = [Client(s, tensors[s][0], tensors[s][1], models[s], config, dev,
+                          sites[s].val_voxels, sites[s].val_targets)
                    for s, dev in zip(subjects, devices)]
         server_device = devices[0] if len(set(devices)) == 1 else torch.device("cpu")
 
@@ -338,7 +354,7 @@ class BrainGuardDecoder(Decoder):
             history.append(jsonable(record))
             if ckpt_dir is not None and ((r + 1) % every == 0 or r + 1 == config.rounds):
                 save_checkpoint(ckpt_dir, round_index=r, clients=clients, global_state=state,
-                                meta={**run_meta, "history": history})
+                                meta={**run_meta, "history": history}, keep=int(self.checkpoint_keep))
 
         if start_round < config.rounds:
             run_federation(clients, rounds=config.rounds, local_iterations=config.local_iterations,
@@ -346,10 +362,60 @@ class BrainGuardDecoder(Decoder):
                            server_device=server_device, on_round_end=on_round_end,
                            progress=bool(self.progress))
 
+        self._set_fitted(clients, voxel_stats, target_shape, history, rounds=config.rounds,
+                         n_sites=len(subjects))
+        return self
+
+    # ------------------------------------------------------------------ pieces a site runs
+    def _target_layout(self) -> tuple[tuple[int, ...], int, int]:
+        space = get_target(self.target, **(self.target_options or {}))
+        target_shape = tuple(int(s) for s in space.shape)
+        return (target_shape, *token_shape(target_shape))
+
+    def _site_data(self, train, subject: int, target_shape: tuple[int, ...]) -> SiteData:
+        """One subject's standardised voxels and token targets, split for validation.
+
+        Everything here is computed from that subject's data alone (it runs at the site).
+        """
+        space = get_target(self.target, **(self.target_options or {}))
+        n_tokens, token_dim = token_shape(target_shape)
+        s = int(subject)
+        X = train.voxels(s, nan_policy=self.nan_policy)
+        Y = np.asarray(space.load(train, s, progress=self.progress), dtype=np.float32)
+        if Y.shape != (X.shape[0],) + target_shape:
+            raise DataError(
+                f"Subject {s}: {X.shape[0]} voxel rows but targets of shape {Y.shape}; "
+                f"expected {(X.shape[0],) + target_shape}."
+            )
+        if not np.all(np.isfinite(Y)):
+            raise DataError(f"Subject {s}: the {self.target!r} targets contain NaN or infinite values.")
+        # Standardising with the subject's own training statistics is part of the
+        # subject-specific input layer: computed on the client, never shared.
+        mean = X.mean(axis=0, dtype=np.float64)
+        std = X.std(axis=0, dtype=np.float64)
+        std = np.where(std > 1e-8, std, 1.0)
+        Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
+        Yt = torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim))
+        stats = (mean.astype(np.float32), std.astype(np.float32))
+        n_val = round(float(self.validation_fraction) * len(X))
+        if self.validation_fraction and not 1 <= n_val < len(X):
+            raise DataError(
+                f"validation_fraction={self.validation_fraction} leaves subject {s} "
+                f"{n_val} validation and {len(X) - n_val} training samples; both need at least one."
+            )
+        if not n_val:
+            return SiteData(Xs, Yt, None, None, stats)
+        order = np.random.default_rng(np.random.SeedSequence([int(self.seed), s, 3])).permutation(len(X))
+        val, fit = torch.from_numpy(np.sort(order[:n_val])), torch.from_numpy(np.sort(order[n_val:]))
+        return SiteData(Xs[fit], Yt[fit], Xs[val], Yt[val], stats)
+
+    def _set_fitted(self, clients: list[Client], voxel_stats: dict, target_shape: tuple[int, ...],
+                    history: list, *, rounds: int, n_sites: int) -> None:
+        """Fitted attributes from trained clients (their final, or best-by-validation, models)."""
         self.models_, self.voxel_stats_, self.calibration_stats_ = {}, {}, {}
         for client in clients:
             s = client.subject
-            model = client.model
+            model = client.final_model()
             model.eval()
             raw = _raw_predict(model, client.voxels, client.device)
             self.calibration_stats_[s] = fit_calibration(
@@ -357,17 +423,17 @@ class BrainGuardDecoder(Decoder):
             model.set_generator(None)
             self.models_[s] = model.to("cpu")
             self.voxel_stats_[s] = voxel_stats[s]
-        self.target_shape_ = target_shape
-        self.token_shape_ = (n_tokens, token_dim)
+        self.target_shape_ = tuple(target_shape)
+        self.token_shape_ = token_shape(self.target_shape_)
         self.federation_ = {
-            "subjects": subjects,
-            "n_train": {str(s): int(tensors[s][0].shape[0]) for s in subjects},
-            "rounds_completed": config.rounds,
+            "subjects": [c.subject for c in clients],
+            "n_sites": int(n_sites),
+            "n_train": {str(c.subject): int(c.n_samples) for c in clients},
+            "rounds_completed": int(rounds),
         }
         self.history_ = history
-        self.n_voxels_ = {s: int(tensors[s][0].shape[1]) for s in subjects}
-        self.subjects_ = list(subjects)
-        return self
+        self.n_voxels_ = {c.subject: int(c.voxels.shape[1]) for c in clients}
+        self.subjects_ = [c.subject for c in clients]
 
     def _initial_models(self, config: TrainConfig, n_voxels: dict[int, int], n_tokens: int,
                         token_dim: int) -> dict[int, BrainGuardNet]:
@@ -442,8 +508,9 @@ class BrainGuardDecoder(Decoder):
     def for_subject(self, subject: int) -> "BrainGuardDecoder":
         """A decoder holding only ``subject``'s fitted model (for one run per subject).
 
-        The parameters are unchanged (they describe the federated training that produced
-        it; ``federation_`` names every subject that took part).
+        It carries nothing about the other subjects: ``subjects`` becomes ``[subject]``,
+        ``federation_`` keeps only the number of sites, the rounds and this subject's sample
+        count, and ``history_`` only this subject's per-round records.
         """
         self._check_fitted()
         subject = int(subject)
@@ -451,14 +518,19 @@ class BrainGuardDecoder(Decoder):
             raise DataError(
                 f"Subject {subject} is not among this decoder's fitted subjects {self.subjects_}."
             )
-        single = type(self)(**self.get_params())
+        single = type(self)(**{**self.get_params(), "subjects": [subject]})
         single.models_ = {subject: self.models_[subject]}
         single.voxel_stats_ = {subject: self.voxel_stats_[subject]}
         single.calibration_stats_ = {subject: self.calibration_stats_[subject]}
         single.target_shape_ = self.target_shape_
         single.token_shape_ = self.token_shape_
-        single.federation_ = copy.deepcopy(self.federation_)
-        single.history_ = copy.deepcopy(self.history_)
+        single.federation_ = {
+            "subjects": [subject],
+            "n_sites": int(self.federation_.get("n_sites", len(self.subjects_))),
+            "n_train": {str(subject): self.federation_["n_train"][str(subject)]},
+            "rounds_completed": self.federation_["rounds_completed"],
+        }
+        single.history_ = [_own_record(r, subject) for r in self.history_]
         single.n_voxels_ = {subject: self.n_voxels_[subject]}
         single.subjects_ = [subject]
         return single
@@ -514,6 +586,30 @@ class BrainGuardDecoder(Decoder):
             self.voxel_stats_[s] = (tensors["voxel_mean"].numpy(), tensors["voxel_std"].numpy())
             self.calibration_stats_[s] = {k[len("calibration."):]: v.numpy() for k, v in tensors.items()
                                           if k.startswith("calibration.")}
+
+
+@dataclass
+class SiteData:
+    """One subject's training tensors (standardised voxels, token targets) at its site."""
+
+    voxels: torch.Tensor
+    targets: torch.Tensor
+    val_voxels: torch.Tensor | None
+    val_targets: torch.Tensor | None
+    stats: tuple[np.ndarray, np.ndarray]
+
+
+def _own_record(record: dict, subject: int) -> dict:
+    """A round record reduced to one subject's entries (keys are subject ids)."""
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            mine = {k: v for k, v in value.items() if str(k) == str(subject)}
+            if mine:
+                out[key] = mine
+        else:
+            out[key] = value
+    return out
 
 
 def _raw_predict(model: BrainGuardNet, voxels: torch.Tensor, device: torch.device) -> np.ndarray:

@@ -186,16 +186,24 @@ def split_tiers(model: BrainGuardNet, sync_layers: int, sync_tensors: int | None
     return retained, aligned, adaptive
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on Linear weights only.
+def decay_groups(model: nn.Module, weight_decay: float, *, layernorm: bool = False) -> list[dict]:
+    """AdamW parameter groups: weight decay on Linear weights (and LayerNorm weights).
 
-    The released code meant to exempt biases and LayerNorm parameters but matched module
-    names that never occur, so LayerNorm weights were decayed (``spec`` §9.4); here the
-    exemption is by tensor rank, which catches both.
+    The released code meant to exempt biases and LayerNorm parameters, but its exemption
+    list (``bias``, ``LayerNorm.bias``, ``LayerNorm.weight``) is matched against module
+    names that never contain ``LayerNorm``, so every bias is exempt and every LayerNorm
+    weight is decayed (official ``clients/client.py``, ``set_opt_grouped_parameters``; the
+    WeADL fork copies it). ``layernorm=False`` (default) exempts by tensor rank, which
+    catches both biases and LayerNorm weights as intended; ``layernorm=True`` reproduces
+    the released behaviour: everything except biases is decayed.
     """
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        (decay if param.ndim >= 2 else no_decay).append(param)
+    for name, param in model.named_parameters():
+        if layernorm:
+            exempt = name.endswith("bias")
+        else:
+            exempt = param.ndim < 2
+        (no_decay if exempt else decay).append(param)
     return [
         {"params": decay, "weight_decay": float(weight_decay)},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,0 +1,117 @@
+"""BrainGuard's named recipes: the released code's settings and the WeADL 16×768 adaptation.
+
+Each value carries a note naming the file (or paper) it comes from; ``brainrecon decoders
+describe brainguard`` prints them. Both recipes are meant for ``--target ipadapter`` (the
+recipe does not set the target: ``fit --target`` does).
+
+Where the released code's behaviour is a bug that cannot be reproduced meaningfully (the
+argument shift into the fusion learner, the never-set ``flag_dfl`` that disables all
+synchronisation as released), the recipes follow what the code evidently intends, as the
+WeADL fork fixed it; the accidental-but-harmless behaviours (inverted EMA, decayed LayerNorm
+weights) are reproduced.
+"""
+
+from __future__ import annotations
+
+from brainrecon.recipes import Recipe
+
+_OFFICIAL = "kunzhan/BrainGuard @8d2b28e"
+_FORK = "IoanaGabor/bachelor-thesis @449f347f experiments/efficient-vbd/brainguard-ipadapter"
+
+_SHARED_VALUES = {
+    "hidden": 2048,
+    "n_blocks": 4,
+    "dropout": 0.15,
+    "rounds": 600,
+    "local_iterations": 1,
+    "batch_size": 50,
+    "lr": 3e-4,
+    "weight_decay": 1e-2,
+    "decay_layernorm": True,
+    "mse_weight": 2e4,
+    "softclip_tau": 0.05,
+    "softclip_weight": 1.0,
+    "dfl_eta": 1.0,
+    "dfl_grad_scale": 1000.0,
+    "dfl_threshold": 50.0,
+    "dfl_num_pre_loss": 10,
+    "ema": "inverted",
+    "ema_decay": 0.999,
+    "warmup_epochs": 2.0,
+    "validation_fraction": 0.05,
+    "calibration": "none",
+}
+
+
+def _shared_notes(src: str) -> dict[str, str]:
+    return {
+        "hidden": f"{src} trainmodel/models.py: BrainNetwork h=2048, ridge out_features=2048.",
+        "n_blocks": f"{src} trainmodel/models.py: n_blocks=4 residual MLP blocks.",
+        "dropout": f"{src} trainmodel/models.py: drop2=0.15 inside the blocks.",
+        "rounds": f"{src} scripts/train.sh: -gr 600 global rounds.",
+        "local_iterations": f"{src} scripts/train.sh: -ls 1 (one local epoch per round).",
+        "batch_size": f"{src} scripts/train.sh: -lbs 50.",
+        "lr": f"{src} main.py / clients/client.py: local_learning_rate 3e-4, AdamW betas (0.9, 0.9999), OneCycle.",
+        "weight_decay": f"{src} clients/client.py set_opt_grouped_parameters: weight_decay 1e-2.",
+        "decay_layernorm": (f"{src} clients/client.py: the no-decay list ('bias', 'LayerNorm.bias', "
+                            f"'LayerNorm.weight') never matches index-named LayerNorm modules, so LayerNorm "
+                            f"weights are decayed; biases are not."),
+        "mse_weight": f"{src} clients/client.py: loss_mse * 10000, counted twice (loss_mse_image * 2).",
+        "softclip_tau": f"{src} utils/utils.py soft_clip_loss: temp=0.05.",
+        "softclip_weight": f"{src} clients/client.py: + loss_clip_image with weight 1.",
+        "dfl_eta": f"{src} main.py: eta 1.0 for the Dynamic Fusion Learner.",
+        "dfl_grad_scale": f"{src} utils/DFL.py: gradient multiplied by 1000 in the W update.",
+        "dfl_threshold": f"{src} utils/DFL.py: std of the last losses < 50 ends the start phase "
+                         f"(never met at these loss scales: the start phase runs num_pre_loss + 1 epochs).",
+        "dfl_num_pre_loss": f"{src} utils/DFL.py: num_pre_loss=10.",
+        "ema": (f"{src} clients/client.py update_local_ema: ema <- 0.999 * param + 0.001 * ema before "
+                f"each step (inverted decay); the server averages model_ema."),
+        "ema_decay": f"{src} main.py: ema_decay 0.999.",
+        "warmup_epochs": f"{src} clients/client.py set_lr_scheduler: pct_start = 2 / (global_rounds * local_steps).",
+        "validation_fraction": ("Best-by-validation model per client as in clients/client.py (saves client*_best.pth "
+                                "on a higher mean validation cosine similarity); the released code validates on "
+                                "MindEye's separate val split, which brainrecon data lack: the 5 % hold-out is "
+                                "brainrecon's choice, not a released value."),
+    }
+
+
+BRAINGUARD_RELEASED = Recipe(
+    name="brainguard-released",
+    decoder="brainguard",
+    source=(f"{_OFFICIAL} (scripts/train.sh, main.py, clients/client.py, utils/DFL.py, trainmodel/models.py); "
+            f"Tian et al., BrainGuard, AAAI 2025 (arXiv 2501.14309)"),
+    summary="The official BrainGuard code's training settings, on a single image-token branch.",
+    values={**_SHARED_VALUES, "sync_layers": 1, "sync_tensors": None},
+    notes={
+        **_shared_notes(_OFFICIAL),
+        "sync_layers": (f"{_OFFICIAL} scripts/train.sh: -p 24 tensors adaptively fused; on the released "
+                        f"two-branch network those are its two projectors (tensors 22-45), so on this "
+                        f"single-branch network the equivalent is the projector alone (the last layer unit)."),
+        "sync_tensors": "Unset: the projector tier is given as a layer unit (sync_layers=1).",
+        "calibration": (f"{_OFFICIAL}: no output calibration exists in the released code; its predicted "
+                        f"CLIP tokens go to the generator as they are."),
+    },
+)
+
+WEADL = Recipe(
+    name="weadl",
+    decoder="brainguard",
+    source=(f"{_FORK} (main.py, scripts/train.sh, clients/client.py, reconstruction.py; files headed "
+            f"'adaptation of kunzhan/BrainGuard'); WeADL 2025"),
+    summary="The WeADL 16x768 IP-Adapter Plus adaptation (use with --target ipadapter).",
+    values={**_SHARED_VALUES, "sync_layers": 0, "sync_tensors": 24},
+    notes={
+        **_shared_notes(_FORK),
+        "sync_layers": "Unused: sync_tensors overrides it.",
+        "sync_tensors": (f"{_FORK} scripts/train.sh: -p 24 of the 32 tensors, i.e. tensors 8-31 (block 1's "
+                         f"LayerNorm, blocks 2-3, head, projector) fused adaptively; tensors 2-7 overwritten."),
+        "calibration": (f"{_FORK} reconstruction.py: the raw predicted tokens go to SD 1.5 + IP-Adapter Plus "
+                        f"(prompt_embeds=torch.stack([results[0][0:16]])), no rescaling."),
+        "hidden": (f"{_FORK} trainmodel/models.py: h=2048 as published (the deployed ai-server model uses "
+                   f"h=1024)."),
+    },
+)
+
+RECIPES = (BRAINGUARD_RELEASED, WEADL)
+
+__all__ = ["BRAINGUARD_RELEASED", "RECIPES", "WEADL"]

@@ -1,0 +1,163 @@
+"""BrainGuard's named recipes and the released-code options they set (issue 11 §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainrecon.data.synthetic import make_synthetic
+from brainrecon.decoders.brainguard import BrainGuardDecoder, BrainGuardNet, federated
+from brainrecon.decoders.brainguard.model import decay_groups
+from brainrecon.errors import DataError
+from brainrecon.recipes import apply_recipe, recipes_for
+
+TINY = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
+        "progress": False, "target_options": {"size": 4}, "dfl_num_pre_loss": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+EXPECTED = {
+    "brainguard-released": {
+        "hidden": 2048, "n_blocks": 4, "dropout": 0.15, "rounds": 600, "local_iterations": 1,
+        "batch_size": 50, "lr": 3e-4, "weight_decay": 1e-2, "decay_layernorm": True,
+        "mse_weight": 2e4, "softclip_tau": 0.05, "softclip_weight": 1.0, "dfl_eta": 1.0,
+        "dfl_grad_scale": 1000.0, "dfl_threshold": 50.0, "dfl_num_pre_loss": 10,
+        "ema": "inverted", "ema_decay": 0.999, "warmup_epochs": 2.0, "validation_fraction": 0.05,
+        "calibration": "none", "sync_layers": 1, "sync_tensors": None,
+    },
+}
+EXPECTED["weadl"] = {**EXPECTED["brainguard-released"], "sync_layers": 0, "sync_tensors": 24}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_recipe_values_and_sources(name):
+    recipe = recipes_for("brainguard")[name]
+    assert dict(recipe.values) == EXPECTED[name]
+    # Every value says where it comes from, and the recipe names its source files.
+    assert set(recipe.notes) == set(recipe.values)
+    assert all(len(note) > 10 for note in recipe.notes.values())
+    assert ("kunzhan/BrainGuard" if name == "brainguard-released" else "IoanaGabor/bachelor-thesis") \
+        in recipe.source
+    # Every value is a valid decoder setting.
+    BrainGuardDecoder(**{**recipe.values, **TINY})._train_config()
+
+
+def test_explicit_params_win_over_recipe():
+    params = apply_recipe("brainguard", "weadl", {"rounds": 3, "calibration": "token"})
+    assert params["rounds"] == 3 and params["calibration"] == "token" and params["sync_tensors"] == 24
+
+
+def test_describe_lists_recipes_with_sources():
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+
+    result = CliRunner().invoke(app, ["decoders", "describe", "brainguard"], terminal_width=400)
+    assert result.exit_code == 0, result.output
+    assert "recipe brainguard-released" in result.output and "recipe weadl" in result.output
+    assert "kunzhan/BrainGuard" in result.output and "IoanaGabor/bachelor-thesis" in result.output
+
+
+def test_weadl_tiers_are_the_forks():
+    # 32 tensors, p = 24: tensors 8-31 adaptive, 2-7 overwritten by the global model.
+    net = BrainGuardNet(10, 8, 4, 16, 12, 0.0)
+    names = [n for n, _ in net.named_parameters()]
+    _, aligned, adaptive = federated.split_tiers(net, sync_layers=0, sync_tensors=24)
+    assert aligned == names[2:8] and adaptive == names[8:]
+
+
+# --------------------------------------------------------------------------- options
+def test_layernorm_decay_toggle():
+    net = BrainGuardNet(10, 8, 1, 2, 6, 0.0)
+    names = {id(p): n for n, p in net.named_parameters()}
+    intended, released = decay_groups(net, 0.01), decay_groups(net, 0.01, layernorm=True)
+
+    def decayed(groups):
+        return {names[id(p)] for p in groups[0]["params"]}
+
+    assert "blocks.0.norm.weight" not in decayed(intended)
+    assert "blocks.0.norm.weight" in decayed(released) and "projector.0.weight" in decayed(released)
+    assert not any(n.endswith("bias") for n in decayed(released))
+    assert decayed(released) - decayed(intended) == {n for n in names.values() if "norm" in n and
+                                                      n.endswith("weight")} | {"projector.0.weight",
+                                                                              "projector.3.weight",
+                                                                              "projector.6.weight"}
+
+
+def _client(**config):
+    torch.manual_seed(0)
+    X, Y = torch.randn(20, 6), torch.randn(20, 2, 4)
+    cfg = federated.TrainConfig(**{"hidden": 8, "n_blocks": 1, "batch_size": 10, "dropout": 0.0,
+                                   "dfl_num_pre_loss": 1, "sync_layers": 1, **config})
+    return federated.Client(1, X, Y, BrainGuardNet(6, 8, 1, 2, 4, 0.0), cfg, torch.device("cpu"),
+                            X[:5], Y[:5])
+
+
+def test_warmup_is_measured_in_epochs():
+    # 10 rounds x 5 local epochs x 2 steps: two epochs of warm-up = 4 of 100 steps.
+    client = _client(rounds=10, local_iterations=5)
+    assert client.scheduler.total_steps == 100
+    lrs = []
+    for _ in range(6):
+        lrs.append(client.scheduler.get_last_lr()[0])
+        client.optimizer.step()
+        client.scheduler.step()
+    # OneCycle peaks at step pct·total - 1: 3 for two epochs (it would be 19 for two rounds).
+    assert int(np.argmax(lrs)) == 3
+
+
+def test_standard_ema_restarts_after_fusion():
+    client = _client(rounds=4, ema="standard", sync_layers=1)
+    client.train(1)
+    other = BrainGuardNet(6, 8, 1, 2, 4, 0.0)
+    client.receive({k: v.detach() for k, v in other.named_parameters() if not k.startswith("ridge.")})
+    for name, param in client.model.named_parameters():
+        if not name.startswith("ridge."):
+            torch.testing.assert_close(client.ema[name], param.detach(), rtol=0, atol=0)
+
+
+def test_best_by_validation_is_kept_and_checkpointed(tmp_path):
+    client = _client(rounds=3)
+    scores = []
+    for _ in range(3):
+        client.train(1)
+        scores.append(client.last_score)
+    assert client.best_score == max(scores)
+    tensors, meta = client.checkpoint_state()
+    assert any(k.startswith("best.") for k in tensors) and meta["best_score"] == max(scores)
+    clone = _client(rounds=3)
+    clone.restore(tensors, meta)
+    final = clone.final_model().state_dict()
+    for k, v in client.best_state.items():
+        torch.testing.assert_close(final[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_keep_last_k(tmp_path):
+    data = make_synthetic(seed=0, n_train=60, n_test=6, image_size=32, surface_size=32, subjects=[1, 2])
+    decoder = BrainGuardDecoder(**{**TINY, "rounds": 4, "subjects": [1, 2]}, checkpoint_dir=str(tmp_path),
+                                checkpoint_keep=2, validation_fraction=0.2).fit(data.train)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "round-00003", "round-00004"]
+    meta, _, tensors = federated.load_checkpoint(federated.read_latest(tmp_path))
+    for s in (1, 2):
+        assert meta["clients"][str(s)]["best_score"] is not None
+        best = {k[len("best."):]: v for k, v in tensors[s].items() if k.startswith("best.")}
+        # The decoder's final model is the best-by-validation one.
+        for k, v in decoder.models_[s].state_dict().items():
+            torch.testing.assert_close(v, best[k], rtol=0, atol=0)
+    assert decoder.federation_["n_train"] == {"1": 48, "2": 48}
+
+
+def test_bad_validation_fraction():
+    data = make_synthetic(seed=0, n_train=20, n_test=4, image_size=32, surface_size=32, subjects=[1])
+    with pytest.raises(DataError, match=r"validation_fraction must be in \[0, 1\)"):
+        BrainGuardDecoder(**TINY, validation_fraction=1.5).fit(data.train)
+    with pytest.raises(DataError, match="leaves subject 1 0 validation"):
+        BrainGuardDecoder(**TINY, validation_fraction=0.01).fit(data.train)
