@@ -307,26 +307,62 @@ def evaluate_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per network forward pass."),
     data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved since the fit."),
     download: bool = typer.Option(False, "--download", help="Download missing metric weights (off by default; same as BRAINRECON_ALLOW_DOWNLOADS=1)."),
+    ssim_mode: Optional[str] = typer.Option(None, "--ssim-mode", help="2d | columnwise (default: 2d for mindeye, columnwise for braindiffuser)."),
+    blend: Optional[Path] = typer.Option(None, "--blend", help="MindEye2's enhanced evaluation: blend 25% of these images (a run directory or a .npy in the run's test order) into the reconstructions."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Ground-truth feature cache (default $BRAINRECON_CACHE/eval or ~/.cache/brainrecon/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the ground-truth feature cache."),
+    bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP."),
+    worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default 8)."),
+    best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
 ) -> None:
-    """(Re)compute a run's metrics.json and grid.png from its saved reconstructions."""
+    """(Re)compute a run's metrics.json, per_image.csv and grid.png from its saved reconstructions."""
     from brainrecon.eval import evaluate_run
     from brainrecon.eval.harness import TWO_WAY_METRICS
 
     if download:
         os.environ["BRAINRECON_ALLOW_DOWNLOADS"] = "1"
+    _check_ranked_options(sort_by, worst, best)
     report = evaluate_run(run, variant=variant, weights_dir=weights_dir, strict=strict, device=device,
-                          metrics=metric or None, batch_size=batch_size, data_source=data)
+                          metrics=metric or None, batch_size=batch_size, data_source=data, ssim_mode=ssim_mode,
+                          blend=blend, cache_dir=False if no_cache else cache_dir, n_resamples=bootstrap, seed=seed)
     table = Table(title=f"{report.settings.get('run', run.name)} · {report.n_images} images · variant {report.variant}")
     table.add_column("metric")
     table.add_column("score", justify="right")
+    table.add_column("95% interval", justify="right")
     for m, v in report.items():
-        table.add_row(f"{m} {'↑' if report.directions[m] == 'higher' else '↓'}",
-                      f"{100 * v:.2f}%" if m in TWO_WAY_METRICS else f"{v:.4f}")
+        lo, hi = report.intervals.get(m, (float("nan"), float("nan")))
+        if m in TWO_WAY_METRICS:
+            score, interval = f"{100 * v:.2f}%", f"[{100 * lo:.2f}, {100 * hi:.2f}]%"
+        else:
+            score, interval = f"{v:.4f}", f"[{lo:.4f}, {hi:.4f}]"
+        table.add_row(f"{m} {'↑' if report.directions[m] == 'higher' else '↓'}", score, interval)
     console.print(table)
     for reason in dict.fromkeys(report.unavailable.values()):
         names = ", ".join(m for m, r in report.unavailable.items() if r == reason)
         console.print(f"[yellow]unavailable:[/yellow] {names}: {reason}", markup=True, highlight=False, soft_wrap=True)
-    console.print(f"wrote {Path(run) / 'metrics.json'} and {Path(run) / 'grid.png'}")
+    console.print(f"wrote {Path(run) / 'metrics.json'}, {Path(run) / 'per_image.csv'} and {Path(run) / 'grid.png'}")
+    if sort_by:
+        from brainrecon.viz import compare_runs
+
+        which, k = ("best", best) if best else ("worst", worst or 8)
+        out = Path(run) / f"{which}-{_slug(sort_by)}.png"
+        compare_runs([run], out, max_rows=k, sort_by=sort_by, worst=which == "worst", data_source=data)
+        console.print(f"wrote {out} ({which} {k} by {sort_by})")
+
+
+def _check_ranked_options(sort_by: Optional[str], worst: Optional[int], best: Optional[int]) -> None:
+    if sort_by is not None and sort_by not in METRIC_NAMES:
+        raise BrainreconError(f"--sort-by {sort_by!r} is not a metric. Valid: {', '.join(METRIC_NAMES)}.")
+    if (worst or best) and not sort_by:
+        raise BrainreconError("--worst/--best choose images by a metric: add --sort-by METRIC (e.g. --sort-by CLIP).")
+    if worst and best:
+        raise BrainreconError("Give --worst or --best, not both.")
+
+
+def _slug(metric: str) -> str:
+    return metric.replace("(", "").replace(")", "").replace("-", "").lower()
 
 
 @app.command("leaderboard")
@@ -336,12 +372,13 @@ def leaderboard_cmd(
     sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
     published: bool = typer.Option(True, "--published/--no-published", help="Show published reference rows beside NSD runs."),
+    alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the paired comparison of each run with its group's best (cells not significantly different are marked ≈)."),
 ) -> None:
-    """Rank comparable runs (same data, subject, test images and metric variant)."""
+    """Rank comparable runs (same data, subject, test images and metric variant), with intervals."""
     from brainrecon.io import atomic_path
     from brainrecon.leaderboard import leaderboard
 
-    text = leaderboard(runs, sort=sort, fmt=fmt, include_published=published)
+    text = leaderboard(runs, sort=sort, fmt=fmt, include_published=published, alpha=alpha)
     if out is None:
         typer.echo(text, nl=False)  # plain echo: rich markup would eat the "[1]" citation marks
         return
@@ -353,15 +390,66 @@ def leaderboard_cmd(
 @app.command("compare")
 def compare_cmd(
     runs: List[Path] = typer.Argument(..., help="Run directories to show side by side."),
-    out: Path = typer.Option(..., "--out", help="PNG file to write."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG file to write (required unless only --stats)."),
     rows: int = typer.Option(8, "--rows", help="Number of test images (rows)."),
     cell: int = typer.Option(128, "--cell", help="Cell size in pixels."),
+    stats: bool = typer.Option(False, "--stats", help="Print, per metric, both means, the paired difference with its 95% interval and p-value, and how many images each run wins (two runs)."),
+    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Show the images the first run does worst (or --best) on by this metric."),
+    worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default --rows)."),
+    best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation test."),
 ) -> None:
-    """Draw ground truth beside several runs' reconstructions on their shared test images."""
+    """Draw ground truth beside several runs' reconstructions; --stats compares two runs statistically."""
     from brainrecon.viz import compare_runs
 
-    path = compare_runs(runs, out, max_rows=rows, cell_size=cell)
+    _check_ranked_options(sort_by, worst, best)
+    if stats:
+        _print_paired_stats(runs, seed)
+    if out is None:
+        if not stats:
+            raise BrainreconError("compare needs --out FILE.png for the picture (or --stats for the numbers).")
+        return
+    path = compare_runs(runs, out, max_rows=best or worst or rows, cell_size=cell, sort_by=sort_by,
+                        worst=best is None)
     console.print(f"wrote {path}")
+
+
+def _print_paired_stats(runs: List[Path], seed: int) -> None:
+    from brainrecon.eval.harness import HIGHER_IS_BETTER, PER_IMAGE_FILE, TWO_WAY_METRICS, read_per_image
+    from brainrecon.eval.stats import paired_comparison
+    from brainrecon.runs import Run
+
+    if len(runs) != 2:
+        raise BrainreconError(f"--stats compares exactly two runs; got {len(runs)}.")
+    opened = [Run.open(r) for r in runs]
+    scores = []
+    for run in opened:
+        path = run.path / PER_IMAGE_FILE
+        if not path.is_file():
+            raise BrainreconError(f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first.")
+        ids, cols = read_per_image(path)
+        scores.append({m: dict(zip(map(int, ids), v)) for m, v in cols.items()})
+    a, b = opened
+    table = Table(title=f"A = {a.name}   B = {b.name}   (paired over shared test images)")
+    for col in ("metric", "A", "B", "A − B [95% CI]", "p", "wins A / B / ties"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for m in METRIC_NAMES:
+        if m not in scores[0] or m not in scores[1]:
+            continue
+        shared = [i for i in scores[0][m] if i in scores[1][m]]
+        if not shared:
+            raise BrainreconError(f"Runs {a.name!r} and {b.name!r} share no scored test image.")
+        c = paired_comparison([scores[0][m][i] for i in shared], [scores[1][m][i] for i in shared], metric=m,
+                              higher_is_better=HIGHER_IS_BETTER[m], seed=seed)
+        k, unit = (100, "%") if m in TWO_WAY_METRICS else (1, "")
+        table.add_row(
+            f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", f"{k * c.mean_a:.4g}{unit}", f"{k * c.mean_b:.4g}{unit}",
+            f"{k * c.diff:+.4g} [{k * c.diff_lo:+.4g}, {k * c.diff_hi:+.4g}]{unit}", f"{c.p_value:.3g}",
+            f"{c.wins_a} / {c.wins_b} / {c.ties}",
+        )
+    console.print(table)
+    console.print("p: two-sided paired sign-flip permutation test (10000 permutations); interval: paired bootstrap "
+                  "over images (2000 resamples). Two-way scores: per-image fractions treated as independent.")
 
 
 @app.command("weights")

@@ -9,6 +9,13 @@ self-contained HTML page (tables plus each run's reconstruction grid, embedded).
 Published NSD results (:mod:`brainrecon.eval.published`) are shown as reference
 rows under groups of NSD runs only, marked as published and cited; they take no
 rank and never appear beside runs on synthetic data.
+
+Each cell shows ``mean ± half-width`` of the run's 95 % bootstrap interval over test
+images (from its ``metrics.json``). Within a group, every run is compared with the
+group's best run on each metric by a paired sign-flip permutation test on the per-image
+differences (``per_image.csv``, matched by test image id); a cell whose difference from
+the best is not significant at ``alpha`` is marked ``≈`` (the best cell itself is the
+reference). Runs evaluated before per-image scores existed show means only.
 """
 
 from __future__ import annotations
@@ -26,12 +33,15 @@ from pathlib import Path
 import numpy as np
 
 from brainrecon.errors import DataError
-from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, TWO_WAY_METRICS, EvalReport
+from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, PER_IMAGE_FILE, TWO_WAY_METRICS, EvalReport
 from brainrecon.eval.published import PublishedRow, published_rows
+from brainrecon.eval.stats import paired_comparison
 
-__all__ = ["FORMATS", "LeaderboardEntry", "collect", "leaderboard", "rank_group"]
+__all__ = ["FORMATS", "LeaderboardEntry", "collect", "compare_to_best", "leaderboard", "rank_group"]
 
 FORMATS = ("table", "markdown", "csv", "html")
+NOT_SIGNIFICANT = "≈"
+DEFAULT_ALPHA = 0.05
 ARROW = {m: ("↑" if HIGHER_IS_BETTER[m] else "↓") for m in METRICS}
 
 
@@ -74,6 +84,10 @@ class LeaderboardEntry:
     grid: Path | None = None
     note: str = ""
     rank: int | None = None
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_image: dict[str, dict[int, float]] = field(default_factory=dict)
+    # Filled by the paired comparisons: metric -> p-value against the group's best run.
+    p_vs_best: dict[str, float] = field(default_factory=dict)
 
     @property
     def group_key(self) -> tuple:
@@ -110,7 +124,7 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
         data = info.get("data") or {}
         kind = str(data.get("kind", "unknown"))
         try:
-            ids_sha = _ids_hash(run.test_ids())
+            ids_sha = _ids_hash(np.sort(run.test_ids()))  # the set of test images, in any order
         except (OSError, ValueError):
             ids_sha = "unknown"
         entry = LeaderboardEntry(
@@ -141,12 +155,54 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
                 entry.variant = report.variant
                 entry.scores = dict(report)
                 entry.unavailable = dict(report.unavailable)
+                entry.intervals = dict(report.intervals)
                 if report.n_images != entry.n_test:
                     entry.n_test = report.n_images
+                entry.per_image = _read_per_image(run.path / PER_IMAGE_FILE, entry)
         elif not entry.note:
             entry.note = "not evaluated; run `brainrecon evaluate`"
         entries.append(entry)
     return entries
+
+
+def _read_per_image(path: Path, entry: LeaderboardEntry) -> dict[str, dict[int, float]]:
+    """A run's per-image scores as metric -> {test id: score}; a damaged file becomes a note."""
+    from brainrecon.eval.harness import read_per_image
+
+    if not path.is_file():
+        return {}
+    try:
+        ids, cols = read_per_image(path)
+    except DataError as exc:
+        entry.note = str(exc)
+        return {}
+    return {m: dict(zip(map(int, ids), map(float, v))) for m, v in cols.items()}
+
+
+def compare_to_best(members: list[LeaderboardEntry], *, seed: int = 0, n_permutations: int = 10000) -> None:
+    """Set each member's ``p_vs_best``: per metric, the paired sign-flip p-value of its per-image
+    differences from the group's best run on that metric (images matched by test id)."""
+    best = _best(members)
+    for e in members:
+        e.p_vs_best = {}
+    for m, value in best.items():
+        leader = next(e for e in members if _present(e, m) and e.scores[m] == value)
+        ref = leader.per_image.get(m)
+        if not ref:
+            continue
+        for e in members:
+            mine = e.per_image.get(m)
+            if e is leader or not mine or not _present(e, m):
+                continue
+            shared = [i for i in mine if i in ref]
+            if not shared:
+                continue
+            a = np.array([mine[i] for i in shared])
+            b = np.array([ref[i] for i in shared])
+            e.p_vs_best[m] = paired_comparison(
+                a, b, metric=m, higher_is_better=HIGHER_IS_BETTER[m], n_permutations=n_permutations,
+                n_resamples=1, seed=seed,
+            ).p_value
 
 
 def _check_sort(sort: str | None) -> str | None:
@@ -223,12 +279,25 @@ def _groups(entries: list[LeaderboardEntry], sort: str | None) -> list[tuple[str
     return groups
 
 
-def _fmt(metric: str, value: float | None) -> str:
+def _fmt(metric: str, value: float | None, interval=None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    half = None
+    if interval is not None and not any(math.isnan(x) for x in interval):
+        half = (interval[1] - interval[0]) / 2
     if metric in TWO_WAY_METRICS:
-        return f"{100 * value:.2f}%"
-    return f"{value:.3f}"
+        return f"{100 * value:.2f}" + (f" ± {100 * half:.2f}" if half is not None else "") + "%"
+    return f"{value:.3f}" + (f" ± {half:.3f}" if half is not None else "")
+
+
+def _cell(e: LeaderboardEntry, metric: str, alpha: float) -> str:
+    text = _fmt(metric, e.scores.get(metric), e.intervals.get(metric))
+    return text + (f" {NOT_SIGNIFICANT}" if _not_significant(e, metric, alpha) else "")
+
+
+def _not_significant(e: LeaderboardEntry, metric: str, alpha: float) -> bool:
+    p = e.p_vs_best.get(metric)
+    return p is not None and p >= alpha
 
 
 def _best(members: list[LeaderboardEntry]) -> dict[str, float]:
@@ -253,15 +322,16 @@ class _Row:
     ref: int | None = None
 
 
-def _build(entries, sort, include_published, include_ablations):
+def _build(entries, sort, include_published, include_ablations, alpha=DEFAULT_ALPHA):
     """Groups with their display rows, plus the citation list."""
     citations: list[str] = []
     out = []
     for label, members in _groups(entries, sort):
+        compare_to_best(members)
         rows = []
         for e in members:
             rows.append(_Row("run", str(e.rank) if e.rank else "–", e.name, e.decoder,
-                             [_fmt(m, e.scores.get(m)) for m in METRICS],
+                             [_cell(e, m, alpha) for m in METRICS],
                              {m: e.scores.get(m) for m in METRICS}, entry=e))
         if include_published and members[0].is_nsd and members[0].variant is not None:
             for p in published_rows(members[0].subject, include_ablations):
@@ -292,7 +362,22 @@ def _unavailable_notes(members) -> list[str]:
     return notes
 
 
-def _render_table(groups, citations) -> str:
+def _legend(groups, alpha: float) -> list[str]:
+    """How to read ± and ≈, when any cell shows them."""
+    entries = [e for _, members, _ in groups for e in members]
+    lines = []
+    if any(e.intervals for e in entries):
+        lines.append("± half-width of the 95 % bootstrap interval over test images (two-way scores: an "
+                     "approximation, each image's distractors being the other images).")
+    if any(e.p_vs_best for e in entries):
+        lines.append(f"{NOT_SIGNIFICANT} not significantly different from the group's best run on that metric "
+                     f"(paired sign-flip test on per-image scores, alpha = {alpha:g}).")
+    elif len(entries) > 1 and any(e.scores for e in entries):
+        lines.append("No per-image scores: re-run `brainrecon evaluate RUN` for significance marks.")
+    return lines
+
+
+def _render_table(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     lines = []
     for label, members, rows in groups:
         body = [[r.rank, r.name + (f" [{r.ref}]" if r.ref else ""), r.decoder] + r.cells for r in rows]
@@ -307,6 +392,7 @@ def _render_table(groups, citations) -> str:
         notes += _unavailable_notes(members)
         lines.extend(notes)
         lines.append("")
+    lines.extend(_legend(groups, alpha))
     lines.extend(_citation_lines(citations))
     return "\n".join(lines).rstrip() + "\n"
 
@@ -320,7 +406,7 @@ def _citation_lines(citations) -> list[str]:
     return lines
 
 
-def _render_markdown(groups, citations) -> str:
+def _render_markdown(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     lines = []
     for label, members, rows in groups:
         best = _best(members)
@@ -341,26 +427,40 @@ def _render_markdown(groups, citations) -> str:
             if e.note:
                 lines.append(f"\n{e.name}: {e.note}")
         lines.append("")
+    legend = _legend(groups, alpha)
+    if legend:
+        lines.extend(legend)
+        lines.append("")
     lines.extend(_citation_lines(citations))
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _render_csv(groups, citations) -> str:
+def _num(v) -> str:
+    return "" if v is None or math.isnan(v) else repr(float(v))
+
+
+def _render_csv(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    stats_cols = [f"{m} {part}" for m in METRICS for part in ("lo", "hi", "p_vs_best", "not_significant")]
     w.writerow(["group", "rank", "kind", "name", "decoder", "subject", "data", "n_test", "variant", *METRICS,
-                "citation", "path"])
+                "citation", "path", *stats_cols, "alpha"])
     for label, members, rows in groups:
         for r in rows:
-            raw = ["" if r.raw[m] is None or math.isnan(r.raw[m]) else repr(float(r.raw[m])) for m in METRICS]
+            raw = [_num(r.raw[m]) for m in METRICS]
             if r.entry is not None:
                 e = r.entry
+                extra = []
+                for m in METRICS:
+                    lo, hi = e.intervals.get(m, (None, None))
+                    p = e.p_vs_best.get(m)
+                    extra += [_num(lo), _num(hi), _num(p), "" if p is None else str(p >= alpha).lower()]
                 w.writerow([label, e.rank or "", "run", e.name, e.decoder, e.subject, e.data_name, e.n_test,
-                            e.variant or "", *raw, "", str(e.path)])
+                            e.variant or "", *raw, "", str(e.path), *extra, alpha])
             else:
                 p = r.published
                 w.writerow([label, "", "published", p.method, "", p.subjects, "NSD", p.n_images or "", "",
-                            *raw, p.citation, ""])
+                            *raw, p.citation, "", *([""] * len(stats_cols)), ""])
     return buf.getvalue()
 
 
@@ -371,13 +471,15 @@ th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right;white-space
 th:nth-child(-n+3),td:nth-child(-n+3){text-align:left}
 tr.published td{color:#666;font-style:italic;background:#f6f6f6}
 td.best{font-weight:bold}
+td.ns{background:#eef5ff}
+.legend{color:#555;font-size:0.9em}
 figure{display:inline-block;margin:0 1.5em 1.5em 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #ddd}
 .note{color:#a33}
 """
 
 
-def _render_html(groups, citations, title: str) -> str:
+def _render_html(groups, citations, title: str, alpha=DEFAULT_ALPHA) -> str:
     esc = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -398,7 +500,13 @@ def _render_html(groups, citations, title: str) -> str:
             cells = [f"<td>{esc(r.rank)}</td>", f"<td>{name}</td>", f"<td>{esc(r.decoder)}</td>"]
             for m, c in zip(METRICS, r.cells):
                 is_best = r.kind == "run" and m in best and r.raw[m] == best[m]
-                cells.append(f'<td class="best">{esc(c)}</td>' if is_best else f"<td>{esc(c)}</td>")
+                ns = r.entry is not None and _not_significant(r.entry, m, alpha)
+                klass = " ".join(k for k, on in (("best", is_best), ("ns", ns)) if on)
+                title_attr = ""
+                if r.entry is not None and m in r.entry.p_vs_best:
+                    title_attr = f' title="p = {r.entry.p_vs_best[m]:.3g} against the best run"'
+                cells.append(f'<td class="{klass}"{title_attr}>{esc(c)}</td>' if klass or title_attr
+                             else f"<td>{esc(c)}</td>")
             parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
         for e in members:
@@ -411,6 +519,9 @@ def _render_html(groups, citations, title: str) -> str:
                     f'<figure><img alt="reconstructions of {esc(e.name)}" src="data:image/png;base64,{data}">'
                     f"<figcaption>{esc(e.name)} ({esc(e.decoder)})</figcaption></figure>"
                 )
+    legend = _legend(groups, alpha)
+    if legend:
+        parts.append('<p class="legend">' + "<br>".join(esc(x) for x in legend) + "</p>")
     if citations:
         parts.append("<h2>Published reference rows</h2><p>As printed in their sources; they mix test sets, "
                      "preprocessing variants and library versions, and take no rank.</p><ol>")
@@ -429,6 +540,7 @@ def leaderboard(
     include_ablations: bool = False,
     title: str = "brainrecon leaderboard",
     entries: list[LeaderboardEntry] | None = None,
+    alpha: float = DEFAULT_ALPHA,
 ) -> str:
     """Render the runs under ``runs_dir`` as ranked groups of comparable runs.
 
@@ -449,6 +561,8 @@ def leaderboard(
         HTML page title.
     entries : list of LeaderboardEntry, optional
         Use these instead of reading ``runs_dir``.
+    alpha : float
+        Significance level of the paired comparisons with each group's best run.
 
     Returns
     -------
@@ -462,11 +576,13 @@ def leaderboard(
     if not entries and fmt != "csv":
         msg = f"No runs under {Path(runs_dir)}. Fit one with `brainrecon fit` or `brainrecon demo`."
         return f"<!DOCTYPE html><html><body><p>{html.escape(msg)}</p></body></html>\n" if fmt == "html" else msg + "\n"
-    groups, citations = _build(entries, sort, include_published, include_ablations)
+    if not 0 < alpha < 1:
+        raise DataError(f"alpha must be between 0 and 1 (e.g. 0.05), got {alpha}.")
+    groups, citations = _build(entries, sort, include_published, include_ablations, alpha)
     if fmt == "table":
-        return _render_table(groups, citations)
+        return _render_table(groups, citations, alpha)
     if fmt == "markdown":
-        return _render_markdown(groups, citations)
+        return _render_markdown(groups, citations, alpha)
     if fmt == "csv":
-        return _render_csv(groups, citations)
-    return _render_html(groups, citations, title)
+        return _render_csv(groups, citations, alpha)
+    return _render_html(groups, citations, title, alpha)

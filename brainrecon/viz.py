@@ -152,6 +152,8 @@ def compare_runs(
     max_rows: int = 8,
     cell_size: int = 128,
     data_source=None,
+    sort_by: str | None = None,
+    worst: bool = True,
 ) -> Path:
     """Several runs side by side on the test images they share.
 
@@ -168,6 +170,11 @@ def compare_runs(
         Side of each cell in pixels.
     data_source : path-like, optional
         Where the first run's dataset is now, if it moved.
+    sort_by : str, optional
+        A metric: show the ``max_rows`` images the first run scores worst (``worst=True``)
+        or best on it, from its per-image scores, each row labelled with its score.
+    worst : bool
+        With ``sort_by``: worst first (failure cases) or best first.
 
     Returns
     -------
@@ -199,9 +206,14 @@ def compare_runs(
     shared = set(map(int, id_lists[0]))
     for ids in id_lists[1:]:
         shared &= set(map(int, ids))
-    chosen = [int(v) for v in id_lists[0] if int(v) in shared][:max_rows]
+    chosen = [int(v) for v in id_lists[0] if int(v) in shared]
+    labels = None
+    if sort_by is not None:
+        chosen, labels = _ranked(first, chosen, sort_by, worst)
+    chosen = chosen[:max_rows]
     if not chosen:
         raise BrainreconError(f"The runs {[r.name for r in runs]} share no test image.")
+    labels = labels[: len(chosen)] if labels else [str(v) for v in chosen]
     ds = first.dataset(data_source)
     ds_ids = np.asarray(ds.test.ids(first.subject), dtype=np.int64)
     ds_pos = {int(v): i for i, v in enumerate(ds_ids)}
@@ -215,6 +227,28 @@ def compare_runs(
             label = f"{run.name} ({k})"
             k += 1
         columns[label] = np.asarray(run.reconstructions()[np.array([pos[v] for v in chosen])])
-    image_grid(gt, columns, path=out, max_rows=max_rows, cell_size=cell_size,
-               row_labels=[str(v) for v in chosen])
+    image_grid(gt, columns, path=out, max_rows=max_rows, cell_size=cell_size, row_labels=labels)
     return Path(out)
+
+
+def _ranked(run, ids: list[int], metric: str, worst: bool) -> tuple[list[int], list[str]]:
+    """``ids`` ordered by ``run``'s per-image score on ``metric`` (worst or best first), with labels."""
+    from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, PER_IMAGE_FILE, TWO_WAY_METRICS, read_per_image
+
+    if metric not in METRICS:
+        raise BrainreconError(f"Unknown metric {metric!r} to sort by. Valid: {', '.join(map(repr, METRICS))}.")
+    path = run.path / PER_IMAGE_FILE
+    if not path.is_file():
+        raise BrainreconError(
+            f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first."
+        )
+    score_ids, cols = read_per_image(path)
+    if metric not in cols:
+        raise BrainreconError(f"Run {run.name!r} was not scored on {metric}; evaluate it with that metric.")
+    score = dict(zip(map(int, score_ids), cols[metric]))
+    have = [i for i in ids if i in score and not np.isnan(score[i])]
+    # Worst first: the lowest of a higher-is-better metric, the highest of a distance.
+    descending = HIGHER_IS_BETTER[metric] != worst
+    have.sort(key=lambda i: score[i], reverse=descending)
+    fmt = (lambda v: f"{100 * v:.1f}%") if metric in TWO_WAY_METRICS else (lambda v: f"{v:.3f}")
+    return have, [f"{i} {metric} {fmt(score[i])}" for i in have]

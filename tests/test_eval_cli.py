@@ -97,3 +97,51 @@ def test_weights_command(tmp_path):
     assert "present  inception_v3_google-0cc3c7bd.pth" in text
     assert "missing  efficientnet_b1-c27df63c.pth" in text
     assert "5 file(s) missing" in text
+
+
+def test_evaluate_options_intervals_and_worst_images(fitted, tmp_path):
+    run = list_runs(fitted)[0]
+    result = invoke("evaluate", run.path, "-m", "PixCorr", "-m", "SSIM", "--ssim-mode", "columnwise",
+                    "--cache-dir", tmp_path / "cache", "--bootstrap", 500, "--seed", 3,
+                    "--sort-by", "SSIM", "--worst", 3)
+    assert result.exit_code == 0, result.output
+    assert "95% interval" in result.output and "worst 3 by SSIM" in result.output
+    saved = json.loads((run.path / "metrics.json").read_text())
+    assert saved["settings"]["ssim_mode"] == "columnwise"
+    assert saved["bootstrap"]["n_resamples"] == 500 and saved["bootstrap"]["seed"] == 3
+    lo, hi = saved["intervals"]["SSIM"]
+    assert lo <= saved["metrics"]["SSIM"] <= hi
+    rows = (run.path / "per_image.csv").read_text().splitlines()
+    assert rows[0] == "image_id,PixCorr,SSIM" and len(rows) == 1 + saved["n_images"]
+    ssim = {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows[1:]}
+    img = np.asarray(Image.open(run.path / "worst-ssim.png"))
+    assert img.shape[0] > 3 * 64
+    from brainrecon.viz import _ranked
+
+    chosen, labels = _ranked(run, list(ssim), "SSIM", worst=True)
+    assert chosen[:3] == sorted(ssim, key=ssim.get)[:3] and labels[0].startswith(f"{chosen[0]} SSIM ")
+
+    # MindEye2's enhanced evaluation with the run itself as the blend: 0.75 r + 0.25 r = r.
+    result = invoke("evaluate", run.path, "-m", "PixCorr", "--blend", run.path)
+    assert result.exit_code == 0, result.output
+    blended = json.loads((run.path / "metrics.json").read_text())
+    assert blended["settings"]["blend"] is True and "run" in blended["settings"]["blend_source"]
+    assert blended["metrics"]["PixCorr"] == pytest.approx(saved["metrics"]["PixCorr"], abs=1e-5)
+
+    result = invoke("evaluate", run.path, "--worst", 3)
+    assert result.exit_code == 1 and "add --sort-by METRIC" in result.output
+    result = invoke("evaluate", run.path, "--sort-by", "clip")
+    assert result.exit_code == 1 and "is not a metric" in result.output
+
+
+def test_compare_stats_of_a_run_with_itself_is_never_significant(fitted):
+    run = list_runs(fitted)[0]
+    assert invoke("evaluate", run.path, "-m", "PixCorr", "-m", "SSIM").exit_code == 0
+    result = invoke("compare", run.path, run.path, "--stats")
+    assert result.exit_code == 0, result.output
+    assert "PixCorr ↑" in result.output and "+0 [+0, +0]" in result.output
+    assert " 1 " in result.output  # p = 1
+    result = invoke("compare", run.path, "--stats")
+    assert result.exit_code == 1 and "exactly two runs" in result.output
+    result = invoke("compare", run.path, run.path)
+    assert result.exit_code == 1 and "--out" in result.output

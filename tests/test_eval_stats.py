@@ -288,3 +288,89 @@ def test_noise_alone_is_rarely_significant():
         hits += paired_comparison(base + rng.normal(0, 0.05, 100), base + rng.normal(0, 0.05, 100),
                                   n_permutations=999, n_resamples=200).significant(0.05)
     assert hits <= 6  # ~2 expected at alpha = 0.05
+
+
+# ---------------------------------------------------------------------------- leaderboard
+
+
+def _run_with_scores(root, name, per_image, ids):
+    from brainrecon.io import write_array_atomic, write_json_atomic
+
+    path = root / name
+    path.mkdir(parents=True)
+    write_array_atomic(path / "test_ids.npy", np.asarray(ids, dtype=np.int64))
+    write_json_atomic(path / "run.json", {
+        "name": name, "decoder": name.split("-")[0], "params": {}, "subject": 1, "target": "pixels",
+        "predicts": "target", "data": {"kind": "synthetic", "seed": 0}, "data_name": "synthetic(seed=0)",
+        "ids_are_nsd": False, "fingerprint": "fp", "n_test": len(ids),
+    })
+    from brainrecon.eval.stats import bootstrap_interval
+
+    EvalReport({m: float(np.mean(v)) for m, v in per_image.items()}, n_images=len(ids), variant="mindeye",
+               per_image=per_image, ids=ids,
+               intervals={m: bootstrap_interval(v) for m, v in per_image.items()}).save(path / "metrics.json")
+    return path
+
+
+@pytest.fixture()
+def three_runs(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 120
+    ids = np.arange(1000, 1000 + n)
+    base = {m: rng.uniform(0.3, 0.7, n) for m in METRICS}
+    better = {m: v + (0.05 if m not in ("EffNet-B", "SwAV") else -0.05) + rng.normal(0, 0.01, n)
+              for m, v in base.items()}
+    root = tmp_path / "runs"
+    _run_with_scores(root, "ridge-best", better, ids)
+    _run_with_scores(root, "neuropictor-same", {m: v.copy() for m, v in better.items()}, ids)
+    # A clearly worse run, its rows stored in another order (matched by id, not position).
+    order = rng.permutation(n)
+    _run_with_scores(root, "brainguard-worse", {m: v[order] for m, v in base.items()}, ids[order])
+    return root
+
+
+def test_leaderboard_shows_intervals_and_marks_ties_with_the_best(three_runs):
+    from brainrecon.leaderboard import leaderboard
+
+    table = leaderboard(three_runs, fmt="table")
+    lines = {ln.split()[1]: ln for ln in table.splitlines() if ln[:1].isdigit()}
+    assert "±" in lines["ridge-best"]
+    # Two identical runs tie for best: one is the reference, the other is never significantly different.
+    marks = sorted([lines["ridge-best"].count("≈"), lines["neuropictor-same"].count("≈")])
+    assert marks == [0, 8]
+    assert "≈" not in lines["brainguard-worse"]  # clearly worse on every metric
+    assert "paired sign-flip test" in table and "alpha = 0.05" in table
+
+    md = leaderboard(three_runs, fmt="markdown")
+    assert md.count("≈") >= 8 and "±" in md
+    html = leaderboard(three_runs, fmt="html")
+    assert html.count('class="ns"') + html.count('class="best ns"') == 8 and "p = " in html
+
+    import csv
+    import io
+
+    rows = {r["name"]: r for r in csv.DictReader(io.StringIO(leaderboard(three_runs, fmt="csv")))}
+    ref, twin = ("neuropictor-same", "ridge-best") if rows["ridge-best"]["CLIP p_vs_best"] else ("ridge-best", "neuropictor-same")
+    assert rows[twin]["CLIP not_significant"] == "true"
+    assert float(rows[twin]["CLIP p_vs_best"]) == 1.0
+    assert rows["brainguard-worse"]["CLIP not_significant"] == "false"
+    assert float(rows["brainguard-worse"]["SwAV p_vs_best"]) < 0.001
+    assert rows[ref]["CLIP p_vs_best"] == ""  # the reference itself
+    lo, hi = float(rows["ridge-best"]["SSIM lo"]), float(rows["ridge-best"]["SSIM hi"])
+    assert lo < float(rows["ridge-best"]["SSIM"]) < hi
+
+    # A strict enough alpha turns nothing into "significant" that was not.
+    assert leaderboard(three_runs, fmt="table", alpha=0.5).count("≈") >= 8
+    from brainrecon.errors import DataError
+
+    with pytest.raises(DataError, match="alpha must be between 0 and 1"):
+        leaderboard(three_runs, alpha=5)
+
+
+def test_leaderboard_of_old_runs_without_per_image_scores_says_how_to_get_them(three_runs):
+    from brainrecon.leaderboard import leaderboard
+
+    for f in three_runs.glob("*/per_image.csv"):
+        f.unlink()
+    table = leaderboard(three_runs, fmt="table")
+    assert "≈" not in table and "re-run `brainrecon evaluate RUN`" in table
