@@ -21,13 +21,13 @@ from brainrecon.errors import BrainreconError
 
 timm = pytest.importorskip("timm")
 
-TINY_SIZES = dict(
-    surface_size=16, patch_size=4, encoder_dim=32, encoder_depth=2, encoder_heads=4,
-    bottleneck_dim=16, decoder_dim=16, decoder_depth=1, decoder_heads=2, semantic_hidden=8,
-    image_size=32,
-)
-TINY = dict(TINY_SIZES, batch_size=2, num_inference_steps=2, progress=False, device="cpu",
-            gradient_checkpointing=False, base_model="tiny")
+TINY_SIZES = {
+    "surface_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_depth": 2, "encoder_heads": 4,
+    "bottleneck_dim": 16, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "semantic_hidden": 8,
+    "image_size": 32,
+}
+TINY = {**TINY_SIZES, "batch_size": 2, "num_inference_steps": 2, "progress": False, "device": "cpu",
+        "gradient_checkpointing": False, "base_model": "tiny"}
 
 
 @pytest.fixture(scope="module", autouse=True)

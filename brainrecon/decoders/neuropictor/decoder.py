@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,6 +19,7 @@ from brainrecon.decoders.neuropictor.encoder import (
     LAYER_NORM_EPS,
     LEGACY_LAYER_NORM_EPS,
 )
+from brainrecon.decoders.neuropictor.recipes import RECIPES
 from brainrecon.decoders.neuropictor.weights import (
     empty_init,
     load_safetensors_strict,
@@ -33,6 +36,13 @@ STAGE_LR = {"encoder": 1e-4, "pretrain": 1e-4, "finetune": 1e-4, "cfg": 1e-5}
 STAGE_EPOCHS = {"encoder": 100, "pretrain": 100, "finetune": 160, "cfg": 20}
 SEM_TARGETS = ("penultimate", "last")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SAMPLE_PRECISION = ("auto", "fp16-autocast")
+# Keys of per-stage parameter mappings: brainrecon's stages and the official yaml names
+# (models/{pretrain,pretrain_mask,finetune,finetune_mask}.yaml). Stage "cfg" looks up
+# "pretrain_mask" or "finetune_mask" (by whether it continues a pre-trained or a fine-tuned
+# model), then "cfg".
+STAGE_KEYS = ("encoder", "pretrain", "pretrain_mask", "finetune", "finetune_mask", "cfg")
+PER_STAGE = ("lr", "steps", "epochs", "semantic_weight", "global_batch", "detach_unet_encoder")
 SIZE_PARAMS = tuple(model.Sizes.__dataclass_fields__)
 ENCODER_SIZES = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads")
 HEAD_SIZES = ("bottleneck_dim", "decoder_dim", "decoder_depth", "decoder_heads")
@@ -96,10 +106,14 @@ class NeuroPictorDecoder(Decoder):
         official model uses it), else 0; the last two default to ``encoder_drop``.
     bottleneck_dim, decoder_dim, decoder_depth, decoder_heads : int
         Autoencoder bottleneck and decoder (stage ``"encoder"`` only): 2048, 512, 8, 16.
-    semantic_hidden : int
-        Intermediate token count of the guiding network (128).
+    semantic_hidden : int, optional
+        Intermediate token count of the guiding network (default: encoder tokens // 2, the
+        official rule; 128 at 257 tokens).
     image_size : int
         Training images are resized to, and reconstructions have, this side (512).
+    image_resize : {"bicubic", "pil-bilinear"}
+        Resizing of training images: torch bicubic with antialiasing (default), or PIL bilinear
+        as the official data loader (torchvision ``Resize`` on PIL images).
     sem_target : {"penultimate", "last"}
         Semantic-loss target. ``"penultimate"``: the SD 2.1 text encoder's output, which is
         the conditioning the UNet uses (diffusers' SD 2.1 text encoder already ends at the
@@ -107,27 +121,49 @@ class NeuroPictorDecoder(Decoder):
         OpenCLIP ViT-H/14 text tower's last layer, loaded from ``sem_text_model``.
     sem_text_model : str
         Repo id or directory of the 24-layer text model used when ``sem_target="last"``.
-    lr : float, optional
-        AdamW learning rate (default 1e-4; 1e-5 in stage ``"cfg"``).
+    lr : float or dict, optional
+        AdamW learning rate (default 1e-4; 1e-5 in stage ``"cfg"``). This and the other
+        parameters marked "or dict" also take a per-stage mapping, keyed by brainrecon's stage
+        names or the official yaml names (``{"pretrain": 1e-4, "pretrain_mask": 1e-5,
+        "finetune": 1e-4, "finetune_mask": 1e-5}``; stage ``"cfg"`` reads ``"pretrain_mask"``
+        or ``"finetune_mask"`` by the model it continues, then ``"cfg"``); stages not in the
+        mapping get the default. This is how one recipe covers every stage.
     weight_decay : float
         AdamW weight decay (0.01).
+    grad_clip : float, optional
+        Clip the global gradient norm to this value (None: no clipping, as the official code).
+    lr_schedule : {"constant", "linear", "cosine"}
+        Learning-rate schedule over the run's steps ("constant": the official code's).
+    lr_warmup_steps : int
+        Linear warm-up steps before the schedule (0).
     batch_size : int
-        Samples per step and per GPU (16).
-    steps, epochs : int, optional
+        Samples per micro-step and per GPU (16).
+    global_batch : int or dict, optional
+        Samples per optimiser step over all processes; gradient accumulation makes up the
+        difference: ``grad_accum = global_batch / (batch_size * processes)`` (must divide).
+        The official runs use 96 in pre-training (6 GPUs x 16) and 32 in fine-tuning (2 x 16).
+    grad_accum : int, optional
+        Micro-steps per optimiser step (default 1, or derived from ``global_batch``).
+    steps, epochs : int or dict, optional
         Optimiser steps; if ``steps`` is None, ``epochs`` passes over the data (default per
-        stage: 100, 100, 160, 20).
-    semantic_weight : float, optional
+        stage: 100, 100, 160, 20), at ``global_batch`` samples per step.
+    semantic_weight : float or dict, optional
         lambda of the semantic loss (default 0 in ``"pretrain"``, 0.1 in ``"finetune"``, and in
         ``"cfg"`` 0.1 when the auxiliary branch is active, else 0).
     cfg_drop : float
         Probability of replacing a context by the empty-caption embedding in stage ``"cfg"`` (0.05).
-    detach_unet_encoder : bool, optional
+    detach_unet_encoder : bool or dict, optional
         Run the frozen UNet's encoder and middle block on a detached context (the original's
         ``no_grad`` in pre-training from SD). Default: true in ``"pretrain"`` only.
     gradient_checkpointing : bool
         Recompute activations in the backward pass (fMRI encoder, ControlNet, UNet).
     mixed_precision : {"auto", "no", "bf16", "fp16"}
         ``"auto"``: bf16 on CUDA, none on CPU. Frozen modules are stored in this dtype.
+    sample_precision : {"auto", "fp16-autocast"}
+        Precision of sampling. ``"auto"``: the frozen modules in the ``mixed_precision`` dtype
+        (bf16 on CUDA). ``"fp16-autocast"``: float32 weights under fp16 autocast, as the
+        official ``reconstruction.py`` (``--precision autocast``); on CPU, where there is no
+        fp16 autocast, float32.
     control_scale : float
         alpha, multiplies the 13 ControlNet residuals at inference (1.0; 0 = semantics only).
     guidance_scale : float
@@ -157,6 +193,33 @@ class NeuroPictorDecoder(Decoder):
     Sizes default to the official architecture: fMRI encoder 302,575,616 parameters,
     semantic network 2,207,074, feature transformation 4,803,332, ControlNet 363,141,760,
     frozen UNet 865,910,724 (:func:`component_parameter_counts`).
+
+    Recipes (``fit --recipe NAME``; ``brainrecon decoders describe neuropictor`` lists every
+    value with its source): ``neuropictor-released`` sets the official code's values per stage
+    (``models/*.yaml``, ``train.py``, ``reconstruction.py``, ``dataset/dataset.py`` of
+    jingyanghuo/neuropictor) and the epoch counts of the released models;
+    ``neuropictor-paper`` replaces them where the paper (Huo et al., ECCV 2024, §4.1) says
+    otherwise (batch 64 and 100k iterations in pre-training, 60k in fine-tuning).
+
+    Where brainrecon still differs from the official code, and why:
+
+    - frozen UNet / VAE / text encoder are stored in the mixed-precision dtype (bf16) instead
+      of fp32 weights under bf16 autocast: half the memory of 1.3 B frozen parameters; the
+      trainable part is fp32 under autocast as officially. The UNet gets no gradients of its
+      own (officially computed and discarded, ~3.5 GB);
+    - noise and sample order come from per-step seeds (resumable, process-count independent
+      data order) and each reconstruction from a per-image seed, not one global seed 42, so
+      individual images differ from the official ones while the distribution is the same;
+    - the semantic target defaults to the penultimate text layer (no 354 M-parameter second
+      text tower to download); the recipes set the official ``"last"``;
+    - stage lengths are counted in optimiser steps at the global batch; the recipes give the
+      released epochs. Fine-tuning subjects 2, 5 and 7 ran 180-200 epochs officially: pass
+      ``--param epochs='{"finetune": 200}'`` (the released files do not say which);
+    - the unused image-hint encoder of the ControlNet copy is not built, and the training-time
+      validation metrics (LPIPS, EffNet, Inception on 25 % of the test set) are replaced by
+      image grids (``validate_every``); ``brainrecon evaluate`` scores the final model;
+    - subjects per stage are not part of a recipe (``--subjects 1 2 3 4 5 6 7 8`` for
+      pre-training, one subject for fine-tuning).
     """
 
     name = "neuropictor"
@@ -165,6 +228,7 @@ class NeuroPictorDecoder(Decoder):
     summary = "NeuroPictor: fMRI surface maps control Stable Diffusion 2.1 (ControlNet + semantic context)"
     main_params = ("stage", "base_model", "init_from", "image_size", "batch_size", "steps",
                    "control_scale", "guidance_scale")
+    recipes = RECIPES
 
     def __init__(
         self,
@@ -188,20 +252,27 @@ class NeuroPictorDecoder(Decoder):
         decoder_dim: int = 512,
         decoder_depth: int = 8,
         decoder_heads: int = 16,
-        semantic_hidden: int = 128,
+        semantic_hidden: int | None = None,
         image_size: int = 512,
+        image_resize: str = "bicubic",
         sem_target: str = "penultimate",
         sem_text_model: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        lr: float | None = None,
+        lr: float | dict | None = None,
         weight_decay: float = 0.01,
+        grad_clip: float | None = None,
+        lr_schedule: str = "constant",
+        lr_warmup_steps: int = 0,
         batch_size: int = 16,
-        steps: int | None = None,
-        epochs: int | None = None,
-        semantic_weight: float | None = None,
+        global_batch: int | dict | None = None,
+        grad_accum: int | None = None,
+        steps: int | dict | None = None,
+        epochs: int | dict | None = None,
+        semantic_weight: float | dict | None = None,
         cfg_drop: float = 0.05,
-        detach_unet_encoder: bool | None = None,
+        detach_unet_encoder: bool | dict | None = None,
         gradient_checkpointing: bool = True,
         mixed_precision: str = "auto",
+        sample_precision: str = "auto",
         control_scale: float = 1.0,
         guidance_scale: float = 5.0,
         num_inference_steps: int = 50,
@@ -235,11 +306,17 @@ class NeuroPictorDecoder(Decoder):
         self.decoder_heads = decoder_heads
         self.semantic_hidden = semantic_hidden
         self.image_size = image_size
+        self.image_resize = image_resize
         self.sem_target = sem_target
         self.sem_text_model = sem_text_model
         self.lr = lr
         self.weight_decay = weight_decay
+        self.grad_clip = grad_clip
+        self.lr_schedule = lr_schedule
+        self.lr_warmup_steps = lr_warmup_steps
         self.batch_size = batch_size
+        self.global_batch = global_batch
+        self.grad_accum = grad_accum
         self.steps = steps
         self.epochs = epochs
         self.semantic_weight = semantic_weight
@@ -247,6 +324,7 @@ class NeuroPictorDecoder(Decoder):
         self.detach_unet_encoder = detach_unet_encoder
         self.gradient_checkpointing = gradient_checkpointing
         self.mixed_precision = mixed_precision
+        self.sample_precision = sample_precision
         self.control_scale = control_scale
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps
@@ -264,6 +342,8 @@ class NeuroPictorDecoder(Decoder):
     # ------------------------------------------------------------------ validation of parameters
     def _sizes(self) -> model.Sizes:
         values = {k: getattr(self, k) for k in SIZE_PARAMS}
+        if values["semantic_hidden"] is None:
+            values["semantic_hidden"] = _default_semantic_hidden(values)
         for k, v in values.items():
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise BrainreconError(f"{k} must be a positive integer, got {v!r}.")
@@ -318,6 +398,48 @@ class NeuroPictorDecoder(Decoder):
             )
         return official.encoder_from_state(state, self.encoder_config, source=str(self.encoder_init),
                                            **self._encoder_options(training=True))
+
+    @staticmethod
+    def _stage_keys(stage: str, use_aux: bool) -> tuple[str, ...]:
+        if stage == "cfg":
+            return ("finetune_mask" if use_aux else "pretrain_mask", "cfg")
+        return (stage,)
+
+    def _per_stage(self, name: str, keys: Sequence[str], default=None):
+        """Parameter ``name`` for the stage with lookup ``keys``; a mapping is read per stage."""
+        value = getattr(self, name)
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - set(STAGE_KEYS))
+            if unknown:
+                raise BrainreconError(
+                    f"{name} maps unknown stage(s) {unknown}; valid keys: {', '.join(STAGE_KEYS)}."
+                )
+            value = next((value[k] for k in keys if k in value), None)
+        return default if value is None else value
+
+    def _grad_accum(self, keys: Sequence[str], processes: int) -> int:
+        """Micro-steps per optimiser step, from ``grad_accum`` or ``global_batch``."""
+        accum = self.grad_accum
+        global_batch = self._per_stage("global_batch", keys)
+        per_step = int(self.batch_size) * processes
+        if global_batch is not None:
+            if int(global_batch) < 1 or int(global_batch) % per_step:
+                raise BrainreconError(
+                    f"global_batch {global_batch} is not a multiple of batch_size {self.batch_size} x "
+                    f"{processes} process(es) = {per_step}; choose a batch_size (or number of GPUs) "
+                    f"that divides it."
+                )
+            derived = int(global_batch) // per_step
+            if accum is not None and int(accum) != derived:
+                raise BrainreconError(
+                    f"grad_accum={accum} contradicts global_batch {global_batch} = batch_size "
+                    f"{self.batch_size} x {processes} process(es) x {derived}; give one of the two."
+                )
+            accum = derived
+        accum = 1 if accum is None else accum
+        if not isinstance(accum, (int, np.integer)) or isinstance(accum, bool) or accum < 1:
+            raise BrainreconError(f"grad_accum must be a positive integer, got {accum!r}.")
+        return int(accum)
 
     def _check_choice(self, name: str, choices: Sequence[str]) -> None:
         value = getattr(self, name)
@@ -388,9 +510,13 @@ class NeuroPictorDecoder(Decoder):
         return cfg
 
     def _check_init_sizes(self, init_cfg: dict, names: Sequence[str]) -> None:
-        params = init_cfg.get("params", {})
-        diff = [f"{k}={params.get(k)!r} there vs {getattr(self, k)!r} here"
-                for k in names if params.get(k) != getattr(self, k)]
+        params = dict(init_cfg.get("params", {}))
+        mine = {k: getattr(self, k) for k in names}
+        if "semantic_hidden" in mine:  # compare the widths actually built
+            if params.get("semantic_hidden") is None:
+                params["semantic_hidden"] = _default_semantic_hidden(params)
+            mine["semantic_hidden"] = self._sizes().semantic_hidden
+        diff = [f"{k}={params.get(k)!r} there vs {v!r} here" for k, v in mine.items() if params.get(k) != v]
         if diff:
             raise BrainreconError(
                 f"init_from={self.init_from!r} was trained with other sizes ({'; '.join(diff)}); "
@@ -475,6 +601,9 @@ class NeuroPictorDecoder(Decoder):
         """
         self._check_choice("stage", STAGES)
         self._check_choice("sem_target", SEM_TARGETS)
+        self._check_choice("image_resize", train_module.IMAGE_RESIZE)
+        self._check_choice("lr_schedule", train_module.LR_SCHEDULES)
+        self._check_choice("sample_precision", SAMPLE_PRECISION)
         sizes = self._sizes()
         subjects = self._fit_subjects(train)
         device = self._device()
@@ -501,29 +630,31 @@ class NeuroPictorDecoder(Decoder):
         if diffusion:
             net.semantic.aux.requires_grad_(use_aux)
             net.semantic.aux_zero.requires_grad_(use_aux)
-        semantic_weight = self.semantic_weight
-        if semantic_weight is None:
-            semantic_weight = 0.1 if stage == "finetune" or (stage == "cfg" and use_aux) else 0.0
+        keys = self._stage_keys(stage, use_aux)
         data = train_module.TrainingData(
             train, subjects, sizes.surface_size, self.image_size if diffusion else None,
-            captions=diffusion and semantic_weight > 0,
+            captions=diffusion and self._semantic_weight(stage, keys) > 0, image_resize=self.image_resize,
         )
-        steps = self._total_steps(len(data), stage)
+        plan = self.training_plan(len(data), stage=stage, use_aux=use_aux)
+        semantic_weight, grad_accum, steps = plan["semantic_weight"], plan["grad_accum"], plan["steps"]
         empty = None
         if diffusion:
             text_device = next(base.text_encoder.parameters()).device
             empty = train_module.encode_text(base.tokenizer, base.text_encoder, [""], text_device)[0].cpu()
         cfg = train_module.TrainConfig(
             stage=stage,
-            lr=float(self.lr if self.lr is not None else STAGE_LR[stage]),
+            lr=plan["lr"],
             weight_decay=float(self.weight_decay),
             batch_size=int(self.batch_size),
             total_steps=steps,
             semantic_weight=float(semantic_weight),
+            grad_accum=grad_accum,
+            grad_clip=None if self.grad_clip is None else float(self.grad_clip),
+            lr_schedule=self.lr_schedule,
+            lr_warmup_steps=int(self.lr_warmup_steps),
             use_aux=use_aux,
-            cfg_drop=float(self.cfg_drop) if stage == "cfg" else 0.0,
-            detach_unet_encoder=bool(stage == "pretrain" if self.detach_unet_encoder is None
-                                     else self.detach_unet_encoder) and diffusion,
+            cfg_drop=plan["cfg_drop"],
+            detach_unet_encoder=plan["detach_unet_encoder"],
             gradient_checkpointing=bool(self.gradient_checkpointing),
             mixed_precision=mixed,
             seed=int(self.seed),
@@ -535,8 +666,8 @@ class NeuroPictorDecoder(Decoder):
             progress=bool(self.progress),
             identity={"stage": stage, "seed": int(self.seed), "batch_size": int(self.batch_size),
                       "subjects": subjects, "n_samples": len(data),
-                      **{k: getattr(self, k) for k in SIZE_PARAMS}, "image_size": self.image_size,
-                      "encoder_eps": float(self.encoder_eps)},
+                      **dataclasses.asdict(sizes), "image_size": self.image_size,
+                      "encoder_eps": float(self.encoder_eps), "grad_accum": grad_accum},
         )
         validate = self._validation_callback(validation if validation is not None else train,
                                              subjects, geometry, use_aux, empty)
@@ -554,10 +685,57 @@ class NeuroPictorDecoder(Decoder):
         self.lineage_ = list(init_state.get("lineage", [])) + [stage]
         self.losses_ = losses
         self.train_stats_ = stats
+        self.training_plan_ = plan
         self.steps_trained_ = steps
         self.subjects_ = subjects
         self.n_voxels_ = {s: int(train.dataset.n_voxels(s)) for s in subjects}
         return self
+
+    def _semantic_weight(self, stage: str, keys: Sequence[str]) -> float:
+        default = 0.1 if stage == "finetune" or (stage == "cfg" and "finetune_mask" in keys) else 0.0
+        return float(self._per_stage("semantic_weight", keys, default))
+
+    def training_plan(self, n_samples: int, *, stage: str | None = None, use_aux: bool | None = None,
+                      processes: int | None = None) -> dict[str, Any]:
+        """The settings ``fit`` trains a stage with, per-stage mappings and recipes resolved.
+
+        Parameters
+        ----------
+        n_samples : int
+            Training samples (sets the steps of an epoch-counted stage).
+        stage : str, optional
+            Default: the decoder's ``stage``.
+        use_aux : bool, optional
+            Whether the auxiliary branch is on (stage ``"cfg"``: whether it continues a
+            fine-tuned model, which selects the ``"finetune_mask"`` settings). Default: on in
+            ``"finetune"``, off otherwise.
+        processes : int, optional
+            Training processes (default: the current ``accelerate`` state, else 1).
+
+        Returns
+        -------
+        dict
+            ``lr``, ``semantic_weight``, ``cfg_drop``, ``detach_unet_encoder``, ``grad_accum``,
+            ``global_batch``, ``steps``, ``stage_keys``.
+        """
+        stage = self.stage if stage is None else stage
+        self._check_choice("stage", STAGES)
+        use_aux = (stage == "finetune") if use_aux is None else bool(use_aux)
+        processes = _num_processes() if processes is None else int(processes)
+        keys = self._stage_keys(stage, use_aux)
+        grad_accum = self._grad_accum(keys, processes)
+        global_batch = int(self.batch_size) * processes * grad_accum
+        return {
+            "stage_keys": list(keys),
+            "lr": float(self._per_stage("lr", keys, STAGE_LR[stage])),
+            "semantic_weight": self._semantic_weight(stage, keys) if stage != "encoder" else 0.0,
+            "cfg_drop": float(self.cfg_drop) if stage == "cfg" else 0.0,
+            "detach_unet_encoder": bool(self._per_stage("detach_unet_encoder", keys, stage == "pretrain"))
+            and stage != "encoder",
+            "grad_accum": grad_accum,
+            "global_batch": global_batch,
+            "steps": self._total_steps(int(n_samples), stage, keys, global_batch),
+        }
 
     def _fit_subjects(self, train) -> list[int]:
         if self.subjects is None:
@@ -572,16 +750,16 @@ class NeuroPictorDecoder(Decoder):
             raise BrainreconError("subjects is empty; give at least one subject or None for all.")
         return subjects
 
-    def _total_steps(self, n: int, stage: str) -> int:
-        if self.steps is not None:
-            if int(self.steps) < 1:
-                raise BrainreconError(f"steps must be at least 1, got {self.steps}.")
-            return int(self.steps)
-        epochs = self.epochs if self.epochs is not None else STAGE_EPOCHS[stage]
+    def _total_steps(self, n: int, stage: str, keys: Sequence[str], global_batch: int) -> int:
+        steps = self._per_stage("steps", keys)
+        if steps is not None:
+            if int(steps) < 1:
+                raise BrainreconError(f"steps must be at least 1, got {steps}.")
+            return int(steps)
+        epochs = self._per_stage("epochs", keys, STAGE_EPOCHS[stage])
         if int(epochs) < 1:
             raise BrainreconError(f"epochs must be at least 1, got {epochs}.")
-        processes = _num_processes()
-        return int(epochs) * max(1, math.ceil(n / (int(self.batch_size) * processes)))
+        return int(epochs) * max(1, math.ceil(n / global_batch))
 
     def _validation_callback(self, split, subjects, geometry, use_aux, empty):
         if not self.validate_every:
@@ -623,7 +801,11 @@ class NeuroPictorDecoder(Decoder):
         use_aux = self.aux_active_ if use_aux is None else use_aux
         empty = self.empty_context_ if empty is None else empty
         device = self._device()
+        self._check_choice("sample_precision", SAMPLE_PRECISION)
         dtype = train_module.weight_dtype(self._mixed_precision(device))
+        autocast = None
+        if self.sample_precision == "fp16-autocast" and device.type == "cuda":
+            dtype, autocast = torch.float32, torch.float16  # fp32 weights, fp16 autocast (official)
         model.place(base.unet, device, dtype)
         model.place(base.vae, device, dtype)
         net.to(device).eval()
@@ -643,8 +825,9 @@ class NeuroPictorDecoder(Decoder):
                     unet=base.unet, controlnet=net.controlnet, tokens=tokens, context=context,
                     empty_context=empty.to(device), latents=sample.initial_latents(seeds[sl], shape).to(device),
                     control_scale=alpha, guidance_scale=self.guidance_scale, num_inference_steps=steps,
+                    autocast_dtype=autocast,
                 )
-                out[sl] = sample.decode_latents(base.vae, latents)
+                out[sl] = sample.decode_latents(base.vae, latents, autocast_dtype=autocast)
         return out
 
     def reconstruct(self, surfaces: np.ndarray, *, semantic_surfaces: np.ndarray | None = None,
@@ -775,6 +958,7 @@ class NeuroPictorDecoder(Decoder):
             "final_loss": float(self.losses_[-1]) if self.losses_ else None,
             "geometry": dict(self.geometry_),
             "layout": LAYOUT,
+            "training_plan": getattr(self, "training_plan_", None),
         }
         if self.stage_ == "encoder":
             save_safetensors_atomic(net.head.state_dict(), directory / HEAD_FILE)
@@ -793,6 +977,7 @@ class NeuroPictorDecoder(Decoder):
         self.steps_trained_ = int(state.get("steps_trained", 0))
         self.losses_ = [state["final_loss"]] if state.get("final_loss") is not None else []
         self.geometry_ = dict(state.get("geometry", {}))
+        self.training_plan_ = state.get("training_plan")
         if int(state.get("layout", 1)) < 2:
             # Saved before the encoder followed the official eps: keep the value it was trained with.
             self.encoder_eps = LEGACY_LAYER_NORM_EPS
@@ -822,6 +1007,15 @@ def _num_processes() -> int:
         return int(PartialState().num_processes)
     except Exception:  # accelerate state not initialisable (e.g. no backend): one process
         return 1
+
+
+def _default_semantic_hidden(sizes: Mapping) -> int:
+    """The official hidden width of the guiding network: encoder tokens // 2 (128 at 257)."""
+    surface, patch = sizes.get("surface_size", 256), sizes.get("patch_size", 16)
+    try:
+        return max(1, (1 + (int(surface) // int(patch)) ** 2) // 2)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return 128  # invalid sizes are reported by the size check
 
 
 def _saved_encoder_eps(config: dict) -> float:

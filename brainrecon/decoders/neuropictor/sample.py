@@ -69,11 +69,15 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return contextlib.nullcontext()
 
 
+def _autocast_for(device, weights_dtype: torch.dtype, autocast_dtype: torch.dtype | None):
+    return _autocast(device, weights_dtype if autocast_dtype is None else autocast_dtype)
+
+
 @torch.no_grad()
 def denoise(*, unet, controlnet, tokens: torch.Tensor, context: torch.Tensor,
             empty_context: torch.Tensor, latents: torch.Tensor, control_scale: float = 1.0,
             guidance_scale: float = 5.0, num_inference_steps: int = 50,
-            use_control: bool = True) -> torch.Tensor:
+            use_control: bool = True, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Run the DDIM loop.
 
     Parameters
@@ -94,6 +98,9 @@ def denoise(*, unet, controlnet, tokens: torch.Tensor, context: torch.Tensor,
         ``s``; 1 disables the unconditional branch.
     use_control : bool
         False runs the UNet without any ControlNet (reference for tests and ablations).
+    autocast_dtype : torch.dtype, optional
+        Autocast dtype on CUDA (default: the UNet's weight dtype); ``torch.float16`` over
+        float32 weights is the official sampling precision.
 
     Returns
     -------
@@ -112,7 +119,7 @@ def denoise(*, unet, controlnet, tokens: torch.Tensor, context: torch.Tensor,
     else:
         ctx, hint = context, tokens
     latents = latents.float()
-    with _autocast(device, dtype):
+    with _autocast_for(device, dtype, autocast_dtype):
         for t in scheduler.timesteps:
             x = torch.cat([latents, latents]) if guided else latents
             x_in = scheduler.scale_model_input(x, t)
@@ -131,10 +138,11 @@ def denoise(*, unet, controlnet, tokens: torch.Tensor, context: torch.Tensor,
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> np.ndarray:
+def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
     """VAE-decode ``(B, 4, s, s)`` latents to uint8 images ``(B, H, W, 3)``."""
     dtype = next(vae.parameters()).dtype
-    images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample.float()
+    with _autocast_for(latents.device, dtype, autocast_dtype):
+        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample.float()
     images = ((images + 1) / 2).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 

@@ -25,11 +25,18 @@ Engineering choices (what the official Lightning code does differently, and why)
   ``checkpoint_every`` steps; the two newest are kept.
 
 Several GPUs: ``accelerate launch -m brainrecon.cli fit --decoder neuropictor ...``; each
-process takes ``batch_size`` samples of a global batch of ``batch_size * num_processes``.
+process takes ``batch_size`` samples per micro-step, and ``grad_accum`` micro-steps make one
+optimiser step, so the global batch is ``batch_size * num_processes * grad_accum`` (the
+official code's 96 in pre-training and 32 in fine-tuning can be had on any number of GPUs).
+Gradients are averaged over the micro-steps, then optionally clipped (``grad_clip``, global
+norm); the learning rate follows ``lr_schedule`` (constant, as the official code, or linear /
+cosine decay after ``lr_warmup_steps`` of linear warm-up), set from the step index, so a
+resumed run continues the same schedule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -53,7 +60,9 @@ from brainrecon.io import atomic_directory, read_json, write_json_atomic
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_PREFIX = "step_"
 # Identity entries that checkpoints written before they existed implicitly had.
-IDENTITY_DEFAULTS = {"encoder_eps": 1e-6}
+IDENTITY_DEFAULTS = {"encoder_eps": 1e-6, "grad_accum": 1}
+LR_SCHEDULES = ("constant", "linear", "cosine")
+IMAGE_RESIZE = ("bicubic", "pil-bilinear")
 
 
 @dataclass
@@ -66,6 +75,10 @@ class TrainConfig:
     batch_size: int
     total_steps: int
     semantic_weight: float = 0.0
+    grad_accum: int = 1
+    grad_clip: float | None = None
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
     use_aux: bool = False
     cfg_drop: float = 0.0
     detach_unet_encoder: bool = False
@@ -96,13 +109,16 @@ class TrainingData:
         Side the images are resized to (None: images are not needed).
     captions : bool
         Whether captions are needed.
+    image_resize : {"bicubic", "pil-bilinear"}
+        How images are resized (see :func:`resize_images`).
     """
 
     def __init__(self, split, subjects: list[int], surface_size: int, image_size: int | None,
-                 captions: bool):
+                 captions: bool, image_resize: str = "bicubic"):
         self.split = split
         self.subjects = list(subjects)
         self.image_size = image_size
+        self.image_resize = image_resize
         self.surfaces: dict[int, np.ndarray] = {}
         self.captions: dict[int, list[list[str]]] = {}
         pairs = []
@@ -126,7 +142,8 @@ class TrainingData:
             images = np.empty((len(pairs), self.image_size, self.image_size, 3), dtype=np.uint8)
             for s in np.unique(pairs[:, 0]):
                 where = np.flatnonzero(pairs[:, 0] == s)
-                images[where] = resize_images(self.split.images(int(s), pairs[where, 1]), self.image_size)
+                images[where] = resize_images(self.split.images(int(s), pairs[where, 1]), self.image_size,
+                                              self.image_resize)
             out["images"] = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         if self.captions:
             caps = []
@@ -167,25 +184,44 @@ def caption_lists(captions, n: int) -> list[list[str]]:
     return [[str(c) for c in row if str(c).strip()] for row in captions]
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 ``(n, h, w, 3)`` -> uint8 ``(n, size, size, 3)`` (bicubic, antialiased)."""
+def resize_images(images: np.ndarray, size: int, method: str = "bicubic") -> np.ndarray:
+    """uint8 ``(n, h, w, 3)`` -> uint8 ``(n, size, size, 3)``.
+
+    ``method="bicubic"``: torch bicubic with antialiasing, rounded. ``"pil-bilinear"``: PIL's
+    bilinear resampling, what the official ``dataset/dataset.py`` gets from torchvision's
+    ``transforms.Resize((512, 512))`` on a PIL image.
+    """
+    if method not in IMAGE_RESIZE:
+        raise BrainreconError(f"Unknown image_resize {method!r}. Valid choices: {', '.join(map(repr, IMAGE_RESIZE))}.")
     if images.shape[1:3] == (size, size):
         return np.asarray(images)
+    if method == "pil-bilinear":
+        from PIL import Image
+
+        return np.stack([np.asarray(Image.fromarray(np.asarray(im, dtype=np.uint8)).resize(
+            (size, size), Image.BILINEAR)) for im in images])
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class BatchSchedule:
-    """Which samples each step sees: per-epoch permutations of a seed, cut into global batches."""
+    """Which samples each step sees: per-epoch permutations of a seed, cut into global batches.
 
-    def __init__(self, n: int, batch_size: int, num_processes: int, seed: int):
+    A global batch of step ``k`` is ``batch_size * num_processes * grad_accum`` consecutive
+    positions of the permuted data; micro-step ``m`` of process ``r`` takes the slice
+    ``(m * num_processes + r) * batch_size``, so the samples of a step do not depend on how
+    they are split between processes and micro-steps.
+    """
+
+    def __init__(self, n: int, batch_size: int, num_processes: int, seed: int, grad_accum: int = 1):
         self.n, self.batch_size, self.num_processes, self.seed = n, batch_size, num_processes, seed
+        self.grad_accum = grad_accum
         self._perms: dict[int, np.ndarray] = {}
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.num_processes
+        return self.batch_size * self.num_processes * self.grad_accum
 
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(self.n / self.global_batch))
@@ -197,14 +233,29 @@ class BatchSchedule:
             self._perms[epoch] = np.random.default_rng([self.seed, epoch, 7]).permutation(self.n)
         return self._perms[epoch]
 
-    def positions(self, step: int, rank: int) -> np.ndarray:
-        start = step * self.global_batch + rank * self.batch_size
+    def positions(self, step: int, rank: int, micro: int = 0) -> np.ndarray:
+        start = step * self.global_batch + (micro * self.num_processes + rank) * self.batch_size
         flat = np.arange(start, start + self.batch_size)
         return np.array([self._perm(int(p // self.n))[p % self.n] for p in flat], dtype=np.int64)
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, step, rank, stream]).generate_state(1)[0])
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    if schedule not in LR_SCHEDULES:
+        raise BrainreconError(f"Unknown lr_schedule {schedule!r}. Valid choices: {', '.join(map(repr, LR_SCHEDULES))}.")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------- text
@@ -348,7 +399,8 @@ def run_training(
     wdtype = weight_dtype(accelerator.mixed_precision)
     diffusion = cfg.stage != "encoder"
     rank, world = accelerator.process_index, accelerator.num_processes
-    schedule = BatchSchedule(len(data), cfg.batch_size, world, cfg.seed)
+    accum = max(1, int(cfg.grad_accum))
+    schedule = BatchSchedule(len(data), cfg.batch_size, world, cfg.seed, accum)
 
     old_processors = None
     if diffusion:
@@ -402,20 +454,32 @@ def run_training(
     try:
         for step in range(start, cfg.total_steps):
             tic = time.perf_counter()
-            gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank))
-            rng = np.random.default_rng(step_seed(cfg.seed, step, rank, stream=1))
-            batch = data.batch(schedule.positions(step, rank), rng)
-            surfaces = batch["surfaces"].to(device)
-            with accelerator.autocast():
-                if diffusion:
-                    loss = diffusion_loss(wrapped, base, batch, surfaces, gen, cfg, noise_scheduler,
-                                           empty, text_model, wdtype, device)
-                else:
-                    loss = F.mse_loss(wrapped(surfaces).float(), surfaces)
-            accelerator.backward(loss)
+            factor = lr_factor(cfg.lr_schedule, step, cfg.total_steps, int(cfg.lr_warmup_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * factor
+            total = torch.zeros((), device=device)
+            for micro in range(accum):
+                # Micro-step 0 draws from the streams a run without accumulation uses.
+                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, stream=2 * micro))
+                rng = np.random.default_rng(step_seed(cfg.seed, step, rank, stream=2 * micro + 1))
+                batch = data.batch(schedule.positions(step, rank, micro), rng)
+                surfaces = batch["surfaces"].to(device)
+                # Gradients are synchronised between processes on the last micro-step only.
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(wrapped)
+                with sync:
+                    with accelerator.autocast():
+                        if diffusion:
+                            loss = diffusion_loss(wrapped, base, batch, surfaces, gen, cfg, noise_scheduler,
+                                                   empty, text_model, wdtype, device)
+                        else:
+                            loss = F.mse_loss(wrapped(surfaces).float(), surfaces)
+                    accelerator.backward(loss / accum)
+                total = total + loss.detach().float() / accum
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(params, float(cfg.grad_clip))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
+            value = float(accelerator.reduce(total, reduction="mean"))
             losses.append(value)
             done = step + 1
             elapsed = time.perf_counter() - tic  # float() above synchronised the device
