@@ -631,6 +631,32 @@ def neuropictor_sample(
         console.print(f"wrote {path}")
 
 
+# --- NeuroPictor import (issue 10) ---
+import_app = typer.Typer(help="Convert published models into saved brainrecon decoders.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("neuropictor")
+def import_neuropictor_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Official file: finetune_single_sub/sub0N/epoch_015.pth, pretrain_multi_sub/sub_all_womask/epoch_080.pth or SD21/control_sd21_ini.ckpt."),
+    out: Path = typer.Option(..., "--out", help="Directory that receives the saved decoder (brainrecon.json + safetensors)."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", help="fMRI2fMRI_UKB/checkpoint_120000.pth, for a file without an fMRI encoder (control_sd21_ini.ckpt)."),
+    encoder_config: Optional[Path] = typer.Option(None, "--encoder-config", help="fMRI2fMRI_UKB/fMRI_AutoEncoder.yaml (heads, dropout; sizes are checked against the tensors)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="The frozen SD 2.1-base: local diffusers folder or repo id (default stabilityai/stable-diffusion-2-1-base)."),
+    subjects: Optional[List[int]] = typer.Option(None, "--subject", "-s", help="Subject(s) the model decodes (default: subNN in the path, else 1-8)."),
+    check: bool = typer.Option(False, "--check", help="Print, on one fixed input, the differences between the converted modules and the file's own tensors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out."),
+) -> None:
+    """Import a released NeuroPictor model (strict: every key mapped or explicitly ignored)."""
+    from brainrecon.decoders.neuropictor.official import import_neuropictor
+
+    path, report = import_neuropictor(checkpoint, out, overwrite=overwrite, encoder=encoder,
+                                      encoder_config=encoder_config, base_model=base_model,
+                                      subjects=subjects or None, check=check)
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {path}")
+
 
 def main() -> None:
     """Console entry point (``brainrecon``)."""

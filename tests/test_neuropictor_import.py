@@ -7,6 +7,7 @@ here is a tiny timm ViT saved in that layout.
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -210,3 +211,249 @@ def test_decoders_saved_before_the_eps_fix_keep_their_eps(tmp_path):
                               "init_from": str(tmp_path / "old")}).fit(ds.train)
     NeuroPictorDecoder(**{**TINY, "stage": "finetune", "steps": 1, "encoder_eps": 1e-6,
                           "init_from": str(tmp_path / "old")}).fit(ds.train)
+
+
+# ============================================================================ official epoch files
+# The reverse of diffusers' ldm -> diffusers key mapping, enough for the tiny SD-like modules:
+# it writes brainrecon's tiny modules in the layout of the released epoch files.
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _resnet(rest: str) -> str:
+    head, _, leaf = rest.partition(".")
+    return f"{_RESNET[head]}.{leaf}"
+
+
+def _unet_key(key: str, per_level: int, up_attention: set[int]) -> str | None:
+    import re
+
+    fixed = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+             "controlnet_mid_block.": "middle_block_out.0."}
+    for old, new in fixed.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    if m := re.match(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{per_level * i + j + 1}.0.{_resnet(rest)}"
+    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
+        return f"input_blocks.{per_level * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{per_level * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
+        return f"output_blocks.{per_level * int(m[1]) + int(m[2])}.0.{_resnet(m[3])}"
+    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", key):
+        return f"output_blocks.{per_level * int(m[1]) + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)", key):
+        i = int(m[1])
+        return f"output_blocks.{per_level * i + per_level - 1}.{2 if i in up_attention else 1}.conv.{m[2]}"
+    if m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    raise KeyError(key)
+
+
+def unet_to_ldm(state, config, prefix: str) -> dict:
+    per_level = config["layers_per_block"] + 1
+    up_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
+    return {prefix + _unet_key(k, per_level, up_attention): v.clone() for k, v in state.items()
+            if not k.startswith("controlnet_cond_embedding.")}
+
+
+def vae_to_ldm(state, config) -> dict:
+    import re
+
+    n = len(config["block_out_channels"])
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out")
+        if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)", new):
+            new = f"{m[1]}.mid.attn_1.{attn[m[2]]}.{m[3]}"
+            if m[3] == "weight" and value.ndim == 2:
+                value = value[:, :, None, None]
+        new = re.sub(r"mid_block\.resnets\.(\d+)", lambda g: f"mid.block_{int(g[1]) + 1}", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets", lambda g: f"decoder.up.{n - 1 - int(g[1])}.block", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                     lambda g: f"decoder.up.{n - 1 - int(g[1])}.upsample", new)
+        new = new.replace("conv_shortcut", "nin_shortcut")
+        out["first_stage_model." + new] = value.clone()
+    return out
+
+
+def official_epoch_state(net, base, *, with_frozen: bool = True) -> dict:
+    """An official-layout epoch file's state dict made from brainrecon's tiny modules."""
+    from brainrecon.decoders.neuropictor import official
+
+    state = {}
+    if with_frozen:
+        state.update(unet_to_ldm(base.unet.state_dict(), base.unet.config, "model.diffusion_model."))
+        state.update(vae_to_ldm(base.vae.state_dict(), base.vae.config))
+    state.update(unet_to_ldm(net.controlnet.state_dict(), base.unet.config, "control_model."))
+    mapper = {v: k for k, v in official.MAPPER_KEYS.items()}
+    for k, v in net.feature_transform.state_dict().items():
+        module, _, leaf = k.rpartition(".")
+        state[f"control_model.fmri_mapper.{mapper[module]}.{leaf}"] = v.clone()
+    hlgn = {v: k for k, v in official.HLGN_KEYS.items()}
+    for k, v in net.semantic.state_dict().items():
+        module, _, leaf = k.rpartition(".")
+        state[f"cond_stage.{hlgn[module]}.{leaf}"] = v.clone()
+    for k, v in net.fmri_encoder.state_dict().items():
+        state[f"fmri_encoder.transformer.{k}"] = v.clone()
+    dim = net.fmri_encoder.cls_token.shape[-1]
+    g = torch.Generator().manual_seed(3)
+    state["fmri_encoder.transformer.pred.weight"] = torch.randn(2048, dim, generator=g)
+    state["fmri_encoder.transformer.pred.bias"] = torch.zeros(2048)
+    state["fmri_encoder.transformer.mask_token"] = torch.zeros(1, 1, 16)
+    # Never-used image-hint encoder (16 tensors), text tower and DDPM buffers: on the ignore list.
+    channels = [3, 16, 16, 32, 32, 96, 96, 256, int(base.unet.config.block_out_channels[0])]
+    for n, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
+        state[f"control_model.input_hint_block.{2 * n}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=g)
+        state[f"control_model.input_hint_block.{2 * n}.bias"] = torch.zeros(c_out)
+    state["cond_stage_model.model.ln_final.weight"] = torch.ones(32)
+    state["cond_stage_model.model.positional_embedding"] = torch.zeros(77, 32)
+    state["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    state["alphas_cumprod"] = torch.cumprod(1 - state["betas"], 0)
+    return state
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    from brainrecon.decoders.neuropictor import model
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    model.save_base_components(model.tiny_base_components(seed=0), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def released_like(sd_dir, tmp_path_factory):
+    """A tiny fine-tuned decoder and the same model written as an official ``epoch_015.pth``."""
+    ds = make_synthetic(seed=0, subjects=(1,), n_train=4, n_test=2, image_size=32, surface_size=16)
+    decoder = NeuroPictorDecoder(**{**TINY, "base_model": sd_dir, "stage": "finetune", "steps": 1}).fit(ds.train)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking zero-initialised layers (the aux branch becomes active)
+        for layer in [decoder.net_.feature_transform.zero_conv, decoder.net_.semantic.aux_zero,
+                      decoder.net_.controlnet.controlnet_mid_block, *decoder.net_.controlnet.controlnet_down_blocks]:
+            for p in layer.parameters():
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    path = tmp_path_factory.mktemp("official") / "finetune_single_sub" / "sub01" / "epoch_015.pth"
+    path.parent.mkdir(parents=True)
+    state = official_epoch_state(decoder.net_, decoder._base())
+    torch.save(state, path)
+    return decoder, path, state, ds
+
+
+def _import(path, sd_dir, **kw):
+    from brainrecon.decoders.neuropictor.official import import_official_checkpoint
+
+    kw.setdefault("encoder_config", {"Model": {"num_heads": 4}})
+    return import_official_checkpoint(path, base_model=sd_dir,
+                                      params={"device": "cpu", "num_inference_steps": 2, "progress": False}, **kw)
+
+
+def test_imported_modules_equal_the_modules_the_file_was_built_from(released_like, sd_dir):
+    original, path, _, ds = released_like
+    imported, report = _import(path, sd_dir, check=True)
+    assert imported.subjects_ == [1] and imported.stage_ == "finetune" and imported.aux_active_
+    assert report.counts == {"fmri_encoder": 33, "unet": 208, "vae": 124, "feature_transform": 8,
+                             "semantic": 18, "controlnet": 112}
+    assert report.ignored == {"control_model.input_hint_block": 16, "cond_stage_model": 2, "ddpm buffers": 2}
+    assert report.frozen_max_diff == {"unet": 0.0, "vae": 0.0}
+    assert all(v < 1e-5 for k, v in report.checks.items() if "largest" not in k), report.checks
+    surfaces = torch.from_numpy(ds.test.surfaces(1))
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        outs = [net(surfaces, z, t, use_aux=True) for net in (original.net_, imported.net_)]
+    for a, b in zip(outs[0][0] + [outs[0][1], outs[0][2]], outs[1][0] + [outs[1][1], outs[1][2]]):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    images = imported.predict(ds.test)[1]
+    assert np.abs(images.astype(int) - original.predict(ds.test)[1]).max() <= 1
+
+
+def test_saved_import_loads_identically_and_fine_tunes(released_like, sd_dir, tmp_path):
+    from brainrecon.decoders.neuropictor.official import import_neuropictor
+
+    _, path, _, ds = released_like
+    out, _ = import_neuropictor(path, tmp_path / "sub01", base_model=sd_dir,
+                                encoder_config={"Model": {"num_heads": 4}},
+                                params={"device": "cpu", "num_inference_steps": 2, "progress": False})
+    imported, _ = _import(path, sd_dir)
+    loaded = load_decoder(out)
+    for key, value in imported.net_.state_dict().items():
+        assert torch.equal(loaded.net_.state_dict()[key], value), key
+    np.testing.assert_array_equal(loaded.predict(ds.test)[1], imported.predict(ds.test)[1])
+    assert json.loads((out / "brainrecon.json").read_text())["state"]["imported"]["file"] == "epoch_015.pth"
+    tuned = NeuroPictorDecoder(**{**TINY, "base_model": sd_dir, "stage": "cfg", "steps": 1,
+                                  "init_from": str(out)}).fit(ds.train)
+    assert tuned.lineage_ == ["official:epoch_015.pth", "cfg"] and tuned.aux_active_
+
+
+def test_import_is_strict(released_like, sd_dir, tmp_path):
+    _, _, state, _ = released_like
+    bad = tmp_path / "unknown.pth"
+    torch.save({**state, "fmri_pred_head.weight": torch.zeros(1), "control_model.extra.weight": torch.zeros(1)}, bad)
+    with pytest.raises(OfficialFileError, match=r"1 key\(s\) that are neither mapped nor on the ignore list: "
+                                                r"fmri_pred_head\.weight"):
+        _import(bad, sd_dir)
+    extra = tmp_path / "extra.pth"
+    torch.save({**state, "control_model.extra.weight": torch.zeros(1)}, extra)
+    with pytest.raises(OfficialFileError, match=r"ControlNet .*did not map: extra\.weight"):
+        _import(extra, sd_dir)
+    missing = tmp_path / "missing.pth"
+    torch.save({k: v for k, v in state.items() if k != "control_model.zero_convs.0.0.weight"}, missing)
+    with pytest.raises(OfficialFileError, match=r"missing ControlNet weights: controlnet_down_blocks\.0\.weight"):
+        _import(missing, sd_dir)
+    hlgn = tmp_path / "hlgn.pth"
+    torch.save({**state, "cond_stage.extra_clip.4.weight": torch.zeros(1)}, hlgn)
+    with pytest.raises(OfficialFileError, match=r"unknown guiding-network key\(s\): extra_clip\.4\.weight"):
+        _import(hlgn, sd_dir)
+    other_unet = tmp_path / "other_unet.pth"
+    torch.save({k: (v + 1 if k == "model.diffusion_model.out.2.bias" else v) for k, v in state.items()}, other_unet)
+    with pytest.raises(OfficialFileError, match=r"unet of .* differs from base_model=.* by up to 1"):
+        _import(other_unet, sd_dir)
+    with pytest.raises(OfficialFileError, match="holds its own .*fMRI encoder.*Drop --encoder"):
+        _import(released_like[1], sd_dir, encoder=tmp_path / "e.pth")
+
+
+def test_the_initial_controlnet_file_takes_the_released_encoder(released_like, sd_dir, tmp_path):
+    _, _, state, ds = released_like
+    initial = {k: v for k, v in state.items()
+               if not k.startswith(("fmri_encoder.", "cond_stage.", "control_model.fmri_mapper."))}
+    path = tmp_path / "control_sd21_ini.ckpt"
+    torch.save(initial, path)
+    with pytest.raises(OfficialFileError, match="no fMRI encoder.*--encoder checkpoint_120000.pth"):
+        _import(path, sd_dir)
+    vit = reference_vit()
+    enc = official_encoder_file(tmp_path / "checkpoint_120000.pth", vit)
+    imported, report = _import(path, sd_dir, encoder=enc, encoder_config=write_yaml(tmp_path / "c.yaml"),
+                               subjects=[1])
+    assert imported.stage_ == "pretrain" and not imported.aux_active_
+    assert any("feature transformation" in f for f in report.fresh)
+    x = torch.from_numpy(ds.test.surfaces(1))
+    with torch.no_grad():
+        torch.testing.assert_close(imported.net_.fmri_encoder(x), vit.forward_features(x[:, None]), rtol=0, atol=1e-5)
+
+
+def test_cli_import_with_check(released_like, sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+
+    _, path, _, _ = released_like
+    cfg = write_yaml(tmp_path / "fMRI_AutoEncoder.yaml")
+    result = CliRunner().invoke(app, ["import", "neuropictor", "--checkpoint", str(path), "--encoder-config", str(cfg),
+                                      "--base-model", sd_dir, "--out", str(tmp_path / "np"), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "check fmri encoder tokens" in result.output and "ignored control_model.input_hint_block" in result.output
+    assert load_decoder(tmp_path / "np").subjects_ == [1]
+    result = CliRunner().invoke(app, ["import", "neuropictor", "--checkpoint", str(path), "--base-model", sd_dir,
+                                      "--out", str(tmp_path / "np")])
+    assert result.exit_code == 1 and "already exists" in result.output

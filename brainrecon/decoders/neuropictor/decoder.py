@@ -869,7 +869,8 @@ class NeuroPictorDecoder(Decoder):
         return surfaces
 
     def _test_surfaces(self, test, subject: int) -> np.ndarray:
-        self._check_voxels(np.empty((0, int(test.dataset.n_voxels(subject)))), subject)
+        if self.n_voxels_.get(int(subject)) != 0:  # 0: imported, surface maps only
+            self._check_voxels(np.empty((0, int(test.dataset.n_voxels(subject)))), subject)
         return train_module.check_surfaces(test.surfaces(subject), subject, self.surface_size, test)
 
     def predict(self, test) -> dict[int, np.ndarray]:
@@ -960,6 +961,8 @@ class NeuroPictorDecoder(Decoder):
             "layout": LAYOUT,
             "training_plan": getattr(self, "training_plan_", None),
         }
+        if getattr(self, "imported_", None):
+            state["imported"] = dict(self.imported_)
         if self.stage_ == "encoder":
             save_safetensors_atomic(net.head.state_dict(), directory / HEAD_FILE)
             return state
@@ -978,6 +981,8 @@ class NeuroPictorDecoder(Decoder):
         self.losses_ = [state["final_loss"]] if state.get("final_loss") is not None else []
         self.geometry_ = dict(state.get("geometry", {}))
         self.training_plan_ = state.get("training_plan")
+        if state.get("imported"):
+            self.imported_ = dict(state["imported"])
         if int(state.get("layout", 1)) < 2:
             # Saved before the encoder followed the official eps: keep the value it was trained with.
             self.encoder_eps = LEGACY_LAYER_NORM_EPS
