@@ -645,17 +645,28 @@ def import_neuropictor_command(
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The frozen SD 2.1-base: local diffusers folder or repo id (default stabilityai/stable-diffusion-2-1-base)."),
     subjects: Optional[List[int]] = typer.Option(None, "--subject", "-s", help="Subject(s) the model decodes (default: subNN in the path, else 1-8)."),
     check: bool = typer.Option(False, "--check", help="Print, on one fixed input, the differences between the converted modules and the file's own tensors."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and the runs)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Also reconstruct this dataset's test split and write runs (for evaluate / neuropictor-sample)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="With --data: folder of the runs."),
+    name: Optional[str] = typer.Option(None, "--name", help="With --data: run name (default neuropictor-official-subjNN)."),
+    evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help="With --data: score the runs."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto (reconstruction with --data)."),
 ) -> None:
     """Import a released NeuroPictor model (strict: every key mapped or explicitly ignored)."""
-    from brainrecon.decoders.neuropictor.official import import_neuropictor
+    from brainrecon.decoders import load_decoder
+    from brainrecon.decoders.neuropictor.official import import_neuropictor, write_runs
 
     path, report = import_neuropictor(checkpoint, out, overwrite=overwrite, encoder=encoder,
                                       encoder_config=encoder_config, base_model=base_model,
-                                      subjects=subjects or None, check=check)
+                                      subjects=subjects or None, check=check,
+                                      params={"device": device} if device else None)
     for line in report.lines():
         console.print(line, markup=False, highlight=False)
     console.print(f"wrote {path}")
+    if data is not None:
+        written = write_runs(load_decoder(path), data=data, out=runs, name=name, overwrite=overwrite,
+                             evaluate=evaluate, log=_log)
+        _print_runs(written)
 
 
 def main() -> None:

@@ -457,3 +457,23 @@ def test_cli_import_with_check(released_like, sd_dir, tmp_path):
     result = CliRunner().invoke(app, ["import", "neuropictor", "--checkpoint", str(path), "--base-model", sd_dir,
                                       "--out", str(tmp_path / "np")])
     assert result.exit_code == 1 and "already exists" in result.output
+
+
+def test_imported_model_reconstructs_evaluates_and_samples(released_like, sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+    from brainrecon.decoders.neuropictor.official import write_runs
+
+    _, path, _, ds = released_like
+    imported, _ = _import(path, sd_dir)
+    (run,) = write_runs(imported, dataset=ds, out=tmp_path / "runs")
+    assert run.name == "neuropictor-official-subj01" and run.info["imported_from"] == "epoch_015.pth"
+    np.testing.assert_array_equal(run.reconstructions(), imported.predict(ds.test)[1])
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", str(run.path), "-m", "PixCorr", "-m", "SSIM", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (run.path / "metrics.json").is_file()
+    result = runner.invoke(app, ["neuropictor-sample", str(run.path), "--swap-semantics", "0:1"])
+    assert result.exit_code == 0, result.output
+    assert (run.path / "swap_semantics.png").is_file()

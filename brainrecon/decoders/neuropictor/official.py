@@ -762,3 +762,38 @@ def import_neuropictor(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         raise BrainreconError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     decoder, report = import_official_checkpoint(checkpoint, **options)
     return decoder.save(out, overwrite=overwrite), report
+
+
+def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "runs", name: str | None = None,
+               overwrite: bool = False, evaluate: bool = False, log=None) -> list:
+    """Reconstruct the test split with an imported decoder and write one run per subject.
+
+    The runs are what ``fit`` writes (``run.json``, ``decoder/``, ``reconstructions.npy``), so
+    ``brainrecon evaluate RUN``, ``predict RUN`` and ``neuropictor-sample RUN`` take them.
+    Run names default to ``neuropictor-official-subjNN``.
+    """
+    from brainrecon.data import load_dataset
+    from brainrecon.runs import Run, write_run
+    from brainrecon.workflows import _own_data, evaluate_run_safely
+
+    log = log or (lambda message: None)
+    ds = dataset if dataset is not None else load_dataset(data, subjects=decoder.subjects_)
+    subjects = [s for s in decoder.subjects_ if s in ds.subjects]
+    if not subjects:
+        raise BrainreconError(
+            f"The data has subject(s) {ds.subjects}, the imported model decodes {decoder.subjects_}; "
+            f"give data of those subjects (or --subject)."
+        )
+    runs = []
+    for s in subjects:
+        view = decoder.for_subject(s)
+        images = view.predict(ds.test)[s]
+        run_name = name if name and len(subjects) == 1 else f"{name or 'neuropictor-official'}-subj{s:02d}"
+        run = write_run(out, run_name, decoder=view, dataset=_own_data(ds, s), subject=s, predictions=images,
+                        reconstructions=images, overwrite=overwrite,
+                        extra={"recipe": None, "imported_from": decoder.imported_.get("file")})
+        log(f"wrote run {run.path}")
+        if evaluate:
+            evaluate_run_safely(run, log=log)
+        runs.append(Run.open(run.path))
+    return runs
