@@ -17,6 +17,7 @@ from typer.core import TyperGroup
 
 from brainrecon.decoders import available as available_decoders
 from brainrecon.errors import BrainreconError
+from brainrecon.federate_cli import federate_app
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -85,6 +86,7 @@ decoders_app = typer.Typer(help="List the registered decoders, or describe one."
 data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
 app.add_typer(decoders_app, name="decoders")
 app.add_typer(data_app, name="data")
+app.add_typer(federate_app, name="federate")
 
 DataOpt = typer.Option(None, "--data", help="Prepared data directory or .h5 file (default: $BRAINRECON_DATA, else the built-in synthetic dataset).")
 
@@ -141,6 +143,7 @@ def fit(
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
+    engine: str = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated])."),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
     from brainrecon import workflows
@@ -170,7 +173,7 @@ def fit(
         params["target_options"] = {**params.get("target_options", {}), "ipadapter_dir": str(ipadapter_dir)}
     runs = workflows.fit(
         decoder, data=data, subjects=subjects or None, target=target, out=out, name=name,
-        overwrite=overwrite, params=params, recipe=recipe, evaluate=evaluate, log=_log,
+        overwrite=overwrite, params=params, recipe=recipe, evaluate=evaluate, log=_log, engine=engine,
     )
     _print_runs(runs)
 

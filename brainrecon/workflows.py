@@ -50,6 +50,7 @@ def fit(
     evaluate: bool = True,
     dataset=None,
     log: Log = _quiet,
+    engine: str = "local",
 ) -> list[Run]:
     """Fit a decoder, predict the test split, write one run per subject, reconstruct and score.
 
@@ -77,6 +78,9 @@ def fit(
         ``params`` win over its values. The run records the recipe's name.
     evaluate : bool
         Score reconstructions with the evaluation harness when they exist.
+    engine : {"local", "flower"}
+        BrainGuard only: train in this process (default), or on Flower with one site
+        process per subject on loopback (:func:`brainrecon.decoders.brainguard.flower_app.fit_on_flower`).
 
     Returns
     -------
@@ -115,6 +119,22 @@ def fit(
             f"Its parameters: {', '.join(map(repr, accepted))}."
         )
 
+    if engine not in ("local", "flower"):
+        raise BrainreconError(f"Unknown engine {engine!r}. Valid choices: 'local', 'flower'.")
+    if engine == "flower":
+        if decoder != "brainguard":
+            raise BrainreconError(f"--engine flower is for the brainguard decoder, not {decoder!r}.")
+        from brainrecon.decoders.brainguard.flower_app import fit_on_flower
+
+        # Each site opens the data itself and reads only its own subject.
+        source = data if data is not None else os.environ.get("BRAINRECON_DATA", "synthetic")
+        paths = fit_on_flower(params, data=str(source), subjects=subjects, out=out, names=names,
+                              overwrite=overwrite, recipe=recipe, state_dir=params.get("checkpoint_dir"), log=log)
+        for path in paths:
+            log(f"wrote run {path}")
+            if evaluate and (path / "reconstructions.npy").exists():
+                evaluate_run_safely(Run.open(path), log=log)
+        return [Run.open(p) for p in paths]
     if cls.multi_subject:
         fitted = [get_decoder(decoder, **{**params, "subjects": subjects})]
         fitted[0].fit(ds.train)
@@ -133,7 +153,8 @@ def fit(
         # A NeuroPictor encoder-stage decoder only calibrates the fMRI encoder: no images yet.
         pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
         recon = make_reconstructions(dec, pred, ds, s, log=log)
-        run = write_run(out, names[s], decoder=dec, dataset=ds, subject=s, predictions=pred,
+        own = _own_data(ds, s) if decoder == "brainguard" else ds  # privacy: one subject per run
+        run = write_run(out, names[s], decoder=dec, dataset=own, subject=s, predictions=pred,
                         reconstructions=recon, overwrite=overwrite,
                         extra={"recipe": recipe})
         log(f"wrote run {run.path}")
@@ -141,6 +162,14 @@ def fit(
             evaluate_run_safely(run, log=log)
         runs.append(Run.open(run.path))
     return runs
+
+
+def _own_data(ds, subject: int):
+    """``ds`` as a run of ``subject`` records it: nothing about the other subjects."""
+    own = ds.select([subject])
+    own.spec = {k: ({kk: vv for kk, vv in v.items() if str(kk) == str(subject)} if isinstance(v, dict) else v)
+                for k, v in own.spec.items()}
+    return own
 
 
 def _is_main_process() -> bool:

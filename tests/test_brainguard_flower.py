@@ -1,0 +1,275 @@
+"""BrainGuard on Flower: what leaves a site, what the server refuses, same numbers as the local engine.
+
+The end-to-end test starts real processes (``brainrecon federate server`` with a SuperLink,
+one ``brainrecon federate site`` with a SuperNode per subject) on 127.0.0.1 only, bounded by
+a timeout, and checks that every process it started is gone afterwards.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+flwr = pytest.importorskip("flwr", reason="needs the federated extra (pip install 'brainrecon[federated]')")
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from brainrecon import workflows
+from brainrecon.decoders.brainguard import (
+    BrainGuardNet,
+    federated,
+    flower_app,
+)
+from brainrecon.errors import BrainreconError
+from brainrecon.runs import Run
+
+DATA = "synthetic:n_train=60,n_test=6,image_size=32,surface_size=32"
+PARAMS = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
+          "progress": False, "target_options": {"size": 8}, "dfl_num_pre_loss": 2}
+
+
+@pytest.fixture
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    # Messages are normally built inside a Flower process, which sets these.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _instruction(arrays: ArrayRecord, server_round: int, rounds: int = 2) -> Message:
+    config = ConfigRecord({"server-round": server_round, "num-rounds": rounds, "sites": 2})
+    return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
+                   message_type="train")
+
+
+def _site_context(tmp_path: Path, subject: int) -> Context:
+    state = tmp_path / f"site-{subject}"
+    state.mkdir()
+    settings = {"subject": subject, "data": DATA, "state_dir": str(state), "out": str(tmp_path / "runs"),
+                "run_name": None, "evaluate": False}
+    (state / "site.json").write_text(json.dumps(settings))
+    return Context(run_id=1, node_id=7, node_config={"site-file": str(state / "site.json")},
+                   state=RecordDict(), run_config={"params": json.dumps({**PARAMS, "target": "pixels"})})
+
+
+def _walk(value, keys: set, numbers: list):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            keys.add(str(k))
+            _walk(v, keys, numbers)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _walk(v, keys, numbers)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        numbers.append(value)
+
+
+def assert_run_is_private(path: Path, subject: int, other: int, other_voxels: int) -> None:
+    """Nothing in a saved run names the other subject or its voxel count."""
+    keys: set = set()
+    for file in path.rglob("*.json"):
+        content = json.loads(file.read_text())
+        numbers: list = []
+        _walk(content, keys, numbers)
+        assert other_voxels not in numbers, (file, other_voxels)
+        text = file.read_text()
+        assert f"subj{other:02d}" not in text, file
+        for field in ("subjects",):
+            for found in _find(content, field):
+                assert found == [subject], (file, field, found)
+    assert str(other) not in keys, (path, sorted(keys))
+    for file in path.rglob("*.safetensors"):
+        assert all(not k.startswith("subject-") for k in load_file(str(file))), file
+    assert sorted(p.name for p in (path / "decoder").glob("subject-*")) == [f"subject-{subject}.safetensors"]
+
+
+def _find(value, field):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k == field:
+                yield v
+            yield from _find(v, field)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _find(v, field)
+
+
+# --------------------------------------------------------------------------- what a site sends
+def test_site_upload_is_shared_tensors_and_sample_count(tmp_path, task_identity, one_thread):
+    context = _site_context(tmp_path, 2)
+    reply = flower_app.site_train(_instruction(ArrayRecord(), 1), context)
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays, metrics = reply.content.array_records["arrays"], reply.content.metric_records["metrics"]
+    shared = BrainGuardNet(5, 16, 2, 8, 24, 0.0).shared_names()
+    assert list(arrays.keys()) == shared and not any(k.startswith("ridge.") for k in arrays)
+    assert dict(metrics) == {"num-examples": 60}
+    # The site's state stayed on its disk: model (ridge included), optimiser, RNG, flags.
+    state = load_file(str(tmp_path / "site-2" / flower_app.SITE_STATE.format(1)))
+    assert "model.ridge.weight" in state and "rng.shuffle" in state
+    meta = json.loads((tmp_path / "site-2" / flower_app.SITE_META.format(1)).read_text())
+    assert meta["rounds_completed"] == 1 and meta["client"]["dfl_start_phase"] is True
+
+    # Round 2 (the last) fuses a global model (here: the upload shifted, as if averaged with
+    # another site's), trains, uploads again and writes the site's own run.
+    shifted = ArrayRecord.from_torch_state_dict({k: v + 0.01 for k, v in arrays.to_torch_state_dict().items()})
+    reply2 = flower_app.site_train(_instruction(shifted, 2), context)
+    assert dict(reply2.content.metric_records["metrics"]) == {"num-examples": 60}
+    meta = json.loads((tmp_path / "site-2" / flower_app.SITE_META.format(2)).read_text())
+    assert meta["rounds_completed"] == 2 and meta["client"]["dfl_start_phase"] is False
+    run = tmp_path / "runs" / "brainguard-subj02-pixels"
+    assert Run.open(run).info["engine"] == "flower"
+    assert_run_is_private(run, 2, 1, workflows.load_dataset(DATA, subjects=[1]).n_voxels(1))
+    # A server restarted before averaging round 2 asks for it again: the site redoes it from its
+    # state after round 1 and sends the same upload (it keeps the last two states).
+    again = flower_app.site_train(_instruction(shifted, 2), Context(
+        run_id=2, node_id=7, node_config=context.node_config, state=RecordDict(), run_config=context.run_config))
+    first, second = (r.content.array_records["arrays"].to_torch_state_dict() for r in (reply2, again))
+    for k in first:
+        torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
+    # Asked for a round it has no state for: refused with what it has.
+    with pytest.raises(BrainreconError, match=r"no saved state after round 4 \(it has: \[1, 2\]\)"):
+        flower_app.site_train(_instruction(arrays, 5, rounds=6), context)
+
+
+def _reply(arrays: dict, metrics: dict) -> Message:
+    instruction = _instruction(ArrayRecord(), 1)
+    content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays), "metrics": MetricRecord(metrics)})
+    return Message(content=content, reply_to=instruction)
+
+
+def test_server_refuses_private_keys_and_extra_metrics(task_identity):
+    strategy = flower_app.make_strategy(2)
+    ok = {"head.weight": torch.ones(2, 2)}
+    with pytest.raises(BrainreconError, match=r"subject-specific tensor\(s\) \['ridge.weight'\]"):
+        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3}),
+                                     _reply({**ok, "ridge.weight": torch.ones(2, 2)}, {"num-examples": 5})])
+    with pytest.raises(BrainreconError, match=r"carries metric\(s\) \['loss'\]"):
+        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "loss": 0.5}), _reply(ok, {"num-examples": 5})])
+    with pytest.raises(BrainreconError, match="1 of the required 2 sites replied"):
+        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3})])
+    # The accepted case is brainrecon's own weighted average (n_s / sum n).
+    arrays, metrics = strategy.aggregate_train(1, [_reply({"head.weight": torch.full((2, 2), 1.0)}, {"num-examples": 1}),
+                                                   _reply({"head.weight": torch.full((2, 2), 4.0)}, {"num-examples": 3})])
+    torch.testing.assert_close(arrays.to_torch_state_dict()["head.weight"], torch.full((2, 2), 3.25))
+    assert dict(metrics) == {"num-examples": 4, "sites": 2}
+
+
+# --------------------------------------------------------------------------- end to end
+def _recording(monkeypatch):
+    started = []
+    real = flower_app.start_process
+
+    def start(*args, **kwargs):
+        process = real(*args, **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(flower_app, "start_process", start)
+    return started
+
+
+def _living_in_group(pgid: int) -> list[str]:
+    """Processes (not zombies) whose process group is ``pgid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(text[:text.rindex(")") + 1])
+    return out
+
+
+def _assert_all_gone(started):
+    assert started
+    for process in started:
+        assert process.poll() is not None, process.args
+        deadline = time.monotonic() + 10  # SIGKILLed processes may take a moment to vanish
+        while _living_in_group(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _living_in_group(process.pid), _living_in_group(process.pid)
+
+
+def test_flower_engine_equals_local_engine(tmp_path, monkeypatch, one_thread, allow_loopback):
+    """2 sites x 2 rounds on loopback. Tolerance: exact (atol = rtol = 0).
+
+    Both engines run the same per-site step (``site_round``) from the same initial models with
+    one CPU thread (``OMP_NUM_THREADS=1`` for the site processes); the flower sites restore
+    their state from disk bit for bit between rounds and the server averages with the same
+    function, so even the chaotic DFL start phase agrees exactly. (With more than two sites
+    the server's sum order follows reply order, which can differ from subject order in the
+    last float32 bit.)
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    started = _recording(monkeypatch)
+    monkeypatch.setattr(flower_app, "fit_on_flower", functools.partial(flower_app.fit_on_flower, timeout=400))
+    local = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
+                          params={**PARAMS, "checkpoint_dir": str(tmp_path / "local-ckpt")})
+    flower = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "flower", evaluate=False,
+                           params={**PARAMS, "checkpoint_dir": str(tmp_path / "fl-state")}, engine="flower")
+    _assert_all_gone(started)
+    assert [r.name for r in flower] == [r.name for r in local] == ["brainguard-subj01-pixels", "brainguard-subj02-pixels"]
+    n_voxels = {s: workflows.load_dataset(DATA, subjects=[s]).n_voxels(s) for s in (1, 2)}
+    for a, b in zip(local, flower):
+        s = a.subject
+        ma, mb = a.load_decoder().models_[s].state_dict(), b.load_decoder().models_[s].state_dict()
+        assert list(ma) == list(mb)
+        for k in ma:  # private (ridge) and shared tensors alike
+            torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
+        np.testing.assert_array_equal(np.load(a.path / "predictions.npy"), np.load(b.path / "predictions.npy"))
+        for run in (a, b):
+            assert_run_is_private(run.path, s, 3 - s, n_voxels[3 - s])
+    g_local = federated.load_checkpoint(federated.read_latest(tmp_path / "local-ckpt"))[1]
+    g_flower = load_file(str(tmp_path / "fl-state" / "server" / "global.safetensors"))
+    assert list(g_flower) == list(g_local)
+    for k in g_local:
+        torch.testing.assert_close(g_flower[k], g_local[k], rtol=0, atol=0)
+    # The server kept only shared tensors.
+    assert not any(k.startswith("ridge.") for k in g_flower)
+
+
+def test_interrupt_stops_every_process(tmp_path, monkeypatch, allow_loopback):
+    """Ctrl-C while the federation runs: every process started is stopped, by its group id."""
+    started = _recording(monkeypatch)
+    sites_started = []
+    before = signal.getsignal(signal.SIGTERM)
+
+    def pause(seconds):
+        if sites_started:
+            raise KeyboardInterrupt  # as a Ctrl-C while waiting for the federation
+        flower_app.time.sleep(seconds)
+
+    monkeypatch.setattr(flower_app, "_pause", pause)
+    with pytest.raises(KeyboardInterrupt):
+        flower_app.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
+                                 names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=120,
+                                 log=lambda message: sites_started.append(message))
+    assert len(started) == 3
+    _assert_all_gone(started)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
