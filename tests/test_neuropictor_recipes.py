@@ -225,3 +225,13 @@ def test_fp16_autocast_sampling_is_float32_on_cpu(data):
     decoder.sample_precision = "fp8"
     with pytest.raises(BrainreconError, match="Unknown sample_precision 'fp8'"):
         decoder.predict(data.test)
+
+
+def test_resuming_checks_the_global_batch_not_its_split(data, tmp_path):
+    common = {"batch_size": 2, "checkpoint_every": 2}
+    full = _encoder_stage(data, steps=4, grad_accum=2, **common)
+    _encoder_stage(data, steps=2, grad_accum=2, checkpoint_dir=str(tmp_path / "c"), **common)
+    resumed = _encoder_stage(data, steps=4, global_batch=4, checkpoint_dir=str(tmp_path / "c"), resume=True, **common)
+    assert resumed.losses_ == full.losses_
+    with pytest.raises(BrainreconError, match=r"global_batch=4 in the checkpoint vs 8 now"):
+        _encoder_stage(data, steps=6, global_batch=8, checkpoint_dir=str(tmp_path / "c"), resume=True, **common)

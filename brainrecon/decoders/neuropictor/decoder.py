@@ -667,7 +667,7 @@ class NeuroPictorDecoder(Decoder):
             identity={"stage": stage, "seed": int(self.seed), "batch_size": int(self.batch_size),
                       "subjects": subjects, "n_samples": len(data),
                       **dataclasses.asdict(sizes), "image_size": self.image_size,
-                      "encoder_eps": float(self.encoder_eps), "grad_accum": grad_accum},
+                      "encoder_eps": float(self.encoder_eps), "global_batch": plan["global_batch"]},
         )
         validate = self._validation_callback(validation if validation is not None else train,
                                              subjects, geometry, use_aux, empty)

@@ -543,6 +543,11 @@ def describe_text() -> str:
         "Sampling: DDIM 50 steps, eta 0, guidance 5.0 with the fMRI control in both branches; "
         "control_scale 0..1."
     )
+    lines.append(
+        "Released models: brainrecon import neuropictor --checkpoint sub01/epoch_015.pth "
+        "--encoder-config fMRI_AutoEncoder.yaml --out DIR; the UK-Biobank encoder alone: "
+        "--param encoder_init=checkpoint_120000.pth."
+    )
     return "\n".join(lines)
 
 

@@ -60,7 +60,9 @@ from brainrecon.io import atomic_directory, read_json, write_json_atomic
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_PREFIX = "step_"
 # Identity entries that checkpoints written before they existed implicitly had.
-IDENTITY_DEFAULTS = {"encoder_eps": 1e-6, "grad_accum": 1}
+IDENTITY_DEFAULTS = {"encoder_eps": 1e-6}
+# Identity entries not compared when a checkpoint predates them (its global batch is unknown).
+IDENTITY_OPTIONAL = ("global_batch",)
 LR_SCHEDULES = ("constant", "linear", "cosine")
 IMAGE_RESIZE = ("bicubic", "pil-bilinear")
 
@@ -337,7 +339,10 @@ def save_checkpoint(directory: Path, step: int, net, optimizer, cfg: TrainConfig
 def load_checkpoint(path: Path, net, optimizer, cfg: TrainConfig) -> tuple[int, list[float]]:
     info = read_json(path / "trainer.json")
     saved = {**IDENTITY_DEFAULTS, **info.get("identity", {})}
-    diff = {k: (saved.get(k), v) for k, v in cfg.identity.items() if saved.get(k) != v}
+    # The global batch, not its split into processes and micro-steps, must agree: a run
+    # resumed on another number of GPUs accumulates to the same samples per step.
+    diff = {k: (saved.get(k), v) for k, v in cfg.identity.items()
+            if saved.get(k) != v and not (k in IDENTITY_OPTIONAL and k not in saved)}
     if diff:
         shown = ", ".join(f"{k}={a!r} in the checkpoint vs {b!r} now" for k, (a, b) in diff.items())
         raise BrainreconError(
