@@ -14,6 +14,7 @@ random features of the true sizes.
 
     python benchmarks/eval.py                 # CPU: measure N=16, extrapolate to 982
     python benchmarks/eval.py --device cuda   # GPU: measure N=982
+    python benchmarks/eval.py --stats-only    # statistics' cost and peak memory at N=982 (~2 min)
 """
 
 from __future__ import annotations
@@ -78,6 +79,66 @@ def scoring_at(n: int, device: torch.device) -> dict[str, float]:
     return out
 
 
+class _StandIn(torch.nn.Module):
+    """Features of a metric's true size without a forward pass (a seeded random projection of a
+    pooled input), for measuring the memory of a whole N = 982 evaluation in seconds."""
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("proj", torch.randn(3 * 4 * 4, dim, generator=g))
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return pooled @ self.proj
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(n: int, size: int, batch: int) -> None:
+    """Run in a fresh process: peak memory of a full evaluation at N (networks' weights built,
+    forward passes replaced by stand-ins of the true output sizes)."""
+    base = _peak_rss_mb()
+    stand_ins = {m: _StandIn(d, i) for i, (m, d) in enumerate(FEATURE_DIMS.items())}
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    rec = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    images = _peak_rss_mb()
+    t0 = time.perf_counter()
+    report = evaluate(gt, rec, device="cpu", extractors=stand_ins, batch_size=batch, cache_dir=False, progress=False)
+    wall = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    del gt, rec, report
+    nets = random_networks(torch.device("cpu"))
+    weights = sum(p.numel() * p.element_size() for net in {id(v): v for v in nets.values()}.values()
+                  for p in net.module.parameters()) / 2**20
+    print(f"MEMORY python+torch {base:.0f} MB; + images (2 x {n} x {size}^2 x 3 uint8) {images:.0f} MB; "
+          f"evaluate() at N={n} with stand-in forward passes: peak {peak:.0f} MB ({peak - images:.0f} MB above "
+          f"the images) in {wall:.1f} s; the five networks' fp32 weights add {weights:.0f} MB")
+
+
+def stats_cost(n: int) -> dict[str, float]:
+    """Seconds for the statistics at N: 8 bootstrap intervals, and 8 paired comparisons."""
+    from brainrecon.eval.stats import bootstrap_interval, paired_comparison
+
+    rng = np.random.default_rng(0)
+    a = [rng.uniform(size=n) for _ in range(8)]
+    b = [v + rng.normal(0, 0.05, n) for v in a]
+    t0 = time.perf_counter()
+    for v in a:
+        bootstrap_interval(v)
+    t1 = time.perf_counter()
+    for va, vb in zip(a, b):
+        paired_comparison(va, vb)
+    t2 = time.perf_counter()
+    return {"8 bootstrap intervals (2000 resamples)": t1 - t0,
+            "8 paired comparisons (2000 resamples + 10000 sign flips)": t2 - t1}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -89,9 +150,26 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-full-low-level", action="store_true",
                    help="CPU: extrapolate PixCorr/SSIM too instead of measuring them at the full N")
+    p.add_argument("--stats-only", action="store_true",
+                   help="only the statistics' cost and the peak memory of a full evaluation at N (CPU, ~2 min)")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args.n, args.size, args.batch_size or 8)
+        return 0
+    if args.stats_only:
+        import subprocess
+
+        print(f"machine: {describe_machine(torch.device('cpu'))}")
+        for k, v in stats_cost(args.n).items():
+            print(f"STATS N={args.n}: {k}: {v:.2f} s")
+        cmd = [sys.executable, __file__, "--memory-child", "--n", str(args.n), "--size", str(args.size)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        subprocess.run(cmd, check=True)
+        return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -196,7 +196,7 @@ def compare_runs(
         if run.reconstructions() is None:
             raise BrainreconError(f"Run {run.name!r} ({run.path}) has no reconstructions.npy to show.")
         # Ids name the same picture across datasets only when they are NSD ids.
-        same_data = run.info.get("data") == first.info.get("data")
+        same_data = _data_source(run.info) == _data_source(first.info)
         if not same_data and not (run.info.get("ids_are_nsd") and first.info.get("ids_are_nsd")):
             raise BrainreconError(
                 f"Runs {first.name!r} and {run.name!r} were fitted on different data; "
@@ -229,6 +229,13 @@ def compare_runs(
         columns[label] = np.asarray(run.reconstructions()[np.array([pos[v] for v in chosen])])
     image_grid(gt, columns, path=out, max_rows=max_rows, cell_size=cell_size, row_labels=labels)
     return Path(out)
+
+
+def _data_source(info: dict) -> dict:
+    """A run's data spec without what names the subjects loaded beside its own (a per-subject
+    federated run records only its own subject)."""
+    data = info.get("data") or {}
+    return {k: v for k, v in data.items() if k not in ("subjects", "path", "n_voxels", "subject_info")}
 
 
 def _ranked(run, ids: list[int], metric: str, worst: bool) -> tuple[list[int], list[str]]:

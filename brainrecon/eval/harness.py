@@ -743,7 +743,9 @@ def evaluate(
         net.to(dev)
 
     timings: dict[str, float] = {}
-    gt_feats: dict[str, list | torch.Tensor] = {}
+    # Features are written into tensors of the full test-set size allocated at the first batch:
+    # no per-batch lists to concatenate (which doubled the peak memory, fragmented heap included).
+    gt_feats: dict[str, torch.Tensor] = {}
     cache_root = None if cache_dir is False else Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
     cache_files: dict[str, Path] = {}
     cached_nets: set[str] = set()
@@ -758,11 +760,7 @@ def evaluate(
                     gt_feats.update(hit)
                     cached_nets.add(net.name)
         timings["gt cache lookup"] = time.perf_counter() - t0
-    for net in nets:
-        if net.name not in cached_nets:
-            for m in net.metrics:
-                gt_feats[m] = []
-    rec_feats: dict[str, list] = {m: [] for net in nets for m in net.metrics}
+    rec_feats: dict[str, torch.Tensor] = {}
     pix_scores: list[np.ndarray] = []
     ssim_scores: list[np.ndarray] = []
     low_level = [m for m in wanted if m in LOW_LEVEL_METRICS]
@@ -826,9 +824,9 @@ def evaluate(
             x_g, x_r = net_inputs[(_net_input_size(net, variant), _net_norm(net))]
             if net.name not in cached_nets:
                 for m, f in net(x_g).items():
-                    gt_feats[m].append(f)
+                    _store(gt_feats, m, f, int(gi[0]), n)
             for m, f in net(x_r).items():
-                rec_feats[m].append(f)
+                _store(rec_feats, m, f, int(gi[0]), n)
             t0 = tick(f"network {net.name}", t0)
 
     per_image: dict[str, np.ndarray] = {}
@@ -839,12 +837,10 @@ def evaluate(
     t0 = time.perf_counter()
     for net in nets:
         if net.name not in cached_nets:
-            for m in net.metrics:
-                gt_feats[m] = _cat_release(gt_feats[m])
             if net.name in cache_files:
                 _save_cached(cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
         for m in net.metrics:
-            fr = _cat_release(rec_feats.pop(m))
+            fr = rec_feats.pop(m)
             if m in TWO_WAY_METRICS:
                 per_image[m] = M.two_way_per_reconstruction(gt_feats[m], fr)
             else:
@@ -885,20 +881,11 @@ def evaluate(
     )
 
 
-def _cat_release(chunks: list) -> torch.Tensor:
-    """Concatenate feature batches into one preallocated tensor, freeing each batch as it is
-    copied (peak: the result plus one batch, not twice the features)."""
-    if isinstance(chunks, torch.Tensor):
-        return chunks
-    total = sum(c.shape[0] for c in chunks)
-    out = torch.empty((total, *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=chunks[0].device)
-    pos = 0
-    while chunks:
-        c = chunks.pop(0)
-        out[pos : pos + c.shape[0]] = c
-        pos += c.shape[0]
-        del c
-    return out
+def _store(buf: dict[str, torch.Tensor], metric: str, feats: torch.Tensor, start: int, n: int) -> None:
+    """Write one batch of features at rows ``start:`` of the metric's (n, ...) tensor."""
+    if metric not in buf:
+        buf[metric] = torch.empty((n, *feats.shape[1:]), dtype=feats.dtype, device=feats.device)
+    buf[metric][start : start + feats.shape[0]] = feats
 
 
 def _ids_hash(ids) -> str:
