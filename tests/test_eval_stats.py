@@ -58,6 +58,7 @@ def test_changing_clip_weights_of_equal_size_changes_the_cache_key_and_the_score
     assert with_b["CLIP"] == fresh_b["CLIP"]
     assert evaluate(gt, rec, weights_dir=a.parent, cache_dir=cache, **kw).settings["gt_features_cached"] == ["CLIP"]
     assert first.settings["networks"]["CLIP"] != with_b.settings["networks"]["CLIP"]
+    assert first.settings["weights_identity"]["CLIP"] == key_a and with_b.settings["weights_identity"]["CLIP"] == key_b
 
 
 def test_swav_weights_of_equal_size_get_different_cache_keys(tmp_path):

@@ -862,6 +862,8 @@ def evaluate(
         "blend": blend is not None,
         "effnet_weights": _EFFNET_WEIGHTS[variant],
         "networks": {m: net.source for net in nets for m in net.metrics},
+        # Content hashes of the weight files (the ground-truth cache key): which weights, exactly.
+        "weights_identity": {m: net.cache_key for net in nets for m in net.metrics if net.cache_key},
         "gt_features_cached": sorted(m for net in nets if net.name in cached_nets for m in net.metrics),
         "aligned_by_id": aligned,
         "ids_sha256": _ids_hash(gt_ids) if gt_ids is not None else None,
