@@ -477,3 +477,29 @@ def test_imported_model_reconstructs_evaluates_and_samples(released_like, sd_dir
     result = runner.invoke(app, ["neuropictor-sample", str(run.path), "--swap-semantics", "0:1"])
     assert result.exit_code == 0, result.output
     assert (run.path / "swap_semantics.png").is_file()
+
+
+def test_the_encoder_stage_continues_the_released_autoencoder(tmp_path):
+    from brainrecon.decoders.neuropictor.encoder import FMRIAutoencoderHead
+
+    vit = reference_vit()
+    torch.manual_seed(5)
+    head = FMRIAutoencoderHead(surface_size=16, patch_size=4, encoder_dim=32, bottleneck=16, dim=16, depth=1,
+                               heads=4).eval()
+    path = tmp_path / "checkpoint_120000.pth"
+    state = {f"module.transformer.{k}": v for k, v in vit.state_dict().items()}
+    state.update({f"module.transformer.{k}": v for k, v in head.state_dict().items()})
+    torch.save({"model": state}, path)
+    ds = make_synthetic(seed=0, subjects=(1,), n_train=4, n_test=2, image_size=32, surface_size=16)
+    config = write_yaml(tmp_path / "fMRI_AutoEncoder.yaml", decoder_embed_dim=16, decoder_depth=1)
+    common = {**TINY, "stage": "encoder", "steps": 1, "lr": 0.0, "encoder_init": str(path),
+              "encoder_config": str(config), "decoder_heads": 4}
+    decoder = NeuroPictorDecoder(**common).fit(ds.train)
+    x = torch.from_numpy(ds.test.surfaces(1))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.net_(x), head(vit.forward_features(x[:, None])), rtol=0, atol=1e-5)
+    with pytest.raises(BrainreconError, match=r"decoder_dim=16.*this decoder has .*decoder_dim=8.*decoder_dim=16"):
+        NeuroPictorDecoder(**{**common, "decoder_dim": 8}).fit(ds.train)
+    with pytest.raises(OfficialFileError, match=r"Model\.decoder_depth=3 in .* give 1"):
+        NeuroPictorDecoder(**{**common, "encoder_config": str(write_yaml(tmp_path / "d.yaml", decoder_depth=3))}
+                           ).fit(ds.train)

@@ -94,7 +94,8 @@ class NeuroPictorDecoder(Decoder):
         The released UK-Biobank fMRI autoencoder (``checkpoint_120000.pth``, or a file of the
         same layout) to start the fMRI encoder from, when ``init_from`` is not given (read by
         :func:`~brainrecon.decoders.neuropictor.load_official_encoder`; its sizes must agree with
-        the size parameters above).
+        the size parameters above). In stage ``"encoder"`` the file's autoencoder decoder
+        (``pred``, ``decoder_*``) is loaded too, to continue its training.
     encoder_config : str, optional
         Its ``fMRI_AutoEncoder.yaml``: heads and dropout rate (sizes are checked against the file).
     encoder_eps : float
@@ -379,7 +380,10 @@ class NeuroPictorDecoder(Decoder):
         return {"eps": eps, **{k: float(v) for k, v in rates.items()}}
 
     def _official_encoder(self, sizes: model.Sizes):
-        """The encoder of ``encoder_init`` (with this decoder's eps and rates), checked against the sizes."""
+        """The encoder of ``encoder_init`` (with this decoder's eps and rates), checked against the sizes.
+
+        Returns the encoder and the file's (prefix-stripped) state dict.
+        """
         obj = official.torch_load_weights_only(self.encoder_init, "fMRI encoder (encoder_init)")
         state = official.encoder_state_from_file(obj, str(self.encoder_init))
         spec = official.infer_encoder_spec(state, official.read_encoder_config(self.encoder_config),
@@ -396,8 +400,25 @@ class NeuroPictorDecoder(Decoder):
                 + f", but this decoder has {what}. Build the decoder with "
                 + (", ".join(diff) if diff else "the same sizes") + " (single-channel surface maps)."
             )
-        return official.encoder_from_state(state, self.encoder_config, source=str(self.encoder_init),
-                                           **self._encoder_options(training=True))
+        encoder = official.encoder_from_state(state, self.encoder_config, source=str(self.encoder_init),
+                                              **self._encoder_options(training=True))
+        return encoder, state
+
+    def _official_head(self, encoder, state, sizes: model.Sizes):
+        """The released autoencoder's bottleneck and decoder, checked against this decoder's sizes."""
+        head = official.autoencoder_head_from_state(state, encoder.official_spec,
+                                                    self.encoder_config, source=str(self.encoder_init),
+                                                    **self._encoder_options(training=True))
+        found = {"bottleneck_dim": head.pred.out_features, "decoder_dim": head.decoder_embed.out_features,
+                 "decoder_depth": len(head.decoder_blocks), "decoder_heads": encoder.official_spec.heads}
+        diff = [f"{k}={v}" for k, v in found.items() if getattr(sizes, k) != v]
+        if diff:
+            raise BrainreconError(
+                f"encoder_init={self.encoder_init!r} holds an autoencoder decoder with "
+                f"{', '.join(f'{k}={v}' for k, v in found.items())}, but this decoder has "
+                f"{', '.join(f'{k}={getattr(sizes, k)}' for k in found)}. Build the decoder with {', '.join(diff)}."
+            )
+        return head
 
     @staticmethod
     def _stage_keys(stage: str, use_aux: bool) -> tuple[str, ...]:
@@ -540,12 +561,7 @@ class NeuroPictorDecoder(Decoder):
                     "Give either init_from (a saved brainrecon decoder) or encoder_init (the released "
                     "fMRI encoder file), not both: init_from already holds an fMRI encoder."
                 )
-            if stage == "encoder":
-                raise BrainreconError(
-                    "encoder_init starts a diffusion stage from the released fMRI encoder; use it "
-                    "with stage 'pretrain' (or 'finetune'), not 'encoder'."
-                )
-            encoder = self._official_encoder(sizes)
+            encoder, official_state = self._official_encoder(sizes)
         else:
             encoder = sizes.encoder(**options)
         if init_cfg is not None:
@@ -560,6 +576,9 @@ class NeuroPictorDecoder(Decoder):
                 )
             load_state_dict_strict(encoder, read_safetensors(init_dir / ENCODER_FILE, "fMRI encoder"),
                                    "fMRI encoder", source=str(init_dir / ENCODER_FILE))
+        if stage == "encoder" and self.encoder_init is not None:
+            # Continue the released autoencoder (e.g. on NSD surfaces): its decoder comes along.
+            return model.FMRIAutoencoder(encoder, self._official_head(encoder, official_state, sizes)), {}
         if stage == "encoder":
             head = sizes.autoencoder_head(**options)
             if init_stage == "encoder":

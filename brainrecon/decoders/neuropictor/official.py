@@ -1,5 +1,11 @@
-"""Reading the files released with NeuroPictor (Huo et al., ECCV 2024): the UK-Biobank fMRI encoder.
+"""Reading the files released with NeuroPictor (Huo et al., ECCV 2024).
 
+Two kinds of file: the UK-Biobank fMRI encoder (:func:`load_official_encoder`) and the
+NeuroPictor models themselves, epoch files and ``control_sd21_ini.ckpt``
+(:func:`import_official_checkpoint`, :func:`import_neuropictor`; CLI ``brainrecon import
+neuropictor``).
+
+**The encoder.**
 The released encoder, ``ckpt/fMRI2fMRI_UKB/checkpoint_120000.pth`` with its
 ``fMRI_AutoEncoder.yaml`` (fMRI-PTE, Qian et al. 2023), is a torch pickle whose ``'model'``
 entry holds the autoencoder's state dict, keys possibly prefixed ``module.`` (DDP) and then
@@ -16,6 +22,18 @@ The encoder's key names are timm's ``VisionTransformer`` names, which brainrecon
 number of attention heads and the dropout rate cannot be, and come from the yaml
 (``Model.num_heads``, ``Model.drop_rate``) or default to the official 16 heads and no dropout.
 Every LayerNorm of the official model is ``nn.LayerNorm(dim)``, eps 1e-5.
+
+**The epoch files** (``torch.save(self.state_dict())`` of the official Lightning module) hold
+every part under its attribute name: ``model.diffusion_model.*`` (ldm UNet), ``first_stage_model.*``
+(VAE), ``control_model.*`` (the cldm ControlNet copy, with the feature transformation under
+``control_model.fmri_mapper.*``), ``fmri_encoder.transformer.*``, ``cond_stage.*`` (the high-level
+guiding network), ``cond_stage_model.*`` (OpenCLIP text tower) and the DDPM buffers. UNet, VAE and
+ControlNet go through diffusers' converters (``diffusers.loaders.single_file_utils``), checked to
+consume every tensor they are given and to produce every weight of the target module; the fMRI
+parts are mapped by hand (:data:`MAPPER_KEYS`, :data:`HLGN_KEYS`). What is not imported is on one
+list (:data:`IGNORED_PREFIXES`, :data:`IGNORED_KEYS`); any other key is an error that lists it.
+The UNet and VAE are frozen in NeuroPictor, so they must equal the ``base_model`` the decoder runs
+on (they are not stored again).
 
 ``torch.load(..., weights_only=True)`` is the only place brainrecon unpickles anything; files
 that need more than tensors, containers, numbers, strings and ``argparse.Namespace`` (which
@@ -116,7 +134,8 @@ def read_encoder_config(config: str | os.PathLike | Mapping | None) -> dict[str,
         )
     out: dict[str, Any] = {"source": source}
     for section, keys in ((data, ("patch_size", "image_size")),
-                          (model, ("embed_dim", "encoder_depth", "num_heads", "drop_rate", "in_chans"))):
+                          (model, ("embed_dim", "encoder_depth", "num_heads", "drop_rate", "in_chans",
+                                   "decoder_embed_dim", "decoder_depth"))):
         for key in keys:
             if section.get(key) is not None:
                 out[key] = section[key]
@@ -281,6 +300,45 @@ def encoder_from_state(state: Mapping[str, torch.Tensor], config=None, *, source
     return encoder
 
 
+def autoencoder_head_from_state(state: Mapping[str, torch.Tensor], spec: EncoderSpec, config=None, *,
+                                source: str = "the file", **options):
+    """The autoencoder's bottleneck and decoder (``pred``, ``mask_token``, ``decoder_*``) of the file.
+
+    brainrecon's :class:`~brainrecon.decoders.neuropictor.encoder.FMRIAutoencoderHead` has the
+    official key names. Sizes come from the tensors (bottleneck from ``pred``, width from
+    ``decoder_embed``, depth from ``decoder_blocks``), heads from the yaml as for the encoder
+    (one ``num_heads`` for both in the official model); ``Model.decoder_embed_dim`` and
+    ``Model.decoder_depth`` must agree with the tensors. ``options``: eps and the three rates.
+    """
+    from brainrecon.decoders.neuropictor.encoder import FMRIAutoencoderHead
+
+    head_keys = {k: v for k, v in state.items() if _is_ignored(k)}
+    needed = ("pred.weight", "decoder_embed.weight", "mask_token", "decoder_pred.weight")
+    missing = [k for k in needed if k not in head_keys]
+    if missing:
+        raise OfficialFileError(f"{source} lacks the autoencoder tensor(s) {_key_list(missing)}.")
+    bottleneck = int(head_keys["pred.weight"].shape[0])
+    dim = int(head_keys["decoder_embed.weight"].shape[0])
+    depth = 1 + max((int(k.split(".")[1]) for k in head_keys if k.startswith("decoder_blocks.")), default=-1)
+    cfg = read_encoder_config(config)
+    where = cfg.get("source", "the config")
+    clashes = [f"Model.{key}={cfg[key]} in {where} but the tensors give {value}"
+               for key, value in (("decoder_embed_dim", dim), ("decoder_depth", depth))
+               if key in cfg and int(cfg[key]) != value]
+    if clashes:
+        raise OfficialFileError(f"The encoder config contradicts {source}: " + "; ".join(clashes) + ".")
+    if dim % spec.heads:
+        raise OfficialFileError(f"{source}: decoder width {dim} is not divisible by {spec.heads} heads.")
+    opts = {"eps": spec.eps, "drop": spec.drop, "attn_drop": spec.attn_drop, "drop_path": spec.drop_path,
+            **{k: float(v) for k, v in options.items() if v is not None}}
+    head = FMRIAutoencoderHead(surface_size=spec.surface_size, patch_size=spec.patch_size, encoder_dim=spec.dim,
+                               bottleneck=bottleneck, dim=dim, depth=depth, heads=spec.heads,
+                               in_chans=spec.in_chans, **opts)
+    load_state_dict_strict(head, {k: v.float() for k, v in head_keys.items()}, "fMRI autoencoder head",
+                           source=source)
+    return head
+
+
 def load_official_encoder(path: str | os.PathLike, config: str | os.PathLike | Mapping | None = None, *,
                           eps: float | None = None, drop: float | None = None,
                           attn_drop: float | None = None, drop_path: float | None = None) -> FMRIEncoder:
@@ -319,9 +377,6 @@ def load_official_encoder(path: str | os.PathLike, config: str | os.PathLike | M
     return encoder.eval()
 
 
-__all__ = ["EncoderSpec", "OfficialFileError", "encoder_from_state", "infer_encoder_spec",
-           "load_official_encoder", "read_encoder_config", "torch_load_weights_only"]
-
 
 # ============================================================================ NeuroPictor epoch files
 #: Key prefixes of an official epoch file (``torch.save(self.state_dict())`` of the Lightning
@@ -347,7 +402,7 @@ IGNORED_KEYS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-    "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar", "scale_factor",
+    "posterior_mean_coef1", "posterior_mean_coef2", "lvlb_weights", "logvar", "scale_factor", "cond_ids",
 )
 #: Official feature transformation (``FMRIToControlModel``) -> brainrecon ``FeatureTransform``.
 MAPPER_KEYS = {"channel_mapper.0": "token_mix1", "channel_mapper.1": "token_mix2",
@@ -797,3 +852,9 @@ def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "ru
             evaluate_run_safely(run, log=log)
         runs.append(Run.open(run.path))
     return runs
+
+
+__all__ = ["EncoderSpec", "ImportReport", "OfficialFileError", "autoencoder_head_from_state", "check_import",
+           "encoder_from_state",
+           "import_neuropictor", "import_official_checkpoint", "infer_encoder_spec", "load_official_encoder",
+           "read_encoder_config", "split_official_checkpoint", "torch_load_weights_only", "write_runs"]
