@@ -503,3 +503,27 @@ def test_the_encoder_stage_continues_the_released_autoencoder(tmp_path):
     with pytest.raises(OfficialFileError, match=r"Model\.decoder_depth=3 in .* give 1"):
         NeuroPictorDecoder(**{**common, "encoder_config": str(write_yaml(tmp_path / "d.yaml", decoder_depth=3))}
                            ).fit(ds.train)
+
+
+def test_full_size_layout_converts_key_for_key():
+    # SD 2.1-base-sized UNet, VAE and ControlNet on the meta device (no memory): diffusers'
+    # converters turn the official layout into exactly the modules' keys.
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    from brainrecon.decoders.neuropictor import control, model
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**model.sd21_base_unet_config())
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                            norm_num_groups=32, sample_size=512)
+        controlnet = control.build_controlnet(unet, control.FeatureTransform(), copy_weights=False)
+    config = dict(unet.config)
+    ldm = unet_to_ldm(unet.state_dict(), config, "model.diffusion_model.")
+    assert set(sfu.convert_ldm_unet_checkpoint(ldm, config)) == set(unet.state_dict())
+    ldm = vae_to_ldm(vae.state_dict(), vae.config)
+    assert set(sfu.convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(vae.state_dict())
+    ldm = unet_to_ldm(controlnet.state_dict(), config, "control_model.")
+    target = control.controlnet_state_without_embedding(controlnet)
+    assert len(target) == 324 and set(sfu.convert_controlnet_checkpoint(ldm, config)) == set(target)
