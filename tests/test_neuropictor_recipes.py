@@ -235,3 +235,20 @@ def test_resuming_checks_the_global_batch_not_its_split(data, tmp_path):
     assert resumed.losses_ == full.losses_
     with pytest.raises(BrainreconError, match=r"global_batch=4 in the checkpoint vs 8 now"):
         _encoder_stage(data, steps=6, global_batch=8, checkpoint_dir=str(tmp_path / "c"), resume=True, **common)
+
+
+def test_pixel_rounding_truncates_like_the_official_png_writer():
+    from brainrecon.decoders.neuropictor import sample
+
+    class Identity:
+        config = type("C", (), {"scaling_factor": 1.0})()
+
+        def parameters(self):
+            yield torch.zeros(())
+
+        def decode(self, latents):
+            return type("O", (), {"sample": latents})()
+
+    x = torch.full((1, 3, 1, 1), 0.6 / 255 * 2 - 1)  # 0.6 of a grey level
+    assert sample.decode_latents(Identity(), x).max() == 1
+    assert sample.decode_latents(Identity(), x, rounding="truncate").max() == 0

@@ -37,6 +37,7 @@ STAGE_EPOCHS = {"encoder": 100, "pretrain": 100, "finetune": 160, "cfg": 20}
 SEM_TARGETS = ("penultimate", "last")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SAMPLE_PRECISION = ("auto", "fp16-autocast")
+PIXEL_ROUNDING = ("round", "truncate")
 # Keys of per-stage parameter mappings: brainrecon's stages and the official yaml names
 # (models/{pretrain,pretrain_mask,finetune,finetune_mask}.yaml). Stage "cfg" looks up
 # "pretrain_mask" or "finetune_mask" (by whether it continues a pre-trained or a fine-tuned
@@ -165,6 +166,9 @@ class NeuroPictorDecoder(Decoder):
         (bf16 on CUDA). ``"fp16-autocast"``: float32 weights under fp16 autocast, as the
         official ``reconstruction.py`` (``--precision autocast``); on CPU, where there is no
         fp16 autocast, float32.
+    pixel_rounding : {"round", "truncate"}
+        Quantisation of the decoded images to uint8: to the nearest level (default), or
+        truncated as the official ``reconstruction.py`` writes its PNGs.
     control_scale : float
         alpha, multiplies the 13 ControlNet residuals at inference (1.0; 0 = semantics only).
     guidance_scale : float
@@ -274,6 +278,7 @@ class NeuroPictorDecoder(Decoder):
         gradient_checkpointing: bool = True,
         mixed_precision: str = "auto",
         sample_precision: str = "auto",
+        pixel_rounding: str = "round",
         control_scale: float = 1.0,
         guidance_scale: float = 5.0,
         num_inference_steps: int = 50,
@@ -326,6 +331,7 @@ class NeuroPictorDecoder(Decoder):
         self.gradient_checkpointing = gradient_checkpointing
         self.mixed_precision = mixed_precision
         self.sample_precision = sample_precision
+        self.pixel_rounding = pixel_rounding
         self.control_scale = control_scale
         self.guidance_scale = guidance_scale
         self.num_inference_steps = num_inference_steps
@@ -821,6 +827,7 @@ class NeuroPictorDecoder(Decoder):
         empty = self.empty_context_ if empty is None else empty
         device = self._device()
         self._check_choice("sample_precision", SAMPLE_PRECISION)
+        self._check_choice("pixel_rounding", PIXEL_ROUNDING)
         dtype = train_module.weight_dtype(self._mixed_precision(device))
         autocast = None
         if self.sample_precision == "fp16-autocast" and device.type == "cuda":
@@ -846,7 +853,8 @@ class NeuroPictorDecoder(Decoder):
                     control_scale=alpha, guidance_scale=self.guidance_scale, num_inference_steps=steps,
                     autocast_dtype=autocast,
                 )
-                out[sl] = sample.decode_latents(base.vae, latents, autocast_dtype=autocast)
+                out[sl] = sample.decode_latents(base.vae, latents, autocast_dtype=autocast,
+                                                rounding=self.pixel_rounding)
         return out
 
     def reconstruct(self, surfaces: np.ndarray, *, semantic_surfaces: np.ndarray | None = None,

@@ -555,7 +555,8 @@ def import_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | 
         the file's tensors used directly (see :func:`check_import`).
     params : mapping, optional
         Further decoder parameters (e.g. ``device``, ``num_inference_steps``); the sizes come
-        from the file. Sampling defaults to the official settings (fp16 autocast on CUDA).
+        from the file. Sampling defaults to the official settings (fp16 autocast on CUDA,
+        truncation to uint8).
 
     Returns
     -------
@@ -682,7 +683,7 @@ def import_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | 
         encoder_dim=spec.dim, encoder_depth=spec.depth, encoder_heads=spec.heads, encoder_eps=spec.eps,
         semantic_hidden=hidden, image_size=size * base.vae_scale_factor, seed=seed,
         encoder_config=None if encoder_config is None or isinstance(encoder_config, Mapping) else str(encoder_config),
-        sample_precision="fp16-autocast",
+        sample_precision="fp16-autocast", pixel_rounding="truncate",
     )
     sizes = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads", "encoder_eps",
              "semantic_hidden", "image_size", "stage", "base_model", "subjects")

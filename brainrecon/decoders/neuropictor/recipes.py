@@ -51,6 +51,7 @@ _RELEASED_VALUES = {
                             "finetune_mask": False},
     # sampling
     "sample_precision": "fp16-autocast",
+    "pixel_rounding": "truncate",
     "guidance_scale": 5.0,
     "num_inference_steps": 50,
     "control_scale": 1.0,
@@ -86,6 +87,7 @@ _RELEASED_NOTES = {
     "detach_unet_encoder": "from_scrach True in pretrain.yaml (frozen UNet encoder under no_grad), False in "
                            "pretrain_mask.yaml; cldm_fmri_surf.py removes the no_grad",
     "sample_precision": "reconstruction.py --precision autocast (fp16 autocast over fp32 weights)",
+    "pixel_rounding": "reconstruction.py writes Image.fromarray((255. * x).astype(np.uint8)): truncation",
     "guidance_scale": "reconstruction.py --scale 5.0; inference.yaml",
     "num_inference_steps": "reconstruction.py --ddim_steps 50 (eta 0)",
     "control_scale": "control_scales = [1.0] * 13 (cldm_fmri_surf.py)",

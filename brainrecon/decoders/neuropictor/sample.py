@@ -138,13 +138,19 @@ def denoise(*, unet, controlnet, tokens: torch.Tensor, context: torch.Tensor,
 
 
 @torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> np.ndarray:
-    """VAE-decode ``(B, 4, s, s)`` latents to uint8 images ``(B, H, W, 3)``."""
+def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | None = None,
+                   rounding: str = "round") -> np.ndarray:
+    """VAE-decode ``(B, 4, s, s)`` latents to uint8 images ``(B, H, W, 3)``.
+
+    ``rounding="truncate"`` quantises as the official ``reconstruction.py`` writes its PNGs
+    (``(255 * x).astype(np.uint8)``); ``"round"`` to the nearest level.
+    """
     dtype = next(vae.parameters()).dtype
     with _autocast_for(latents.device, dtype, autocast_dtype):
         images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).sample.float()
     images = ((images + 1) / 2).clamp(0, 1)
-    return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    scaled = images.permute(0, 2, 3, 1).cpu().numpy() * 255
+    return (np.floor(scaled) if rounding == "truncate" else scaled.round()).astype(np.uint8)
 
 
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
