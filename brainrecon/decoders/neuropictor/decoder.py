@@ -224,7 +224,11 @@ class NeuroPictorDecoder(Decoder):
       validation metrics (LPIPS, EffNet, Inception on 25 % of the test set) are replaced by
       image grids (``validate_every``); ``brainrecon evaluate`` scores the final model;
     - subjects per stage are not part of a recipe (``--subjects 1 2 3 4 5 6 7 8`` for
-      pre-training, one subject for fine-tuning).
+      pre-training, one subject for fine-tuning);
+    - stage ``"encoder"`` trains the autoencoder on the training split's surface maps; the
+      released encoder was pre-trained on UK-Biobank resting-state maps of 40k subjects (batch
+      384, AdamW 5e-4, linear schedule; script not released), which brainrecon cannot repeat:
+      start from it with ``encoder_init`` instead.
     """
 
     name = "neuropictor"
