@@ -273,3 +273,52 @@ def test_interrupt_stops_every_process(tmp_path, monkeypatch, allow_loopback):
     assert len(started) == 3
     _assert_all_gone(started)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+
+
+def test_a_failing_site_fails_the_federation_and_stops_every_process(tmp_path, monkeypatch, allow_loopback):
+    """Site 2 cannot read its data: the round fails with its error, nothing is left running."""
+    started = _recording(monkeypatch)
+    real_start = flower_app.start_process
+
+    def start(args, **kwargs):
+        args = list(args)
+        if "site" in args and args[args.index("--subject") + 1] == "2":
+            args[args.index("--data") + 1] = str(tmp_path / "no-such-data")
+        return real_start(args, **kwargs)
+
+    monkeypatch.setattr(flower_app, "start_process", start)
+    with pytest.raises(BrainreconError, match="federation failed"):
+        flower_app.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
+                                 names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=300,
+                                 log=lambda message: None)
+    _assert_all_gone(started)
+    assert "Data not found" in (tmp_path / "state" / "server" / "run.log").read_text()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+    from brainrecon.federate_cli import _decoder_params
+
+    params = _decoder_params(None, ["hidden=8"], "weadl", "ipadapter", 3)
+    assert params["rounds"] == 3 and params["hidden"] == 8 and params["sync_tensors"] == 24
+    assert params["target"] == "ipadapter" and params["calibration"] == "none"
+    with pytest.raises(BrainreconError, match="Unknown ema"):
+        _decoder_params('{"ema": "fast"}', None, None, None, None)
+
+    seen = {}
+
+    def fake(params, **kwargs):
+        seen.update(params=params, **kwargs)
+        raise BrainreconError("stopped here")
+
+    monkeypatch.setattr(flower_app, "fit_on_flower", fake)
+    result = CliRunner().invoke(app, ["fit", "--decoder", "brainguard", "--engine", "flower", "--subjects", "1", "2",
+                                      "--data", DATA, "--rounds", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "stopped here" in result.output
+    assert seen["subjects"] == [1, 2] and seen["data"] == DATA and seen["params"]["rounds"] == 2
+    assert seen["names"] == {1: "brainguard-subj01-pixels", 2: "brainguard-subj02-pixels"}
+    result = CliRunner().invoke(app, ["fit", "--decoder", "ridge", "--engine", "flower", "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--engine flower is for the brainguard decoder" in result.output

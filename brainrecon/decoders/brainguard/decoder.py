@@ -86,7 +86,9 @@ class BrainGuardDecoder(Decoder):
     dfl_eta, dfl_grad_scale, dfl_threshold, dfl_num_pre_loss, dfl_max_epochs
         Dynamic Fusion Learner: step size, gradient scale (1000 in BrainGuard), the stopping
         rule of its first call (std of the last ``dfl_num_pre_loss`` epoch losses below
-        ``dfl_threshold``) and a cap on that call's epochs.
+        ``dfl_threshold``) and a cap on that call's epochs. At BrainGuard's loss scale the
+        threshold of 50 is met at the first check, so the first call always runs
+        ``dfl_num_pre_loss + 1`` epochs (11 with the released values).
     ema : {"none", "standard", "inverted"}
         What a client uploads: its weights ("none"), a standard EMA of them
         (``ema ← d·ema + (1-d)·θ`` after each step, restarted from the fused model after

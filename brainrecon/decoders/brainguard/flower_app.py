@@ -30,6 +30,7 @@ round; a server restarted with ``--resume`` continues from its saved global mode
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -215,7 +216,7 @@ def server_main(grid, context) -> None:
                        train_config=train_config, timeout=float(cfg.get("round-timeout", 3600)))
     ends = [started, *strategy.round_ends]
     write_json_atomic(status_path, {"rounds_completed": rounds, "rounds": rounds, "finished": True,
-                                    "round_seconds": [b - a for a, b in zip(ends, ends[1:])]})
+                                    "round_seconds": [b - a for a, b in itertools.pairwise(ends)]})
 
 
 # --------------------------------------------------------------------------- the site app
