@@ -32,7 +32,7 @@ from brainrecon.eval import metrics as M
 from brainrecon.eval.extractors import build_network
 from _machine import describe_machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-# Feature sizes of the MindEye variant (spec/metrics.md §2).
+# Feature sizes of the MindEye variant (AlexNet features.4 / features.11, avgpool, CLIP embeds).
 FEATURE_DIMS = {"AlexNet(2)": 192 * 31 * 31, "AlexNet(5)": 256 * 15 * 15, "Inception": 2048, "CLIP": 768,
                 "EffNet-B": 1280, "SwAV": 2048}
 

@@ -166,7 +166,7 @@ def run_method(method: str, X, Y, alphas, device: str) -> tuple[dict, np.ndarray
         try:
             n, t = Y.shape
             solver_params = {"local_alpha": True}
-            if n * t > 50_000_000:  # NSD scale: spec/ridge.md §7.6 memory settings
+            if n * t > 50_000_000:  # NSD scale: the memory-saving settings
                 solver_params.update(n_targets_batch=4096, n_alphas_batch=5, n_targets_batch_refit=4096)
             model = KernelRidgeCV(alphas=alphas, kernel="linear", fit_intercept=True, cv=5,
                                   solver_params=solver_params)

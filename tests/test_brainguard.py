@@ -262,7 +262,7 @@ def test_loss_matches_brute_force():
     (64, 15724, 1_927_360), (256, 13039, 7_224_064), (2048, 15724, 81_539_328), (2048, 12682, 75_309_312),
 ])
 def test_parameter_counts_match_spec(hidden, voxels, expected):
-    # spec/brainguard.md §8: the 16 x 768 IP-token variant's parameter counts.
+    # WeADL's 16 x 768 IP-token variant: its parameter counts.
     from brainrecon.decoders.brainguard.model import count_parameters
 
     with torch.device("meta"):

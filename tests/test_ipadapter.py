@@ -168,7 +168,7 @@ def build_tiny_weights(root: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- reference math
 def reference_resampler(sd: dict[str, torch.Tensor], h: torch.Tensor, heads: int, dim_head: int = 64) -> torch.Tensor:
-    """The tencent Resampler (spec/ipadapter.md §2), written out from its equations.
+    """The tencent Resampler (IP-Adapter Plus), written out from its equations.
 
     Per head the scale 64^-1/4 is applied to q and k separately and the softmax runs in
     float32, as in the reference; heads are looped over explicitly.

@@ -64,7 +64,7 @@ def cv2_nearest_reference(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray
 
 
 def crop_reference(full_map: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """NeuroPictor's crop recipe (spec/nsd-data.md §5.2), written out directly."""
+    """NeuroPictor's crop recipe (its dataset/dataset.py), written out directly."""
     ys, xs = np.nonzero(mask == 1)
     h, w = mask.shape
     x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 1, w)

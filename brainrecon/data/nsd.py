@@ -4,7 +4,7 @@
 one subject's averaged betas, images, captions and 73k image ids, streaming one session and
 one image at a time so that a full subject fits in a workstation's memory.
 
-The recipe (Brain-Diffuser's ``prepare_nsddata.py``, see ``spec/nsd-data.md`` §2)
+The recipe (Brain-Diffuser's ``prepare_nsddata.py``, Ozcelik & VanRullen 2023)
 ----------------------------------------------------------------------------------
 Files read, relative to the NSD root::
 

@@ -2,7 +2,7 @@
 
 NeuroPictor (Huo et al. 2024) feeds its fMRI encoder 256 x 256 crops of a flattened-cortex map
 of each sample's response. The projection from NSD betas to that map is not public, so
-brainrecon reads the maps the authors released (``spec/nsd-data.md`` §5):
+brainrecon reads the maps the authors released (NeuroPictor's ``NSD_full_brain`` release, jingyanghuo/neuropictor):
 
 per-sample maps (``NSD/fmri_npy.zip``)
     ``fmri_npy/{SS}_norm/surf_{k:06d}.npy`` (256, 256) float, already cropped, and

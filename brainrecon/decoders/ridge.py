@@ -8,7 +8,7 @@ Two layers live here:
 * :class:`RidgeDecoder`, the registered ``ridge`` decoder: one subject's z-scored voxels
   to a target space (pixels, IP-Adapter tokens), with optional rescaling of predictions.
 
-The solver (``spec/ridge.md`` §4) factorises the problem once and then scores every alpha
+The solver factorises the problem once and then scores every alpha
 for every target with one large matrix product per alpha:
 
 1. centre X and Y (the unpenalised intercept), ``K = Xc Xcᵀ = V diag(s) Vᵀ`` when
@@ -84,8 +84,7 @@ def default_alphas(n_features: int) -> np.ndarray:
 
     With z-scored features (ddof 1) the trace of the kernel ``X Xᵀ`` is
     ``(n - 1) * n_features``, so its mean eigenvalue is about ``n_features`` and alpha
-    relative to ``n_features`` is what carries across subjects (``spec/ridge.md`` §6.6;
-    peers use 2e4-1e5 at about 15k voxels, i.e. 1.3-6.4 x n_features).
+    relative to ``n_features`` is what carries across subjects (peers use 2e4-1e5 at about 15k voxels, i.e. 1.3-6.4 x n_features).
 
     Returns
     -------
@@ -188,8 +187,8 @@ def _eigh(backend, A):
 
     numpy uses SciPy's divide-and-conquer driver ("evd"), 2-5x faster than numpy's and
     SciPy's default drivers at n = 2000-3000 on the reference CPU. If the decomposition
-    fails or returns non-finite values (float32 ``torch.linalg.eigh`` on CUDA is known to,
-    ``spec/ridge.md`` §4.3), it is redone in float64 on the CPU and cast back.
+    fails or returns non-finite values (float32 ``torch.linalg.eigh`` on CUDA is known to),
+    it is redone in float64 on the CPU and cast back.
     """
     import scipy.linalg
 
@@ -611,7 +610,7 @@ class RidgeCV(MultiOutputMixin, RegressorMixin, BaseEstimator):
         the CPU. Fitted attributes are numpy arrays whatever the device.
     dtype : {"float32", "float64"}, default "float32"
         Working precision. float32 is adequate: useful alphas are far above the
-        float32 error of the kernel eigenvalues (``spec/ridge.md`` §4.3).
+        float32 error of the kernel eigenvalues.
     cv : {"loo", "gcv"}, default "loo"
         Exact leave-one-out, or generalised cross-validation (cheaper alpha loop, an
         approximation; see :func:`solve_ridge_gcv`).
@@ -854,7 +853,7 @@ class RidgeDecoder(Decoder):
           on the other test images. The default for that reason.
         * ``"test"``: Brain-Diffuser's recalibration, z-scoring each dimension over the
           test predictions and mapping to the training targets' mean and standard
-          deviation (transductive: needs the whole test batch; ``spec/ridge.md`` §6.1).
+          deviation (transductive: needs the whole test batch; Brain-Diffuser's ``vdvae_regression.py``).
         * ``"none"``: raw ridge predictions.
     device : {"auto", "cpu", "cuda", "numpy"}, default "auto"
         Where the solver runs (:func:`get_ridge_backend`).

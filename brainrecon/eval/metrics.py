@@ -3,7 +3,7 @@
 Every function here is pure: arrays in, numbers out, no network weights and no
 preprocessing. The harness (:mod:`brainrecon.eval.harness`) brings images to the
 size each metric is computed at and turns images into features; these functions
-only score. The recipe is the one in ``spec/metrics.md`` §1:
+only score. The recipe is the one of MindEye's and Brain-Diffuser's evaluation code:
 
 - :func:`pixcorr` — mean per-image Pearson correlation of all pixels, all channels.
 - :func:`ssim` — mean grayscale SSIM with Gaussian weights (sigma 1.5, truncate
@@ -186,7 +186,7 @@ def ssim_per_image(gt, rec, mode: str = "2d") -> np.ndarray:
     mode : {"2d", "columnwise"}
         ``"2d"``: true 2-D SSIM (scikit-image >= 0.20, MindEye). ``"columnwise"``: the
         mean of 1-D SSIMs down each pixel column, which is what Brain-Diffuser's
-        ``multichannel=True`` call computed under scikit-image 0.17 (``spec/metrics.md`` §4.1).
+        ``multichannel=True`` call computed under scikit-image 0.17.
 
     Returns
     -------
@@ -316,7 +316,7 @@ def two_way_identification(gt_feats, rec_feats) -> float:
 
     For each reconstruction j, the fraction of the other n - 1 ground-truth images
     whose Pearson correlation with reconstruction j is strictly lower than that of
-    its own ground truth; averaged over reconstructions (``spec/metrics.md`` §1.3).
+    its own ground truth; averaged over reconstructions (MindEye's ``two_way_identification``).
 
     Parameters
     ----------

@@ -3,7 +3,7 @@
 Every row is copied from the project's specification files (which cite the paper or
 notebook it came from); the citation travels with the row. These numbers mix test
 sets (982 vs 1000 images), preprocessing variants and library versions
-(``spec/metrics.md`` §4), so they are context for NSD runs, never a ranking target,
+so they are context for NSD runs, never a ranking target,
 and they are never shown beside runs on synthetic data.
 
 Two-way identification scores are stored as fractions (papers print percentages).
@@ -58,14 +58,14 @@ def _row(method, values, subjects, n_images, citation, kind="main", notes=""):
 
 
 _ME1 = ("MindEye (Scotti et al., NeurIPS 2023) notebook output, MedARC-AI/fMRI-reconstruction-NSD @6b30ea53 "
-        "src/Reconstruction_Metrics.ipynb; spec/metrics.md §6.1")
+        "src/Reconstruction_Metrics.ipynb")
 _ME2 = ("MindEye2 (Scotti et al., ICML 2024) notebook output, MedARC-AI/MindEyeV2 @c1847188 "
-        "src/final_evaluations.ipynb; spec/metrics.md §6.1")
-_NP1 = "NeuroPictor (Huo et al., ECCV 2024), Table 1; spec/metrics.md §6.2, spec/neuropictor.md §11.1"
-_NP2 = "NeuroPictor (Huo et al., ECCV 2024), Table 2 (ablations, subject 1); spec/neuropictor.md §11.2"
+        "src/final_evaluations.ipynb")
+_NP1 = "NeuroPictor (Huo et al., ECCV 2024), Table 1 (average of subjects 1, 2, 5, 7)"
+_NP2 = "NeuroPictor (Huo et al., ECCV 2024), Table 2 (ablations, subject 1)"
 _WEADL = ("WeADL 2025 (IoanaGabor/bachelor-thesis, ridge and BrainGuard adaptation to IP-Adapter Plus tokens); "
-          "spec/metrics.md §6.3, spec/brainguard.md §11")
-_WEADL_SUBJ = "WeADL 2025, ridge per subject; spec/metrics.md §6.3"
+          "average of subjects 1, 2, 5, 7")
+_WEADL_SUBJ = "WeADL 2025, ridge per subject (IoanaGabor/bachelor-thesis)"
 
 PUBLISHED: tuple[PublishedRow, ...] = (
     # metrics.md §6.1 — scores stored in the reference notebooks (subject 1).
@@ -85,9 +85,9 @@ PUBLISHED: tuple[PublishedRow, ...] = (
          "avg 1,2,5,7", None, _NP1),
     _row("Gu et al. (as reported by NeuroPictor)", (.150, .325, None, None, None, None, .862, .465),
          "avg 1,2,5,7", None, _NP1),
-    # metrics.md §6.3 / brainguard.md §11 — WeADL 2025, average of subjects 1, 2, 5, 7.
+    # WeADL 2025, average of subjects 1, 2, 5, 7.
     _row("Ridge -> IP-Adapter Plus tokens", (.231, .322, 90.35, 96.3, 90.75, 87.8, .744, .422), "avg 1,2,5,7",
-         None, _WEADL, notes="EffNet-B: the four per-subject rows average .762, not .744 (spec/metrics.md §6.3)"),
+         None, _WEADL, notes="EffNet-B: the four per-subject rows average .762, not .744, as printed"),
     _row("BrainGuard adaptation -> IP-Adapter Plus tokens", (.241, .326, 93.92, 97.72, 95.10, 93.98, .619, .343),
          "avg 1,2,5,7", None, _WEADL),
     _row("BrainGuard (AAAI 2025)", (.313, .330, 94.7, 97.8, 96.1, 96.4, .624, .353), "avg 1,2,5,7", None, _WEADL),

@@ -5,7 +5,7 @@ outputs. diffusers' ``ip_adapter_image_embeds`` for Plus models are the projecti
 (CLIP hidden states) and the projection runs inside the UNet on every step, so the generator
 replaces ``unet.encoder_hid_proj.image_projection_layers[0]`` by an identity and feeds
 ``[cat(uncond, predicted)[:, None]]`` of shape (2B, 1, 16, 768) — the same numbers the UNet
-would see after the real projection (``spec/ipadapter.md`` §6.3).
+would see after the real projection.
 
 Text conditioning
 -----------------
@@ -13,7 +13,7 @@ Text conditioning
 embeddings of length 1 for both guidance branches. SD 1.5's cross-attention key/value
 projections have no bias, so the text attention term is exactly zero and the image is
 conditioned on the 16 image tokens alone — what WeADL does with the published ridge and
-BrainGuard decoders (``spec/ipadapter.md`` §7, "Option B"). No text encoder or tokenizer is
+BrainGuard decoders. No text encoder or tokenizer is
 loaded. ``prompt="..."`` (``""`` included) encodes text with the base model's CLIP text
 encoder as in IP-Adapter's training ("Option A"); the negative branch uses
 ``negative_prompt`` (default ``""``).

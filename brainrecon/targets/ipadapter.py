@@ -3,7 +3,7 @@
 A stimulus image becomes 16 tokens of width 768: the CLIP ViT-H/14 image encoder's
 penultimate hidden states (257 × 1280, ``hidden_states[-2]``) go through the IP-Adapter Plus
 image projection (a Perceiver "Resampler"), whose output Stable Diffusion 1.5 reads through
-IP-Adapter's decoupled cross-attention (``spec/ipadapter.md``). Decoders regress these
+IP-Adapter's decoupled cross-attention (Ye et al. 2023, tencent-ailab/IP-Adapter). Decoders regress these
 tokens; :mod:`brainrecon.generate` turns predicted tokens back into images.
 
 Weights
