@@ -167,7 +167,7 @@ def test_empty_runs_dir(tmp_path):
 
 
 def test_published_rows_are_cited_and_filtered():
-    assert all(r.citation and "spec/" in r.citation for r in PUBLISHED)
+    assert all(r.citation and re.search(r"\b20\d\d\b", r.citation) for r in PUBLISHED)  # paper and year
     subj2 = published_rows(subject=2)
     assert all(r.subjects in {"2"} or r.subjects.startswith("avg") for r in subj2)
     assert not any("ablation" == r.kind for r in subj2)
@@ -183,10 +183,13 @@ def test_unavailable_metrics_are_summarised_once_per_group():
 
     from brainrecon.leaderboard import _unavailable_notes
 
-    missing = {"CLIP": "weights missing", "SwAV": "weights missing"}
+    missing = {"CLIP": "weights clip not found (offline)", "SwAV": "weights swav not found (offline)"}
     members = [SimpleNamespace(name="a", unavailable=missing), SimpleNamespace(name="b", unavailable=missing),
                SimpleNamespace(name="c", unavailable={})]
     assert _unavailable_notes(members) == [
         "  unavailable for a, b: CLIP, SwAV (weights missing: see `brainrecon weights`)"]
     assert _unavailable_notes(members[:2]) == [
         "  unavailable for all runs: CLIP, SwAV (weights missing: see `brainrecon weights`)"]
+    other = {"CLIP": "not scored in this demo"}
+    assert _unavailable_notes([SimpleNamespace(name="d", unavailable=other)]) == [
+        "  unavailable for d: CLIP (not scored in this demo)"]
