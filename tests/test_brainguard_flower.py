@@ -229,10 +229,12 @@ def test_flower_engine_equals_local_engine(tmp_path, monkeypatch, one_thread, al
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     started = _recording(monkeypatch)
     monkeypatch.setattr(flower_app, "fit_on_flower", functools.partial(flower_app.fit_on_flower, timeout=400))
+    # With a validation split, so the best-by-validation selection is compared too.
+    params = {**PARAMS, "validation_fraction": 0.2}
     local = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
-                          params={**PARAMS, "checkpoint_dir": str(tmp_path / "local-ckpt")})
+                          params={**params, "checkpoint_dir": str(tmp_path / "local-ckpt")})
     flower = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "flower", evaluate=False,
-                           params={**PARAMS, "checkpoint_dir": str(tmp_path / "fl-state")}, engine="flower")
+                           params={**params, "checkpoint_dir": str(tmp_path / "fl-state")}, engine="flower")
     _assert_all_gone(started)
     assert [r.name for r in flower] == [r.name for r in local] == ["brainguard-subj01-pixels", "brainguard-subj02-pixels"]
     n_voxels = {s: workflows.load_dataset(DATA, subjects=[s]).n_voxels(s) for s in (1, 2)}
@@ -243,6 +245,8 @@ def test_flower_engine_equals_local_engine(tmp_path, monkeypatch, one_thread, al
         for k in ma:  # private (ridge) and shared tensors alike
             torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=0)
         np.testing.assert_array_equal(np.load(a.path / "predictions.npy"), np.load(b.path / "predictions.npy"))
+        # The site's own history (losses, validation and global-backbone scores) is the same.
+        assert a.load_decoder().history_ == b.load_decoder().history_
         for run in (a, b):
             assert_run_is_private(run.path, s, 3 - s, n_voxels[3 - s])
     g_local = federated.load_checkpoint(federated.read_latest(tmp_path / "local-ckpt"))[1]

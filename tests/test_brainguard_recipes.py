@@ -153,6 +153,23 @@ def test_checkpoint_keep_last_k(tmp_path):
         for k, v in decoder.models_[s].state_dict().items():
             torch.testing.assert_close(v, best[k], rtol=0, atol=0)
     assert decoder.federation_["n_train"] == {"1": 48, "2": 48}
+    # The global backbone is scored at each site (behind its own ridge) from round 2 on.
+    assert "global_val" not in decoder.history_[0]
+    assert all(set(r["global_val"]) == {"1", "2"} for r in decoder.history_[1:])
+
+
+def test_global_backbone_is_scored_behind_the_sites_ridge():
+    client = _client(rounds=2)
+    other = BrainGuardNet(6, 8, 1, 2, 4, 0.0)
+    global_state = {k: v.detach() for k, v in other.named_parameters() if not k.startswith("ridge.")}
+    expected = BrainGuardNet(6, 8, 1, 2, 4, 0.0)
+    expected.load_state_dict({**other.state_dict(), "ridge.weight": client.model.ridge.weight.detach(),
+                              "ridge.bias": client.model.ridge.bias.detach()})
+    expected.eval()
+    with torch.no_grad():
+        pred = expected(client.val_voxels)
+    sim = torch.nn.functional.cosine_similarity(pred.flatten(1), client.val_targets.flatten(1), dim=1).mean()
+    assert client.validate_global(global_state) == pytest.approx(float(sim), rel=1e-6)
 
 
 def test_bad_validation_fraction():

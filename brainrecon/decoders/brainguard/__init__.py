@@ -3,9 +3,13 @@
 ``model``      the network, the loss, the output-scale calibration;
 ``federated``  clients, the server's :func:`aggregate`, the Dynamic Fusion Learner, the round
                loop and checkpoints;
-``decoder``    :class:`BrainGuardDecoder`, the registered ``brainguard`` decoder.
+``decoder``    :class:`BrainGuardDecoder`, the registered ``brainguard`` decoder;
+``recipes``    the named recipes ``brainguard-released`` and ``weadl``, each value cited;
+``flower_app`` the same protocol across processes and machines on Flower (optional extra
+               ``brainrecon[federated]``): ServerApp, ClientApp, and the loopback launcher.
 
-See ``spec/brainguard.md``.
+Method: Tian et al., "BrainGuard", AAAI 2025 (arXiv 2501.14309); released code
+``kunzhan/BrainGuard``.
 """
 
 from brainrecon.decoders.brainguard.decoder import BrainGuardDecoder

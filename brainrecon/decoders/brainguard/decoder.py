@@ -45,7 +45,7 @@ _RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume
 
 
 class BrainGuardDecoder(Decoder):
-    """Per-subject MLP decoders trained by federated learning (BrainGuard, ``spec/brainguard.md``).
+    """Per-subject MLP decoders trained by federated learning (BrainGuard, Tian et al., AAAI 2025).
 
     Every subject is a client: it keeps its voxels and its subject-specific input layer
     (``ridge``, ``Linear(V -> hidden)``) and trains the whole network on its own data; a

@@ -7,7 +7,7 @@ The pieces, and what each one may see:
 * the server is a plain function, :func:`aggregate`, of the clients' *uploads* — state
   dicts of the shared parameter tensors — and their sample counts; it never receives data,
   and it refuses any upload that contains the subject-specific input layer;
-* a client merges the global model into its own with three tiers (``spec`` §6):
+* a client merges the global model into its own with three tiers (the released ``utils/DFL.py``):
   **retention** (the ridge layer is never touched), **global alignment** (middle tensors are
   overwritten), **adaptive tuning** (the last tensors become ``θ_l + (θ_g - θ_l) ⊙ W`` with
   ``W`` learned by the :class:`DynamicFusionLearner`);
@@ -162,7 +162,7 @@ def aggregate(states: Sequence[Mapping[str, torch.Tensor]], sample_counts: Seque
 
 # --------------------------------------------------------------------------- fusion
 class DynamicFusionLearner:
-    """Learns the element-wise fusion weights ``W`` of the adaptive tier (``spec`` §6).
+    """Learns the element-wise fusion weights ``W`` of the adaptive tier (FedALA's ALA as BrainGuard uses it).
 
     For the adaptive tensors, with local ``θ_l`` and global ``θ_g``, every batch of the
     client's training data does::
@@ -372,7 +372,7 @@ class Client:
                 loss = self.config.loss(self.model(inputs), targets)
                 loss.backward()
                 if self.config.ema == "inverted":
-                    # The released code's order and weighting (spec §4): before the step,
+                    # The released code's order and weighting (``clients/client.py``): before the step,
                     # ema <- decay * param + (1 - decay) * ema, i.e. about one step behind.
                     self._update_ema(decay, 1.0 - decay, param_weight_first=True)
                 self.optimizer.step()
@@ -385,18 +385,32 @@ class Client:
                 self.validate()
         return total / max(count, 1)
 
-    def validate(self) -> float:
-        """Score the model on the held-out set; remember the best state. Returns the score."""
+    def _score(self, tensors: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Mean cosine similarity on the held-out set, of the model or of ``tensors`` in it."""
         was_training = self.model.training
         self.model.eval()
         sims = []
         with torch.no_grad():
             for start in range(0, self.val_voxels.shape[0], self.config.batch_size):
-                pred = self.model(self.val_voxels[start:start + self.config.batch_size])
+                batch = self.val_voxels[start:start + self.config.batch_size]
+                pred = self.model(batch) if tensors is None else \
+                    torch.func.functional_call(self.model, dict(tensors), (batch,))
                 target = self.val_targets[start:start + self.config.batch_size]
                 sims.append(torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1))
         self.model.train(was_training)
-        score = float(torch.cat(sims).mean())
+        return float(torch.cat(sims).mean())
+
+    def validate_global(self, global_state: Mapping[str, torch.Tensor]) -> float:
+        """Score the global backbone behind this subject's own input layer (the released
+        ``eval_global_model``): the site's ridge, every shared tensor from ``global_state``."""
+        params = dict(self.model.named_parameters())
+        tensors = {n: (p.detach() if is_private(n) else global_state[n].to(p.device, p.dtype))
+                   for n, p in params.items()}
+        return self._score(tensors)
+
+    def validate(self) -> float:
+        """Score the model on the held-out set; remember the best state. Returns the score."""
+        score = self._score()
         self.last_score = score
         if self.best_score is None or score > self.best_score:
             self.best_score = score
@@ -486,10 +500,14 @@ def site_round(client: Client, global_state: Mapping[str, torch.Tensor] | None,
     upload : dict str -> tensor
         The shared tensors for the server (never the subject's ridge layer).
     record : dict
-        What happened at the site (``dfl_epochs``, ``loss``, ``val``); it stays at the site.
+        What happened at the site (``global_val``: the received global backbone's validation
+        score behind the site's ridge; ``dfl_epochs``, ``loss``, ``val``); it stays at the site.
     """
     record: dict[str, Any] = {}
     if global_state is not None:
+        if client.val_voxels is not None:
+            # The previous round's global model, evaluated where the private layer is.
+            record["global_val"] = client.validate_global(global_state)
         record["dfl_epochs"] = client.receive(global_state)["dfl_epochs"]
     record["loss"] = float(client.train(local_iterations))
     if client.val_voxels is not None:
@@ -598,7 +616,7 @@ def run_federation(clients: Sequence[Client], *, rounds: int, local_iterations: 
     for r in bar:
         record: dict[str, Any] = {"round": r}
         results = _for_each(clients, lambda c, g=global_state: site_round(c, g, local_iterations))
-        for key in ("dfl_epochs", "loss", "val"):
+        for key in ("global_val", "dfl_epochs", "loss", "val"):
             values = {c.subject: rec[key] for c, (_, rec) in zip(clients, results) if key in rec}
             if values:
                 record[key] = values

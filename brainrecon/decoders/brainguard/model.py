@@ -1,6 +1,6 @@
 """The BrainGuard network, its loss, and the output-scale calibration.
 
-Network (``spec/brainguard.md`` §2, IP-token variant §8)::
+Network (released ``trainmodel/models.py``; the WeADL fork's single image-token branch)::
 
     ridge      Linear(V -> h)                       per subject, never leaves its client
     blocks[k]  x + Dropout(GELU(LayerNorm(Linear(h, h)(x))))     k = 0 .. n_blocks-1
@@ -250,7 +250,7 @@ def fit_calibration(train_pred: np.ndarray, train_target: np.ndarray, kind: str 
     """Statistics that bring raw predictions to the scale of the training targets.
 
     The loss only sees each predicted sample's direction, so the raw outputs have arbitrary
-    per-sample norms (``spec`` §8, "Output scale"). Both steps are fitted on the training
+    per-sample norms (the released code does not rescale). Both steps are fitted on the training
     set only (the client's own data; the statistics never leave it):
 
     1. ``"norm"``: each sample is rescaled to unit L2 norm times the mean L2 norm of the

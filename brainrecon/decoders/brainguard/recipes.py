@@ -98,7 +98,8 @@ WEADL = Recipe(
     decoder="brainguard",
     source=(f"{_FORK} (main.py, scripts/train.sh, clients/client.py, reconstruction.py; files headed "
             f"'adaptation of kunzhan/BrainGuard'); WeADL 2025"),
-    summary="The WeADL 16x768 IP-Adapter Plus adaptation (use with --target ipadapter).",
+    summary=("The WeADL 16x768 IP-Adapter Plus adaptation (use with --target ipadapter; the fork's "
+             "scripts/train.sh federates subjects 1, 2, 5)."),
     values={**_SHARED_VALUES, "sync_layers": 0, "sync_tensors": 24},
     notes={
         **_shared_notes(_FORK),
