@@ -750,7 +750,7 @@ class NeuroPictorDecoder(Decoder):
         stage = self.stage if stage is None else stage
         self._check_choice("stage", STAGES)
         use_aux = (stage == "finetune") if use_aux is None else bool(use_aux)
-        processes = _num_processes() if processes is None else int(processes)
+        processes = _num_processes(cpu=self._device().type == "cpu") if processes is None else int(processes)
         keys = self._stage_keys(stage, use_aux)
         grad_accum = self._grad_accum(keys, processes)
         global_batch = int(self.batch_size) * processes * grad_accum
@@ -1036,11 +1036,13 @@ class NeuroPictorDecoder(Decoder):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _num_processes() -> int:
+def _num_processes(cpu: bool = False) -> int:
     try:
         from accelerate import PartialState
 
-        return int(PartialState().num_processes)
+        # The first PartialState fixes the process group for the run; on CPU it must be asked
+        # for (cpu=True), or several CPU processes (gloo) would each train alone.
+        return int(PartialState(cpu=cpu).num_processes)
     except Exception:  # accelerate state not initialisable (e.g. no backend): one process
         return 1
 

@@ -18,9 +18,11 @@ Engineering choices (what the official Lightning code does differently, and why)
 - in multi-subject pre-training from SD (``detach_unet_encoder``), the frozen UNet's
   encoder and middle block see a detached context, which reproduces the original's
   ``torch.no_grad()`` around them exactly and keeps no activations for them;
-- every random draw of step ``k`` comes from generators seeded by ``(seed, k, rank)``, and the
-  sample order from per-epoch permutations seeded by ``(seed, epoch)``: a run resumed from a
-  checkpoint takes the same steps as an uninterrupted one (bit-identical on CPU);
+- every random draw of step ``k`` comes from generators seeded by ``(seed, k, slot)``, where the
+  slot is the micro-batch's place in the global batch, and the sample order from per-epoch
+  permutations seeded by ``(seed, epoch)``: a run resumed from a checkpoint takes the same steps
+  as an uninterrupted one (bit-identical on CPU), and the same global batch split between
+  processes or accumulated in one process sees the same samples and noise;
 - checkpoints are safetensors (weights and AdamW moments) plus JSON, written atomically every
   ``checkpoint_every`` steps; the two newest are kept.
 
@@ -464,9 +466,11 @@ def run_training(
                 group["lr"] = cfg.lr * factor
             total = torch.zeros((), device=device)
             for micro in range(accum):
-                # Micro-step 0 draws from the streams a run without accumulation uses.
-                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, rank, stream=2 * micro))
-                rng = np.random.default_rng(step_seed(cfg.seed, step, rank, stream=2 * micro + 1))
+                # Draws are keyed by the slot of the global batch, not by process and micro-step,
+                # so one process accumulating and several processes give the same noise.
+                slot = micro * world + rank
+                gen = torch.Generator().manual_seed(step_seed(cfg.seed, step, 0, stream=2 * slot))
+                rng = np.random.default_rng(step_seed(cfg.seed, step, 0, stream=2 * slot + 1))
                 batch = data.batch(schedule.positions(step, rank, micro), rng)
                 surfaces = batch["surfaces"].to(device)
                 # Gradients are synchronised between processes on the last micro-step only.
