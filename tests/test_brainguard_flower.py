@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -326,3 +327,46 @@ def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
     assert seen["names"] == {1: "brainguard-subj01-pixels", 2: "brainguard-subj02-pixels"}
     result = CliRunner().invoke(app, ["fit", "--decoder", "ridge", "--engine", "flower", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "--engine flower is for the brainguard decoder" in result.output
+
+
+def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, one_thread, allow_loopback):
+    """The server is killed (SIGKILL, with its SuperLink) after round 1 of 3 and restarted with
+    --resume; the sites keep running, reconnect, and the result equals the local engine's."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    params = {**PARAMS, "rounds": 3, "target": "pixels"}
+    reference = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
+                              params={k: v for k, v in params.items() if k != "target"})
+    port = flower_app.free_port()
+    cli = [flower_app.sys.executable, "-m", "brainrecon.cli", "federate"]
+    server_args = cli + ["server", "--rounds", "3", "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
+                         "--server-dir", str(tmp_path / "server"), "--params", json.dumps(params)]
+    env = flower_app.flower_env()
+    started = []
+    try:
+        started.append(flower_app.start_process(server_args, env=env, log=tmp_path / "server-1.log"))
+        for s in (1, 2):
+            started.append(flower_app.start_process(
+                cli + ["site", "--subject", str(s), "--data", DATA, "--server", f"127.0.0.1:{port}",
+                       "--state-dir", str(tmp_path / f"site-{s}"), "--out", str(tmp_path / "flower"), "--no-evaluate"],
+                env=env, log=tmp_path / f"site-{s}.log"))
+        status = tmp_path / "server" / flower_app.SERVER_STATUS
+        deadline = time.monotonic() + 300
+        while not (status.is_file() and json.loads(status.read_text())["rounds_completed"] >= 1):
+            assert time.monotonic() < deadline and started[0].poll() is None, "round 1 never finished"
+            time.sleep(0.2)
+        os.killpg(started[0].pid, signal.SIGKILL)  # the server machine crashes
+        started[0].wait(timeout=30)
+        assert json.loads(status.read_text())["finished"] is False
+        resumed = flower_app.start_process(server_args + ["--resume"], env=env, log=tmp_path / "server-2.log")
+        started.append(resumed)
+        assert resumed.wait(timeout=400) == 0, (tmp_path / "server-2.log").read_text()[-2000:]
+    finally:
+        flower_app.stop_all(started)
+    _assert_all_gone(started)
+    assert json.loads(status.read_text())["finished"] is True
+    for run in reference:
+        s = run.subject
+        mine = Run.open(tmp_path / "flower" / run.name).load_decoder().models_[s].state_dict()
+        for k, v in run.load_decoder().models_[s].state_dict().items():
+            torch.testing.assert_close(mine[k], v, rtol=0, atol=0)
