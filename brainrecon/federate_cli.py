@@ -25,7 +25,12 @@ def _decoder_params(params_json: str | None, param: list[str] | None, recipe: st
                     target: str | None, rounds: int | None) -> dict[str, Any]:
     from brainrecon.recipes import apply_recipe
 
-    params: dict[str, Any] = json.loads(params_json) if params_json else {}
+    try:
+        params: dict[str, Any] = json.loads(params_json) if params_json else {}
+    except ValueError as exc:
+        raise BrainreconError(f"--params must be one JSON object, e.g. '{{\"hidden\": 256}}': {exc}") from None
+    if not isinstance(params, dict):
+        raise BrainreconError(f"--params must be one JSON object, got {params_json!r}.")
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep:

@@ -312,6 +312,8 @@ def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
     assert params["target"] == "ipadapter" and params["calibration"] == "none"
     with pytest.raises(BrainreconError, match="Unknown ema"):
         _decoder_params('{"ema": "fast"}', None, None, None, None)
+    with pytest.raises(BrainreconError, match="--params must be one JSON object"):
+        _decoder_params("hidden=8", None, None, None, None)
 
     seen = {}
 

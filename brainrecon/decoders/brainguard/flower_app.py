@@ -645,6 +645,9 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
     server_args = cli + ["federate", "server", "--rounds", str(rounds), "--sites", str(len(subjects)),
                          "--host", "127.0.0.1", "--port", str(port), "--server-dir", str(root / "server"),
                          "--params", json.dumps(jsonable(dict(params)))]
+    if params.get("resume"):
+        # Continue from the server's saved global model and each site's saved state.
+        server_args.append("--resume")
     env = flower_env()
     env.setdefault("TQDM_DISABLE", "1")
     processes: list[subprocess.Popen] = []
