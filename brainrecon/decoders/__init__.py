@@ -4,6 +4,13 @@ The registry is the single source of truth for ``--decoder`` choices, ``brainrec
 decoders`` and loading a saved decoder. Entries are import paths, so listing decoders
 does not import torch or diffusers.
 
+Other packages add decoders through the ``brainrecon.decoders`` entry-point group
+(``name = "module:Class"`` in their ``pyproject.toml`` under
+``[project.entry-points."brainrecon.decoders"]``); they then appear everywhere a built-in
+does. A plugin that fails to import is reported by name and never hides the built-ins;
+a plugin cannot replace a built-in name. :mod:`brainrecon.testing` has the conformance
+tests a plugin's own test suite can inherit.
+
 >>> from brainrecon.decoders import available, get_decoder
 >>> available()
 ['brainguard', 'neuropictor', 'ridge']
@@ -26,13 +33,36 @@ _REGISTRY: dict[str, str] = {
 }
 
 
+_BUILTIN = frozenset(_REGISTRY)
+ENTRY_POINT_GROUP = "brainrecon.decoders"
+# name -> distribution that declared it (plugins only), and problems found while scanning.
+_PLUGIN_DIST: dict[str, str] = {}
+plugin_problems: dict[str, str] = {}
+
+
 def register(name: str, path: str) -> None:
     """Register a decoder class under ``name`` by its import path ``"module:Class"``."""
     _REGISTRY[name] = path
 
 
+def _scan_plugins(registry: dict[str, str], dists: dict[str, str], group: str, builtin: frozenset) -> None:
+    """Add the entry points of ``group`` to ``registry`` (re-read each call: cheap, and a package
+    installed meanwhile shows up); a clash with a built-in name is recorded, not applied."""
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=group):
+        dist = getattr(ep.dist, "name", None) or "unknown distribution"
+        if ep.name in builtin:
+            plugin_problems[ep.name] = (f"plugin {ep.name!r} from {dist} is ignored: {ep.name!r} is a built-in "
+                                        f"{group.rsplit('.', 1)[-1][:-1]}; rename its entry point")
+            continue
+        registry[ep.name] = ep.value
+        dists[ep.name] = dist
+
+
 def available() -> list[str]:
-    """Names of the registered decoders, sorted."""
+    """Names of the registered decoders (built-in and plugins), sorted."""
+    _scan_plugins(_REGISTRY, _PLUGIN_DIST, ENTRY_POINT_GROUP, _BUILTIN)
     return sorted(_REGISTRY)
 
 
@@ -42,14 +72,37 @@ def _unknown(name: str) -> BrainreconError:
 
 
 def get_decoder_class(name: str) -> type[Decoder]:
-    """The decoder class registered under ``name``."""
+    """The decoder class registered under ``name``.
+
+    Raises
+    ------
+    BrainreconError
+        Unknown name (listing the valid ones), or a plugin that cannot be imported or is not
+        a :class:`Decoder` (naming the plugin and its distribution).
+    """
+    if name not in _REGISTRY:
+        _scan_plugins(_REGISTRY, _PLUGIN_DIST, ENTRY_POINT_GROUP, _BUILTIN)
     if name not in _REGISTRY:
         raise _unknown(name)
-    module_name, _, class_name = _REGISTRY[name].partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, class_name)
-    if not (isinstance(cls, type) and issubclass(cls, Decoder)):
-        raise TypeError(f"{_REGISTRY[name]} is not a Decoder subclass")
+    return _import_class(name, _REGISTRY[name], _PLUGIN_DIST.get(name), Decoder, "decoder")
+
+
+def _import_class(name: str, path: str, dist: str | None, base: type, kind: str):
+    module_name, _, class_name = path.partition(":")
+    where = f"plugin {kind} {name!r} ({path}, from {dist})" if dist else f"{kind} {name!r} ({path})"
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is reported by name
+        if dist is None:
+            raise
+        raise BrainreconError(f"{where} cannot be loaded: {type(exc).__name__}: {exc}. "
+                              f"Reinstall or fix {dist}, or uninstall it.") from exc
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        msg = f"{where} is not a {base.__module__}.{base.__name__} subclass"
+        if dist is None:
+            raise TypeError(msg)
+        raise BrainreconError(msg + f"; fix or uninstall {dist}.")
     return cls
 
 
@@ -75,7 +128,11 @@ def describe() -> list[dict]:
     """One row per decoder: name, what it predicts, summary and main parameters with defaults."""
     rows = []
     for name in available():
-        cls = get_decoder_class(name)
+        try:
+            cls = get_decoder_class(name)
+        except BrainreconError as exc:  # a broken plugin: listed with its problem, others unaffected
+            rows.append({"name": name, "predicts": "?", "summary": f"broken plugin: {exc}", "params": {}})
+            continue
         defaults = cls.default_params()
         rows.append(
             {

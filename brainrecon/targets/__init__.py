@@ -139,18 +139,31 @@ _TARGETS: dict[str, str] = {
 }
 
 
+_BUILTIN_TARGETS = frozenset(_TARGETS)
+_TARGET_DIST: dict[str, str] = {}
+#: Entry-point group through which other packages add target spaces.
+ENTRY_POINT_GROUP = "brainrecon.targets"
+
+
 def available_targets() -> list[str]:
+    """Names of the target spaces (built-in and plugins), sorted."""
+    from brainrecon.decoders import _scan_plugins
+
+    _scan_plugins(_TARGETS, _TARGET_DIST, ENTRY_POINT_GROUP, _BUILTIN_TARGETS)
     return sorted(_TARGETS)
 
 
 def get_target(name: str, **options: Any) -> TargetSpace:
-    """Build the target space ``name`` (``"pixels"`` or ``"ipadapter"``)."""
+    """Build the target space ``name`` (``"pixels"``, ``"ipadapter"`` or a plugin's)."""
+    from brainrecon.decoders import _import_class
+
+    if name not in _TARGETS:
+        available_targets()
     if name not in _TARGETS:
         raise BrainreconError(
             f"Unknown target {name!r}. Available targets: {', '.join(map(repr, available_targets()))}."
         )
-    module_name, _, cls_name = _TARGETS[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = _import_class(name, _TARGETS[name], _TARGET_DIST.get(name), TargetSpace, "target")
     return cls(**options)
 
 
