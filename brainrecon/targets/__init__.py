@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import importlib
 import json
 import os
 from pathlib import Path
