@@ -181,7 +181,6 @@ def projection_from_state_dict(image_proj: dict[str, "torch.Tensor"], dim_head: 
     torch.nn.Module
         Maps (B, n_patches, embed_dim) to (B, num_queries, output_dim), float32, eval mode.
     """
-    import torch
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
     sd = image_proj
