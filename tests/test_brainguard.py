@@ -297,7 +297,7 @@ def test_calibration_restores_per_token_statistics():
 
 def test_predicted_tokens_have_training_token_statistics():
     data = tiny_data()
-    decoder = BrainGuardDecoder(**{**TINY, "subjects": [1, 2]}).fit(data.train)
+    decoder = BrainGuardDecoder(**{**TINY, "subjects": [1, 2], "calibration": "token"}).fit(data.train)
     pred = decoder.predict(data.train)[1].astype(np.float64)  # calibrated, on the training voxels
     target = get_target("pixels", size=8).load(data.train, 1, progress=False).astype(np.float64)
     pred, target = pred.reshape(len(pred), 8, 24), target.reshape(len(target), 8, 24)

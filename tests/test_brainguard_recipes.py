@@ -178,3 +178,17 @@ def test_bad_validation_fraction():
         BrainGuardDecoder(**TINY, validation_fraction=1.5).fit(data.train)
     with pytest.raises(DataError, match="leaves subject 1 0 validation"):
         BrainGuardDecoder(**TINY, validation_fraction=0.01).fit(data.train)
+
+
+def test_auto_calibration_is_norm_on_pixels():
+    # Row tokens rescaled one by one imprint horizontal bands on pixel targets: "auto" uses
+    # the per-sample norm there and the per-token calibration for token targets.
+    data = make_synthetic(seed=0, n_train=40, n_test=6, image_size=32, surface_size=32, subjects=[1])
+    decoder = BrainGuardDecoder(**{**TINY, "rounds": 1}).fit(data.train)
+    assert decoder.calibration == "auto" and decoder._calibration_kind() == "norm"
+    auto = decoder.predict(data.test)[1]
+    decoder.calibration = "norm"
+    np.testing.assert_array_equal(auto, decoder.predict(data.test)[1])
+    decoder.calibration = "token"
+    assert not np.array_equal(auto, decoder.predict(data.test)[1])
+    assert BrainGuardDecoder(target="ipadapter", calibration="auto")._calibration_kind() == "token"

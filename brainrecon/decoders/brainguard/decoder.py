@@ -104,12 +104,19 @@ class BrainGuardDecoder(Decoder):
         Share of each subject's training samples held out (at the client) to score the
         model after every local epoch; the subject keeps its best-scoring model, as the
         released code keeps ``client{id}_best.pth``. 0 keeps the last model.
-    calibration : {"token", "norm", "none"}
+    calibration : {"auto", "token", "norm", "none"}
         Output scale (see :func:`~brainrecon.decoders.brainguard.model.fit_calibration`);
         can be changed after fitting. The loss only sees each prediction's direction, so
-        raw outputs have an arbitrary per-sample scale: for pixel targets ``"token"`` is
-        what makes images at all; the released code and the WeADL fork feed raw
-        predictions to their generators (the recipes set ``"none"``).
+        raw outputs have an arbitrary per-sample scale. ``"auto"`` (default) is ``"norm"``
+        for pixel targets and ``"token"`` for token targets (IP-Adapter). On pixels the
+        tokens are image rows, and ``"token"``'s per-row rescaling imprints horizontal bands:
+        with h = 128, 15 rounds, 2 synthetic subjects x 300 samples, 16 x 16 pixels, the
+        row/column variance ratio of the test residuals' means was 1.68 / 1.36 / 1.26 with
+        ``"token"`` against 0.87 / 0.73 / 0.68 with ``"norm"`` (0.82 / 1.01 / 0.93 for the
+        training-mean predictor; seed 0 subject 1, seed 1 subjects 1 and 2), and the mean
+        per-image correlation rose from 0.5076 / 0.4413 / 0.4440 to 0.5132 / 0.4585 / 0.4586.
+        The released code and the WeADL fork feed raw predictions to their generators (the
+        recipes set ``"none"``).
     seed : int
         Seeds the common initialisation, each subject's input layer, shuffling and dropout.
     device : str
@@ -167,7 +174,7 @@ class BrainGuardDecoder(Decoder):
         warmup_epochs: float = 2.0,
         decay_layernorm: bool = False,
         validation_fraction: float = 0.0,
-        calibration: str = "token",
+        calibration: str = "auto",
         seed: int = 0,
         device: str = "auto",
         checkpoint_dir: str | None = None,
@@ -275,9 +282,9 @@ class BrainGuardDecoder(Decoder):
         )
 
     def _check_choices(self) -> None:
-        if self.calibration not in CALIBRATIONS:
+        if self.calibration != "auto" and self.calibration not in CALIBRATIONS:
             raise DataError(
-                f"Unknown calibration {self.calibration!r}. Valid choices: "
+                f"Unknown calibration {self.calibration!r}. Valid choices: 'auto', "
                 f"{', '.join(map(repr, CALIBRATIONS))}."
             )
         if self.nan_policy not in NAN_POLICIES:
@@ -503,9 +510,15 @@ class BrainGuardDecoder(Decoder):
             model.eval()
             raw = _raw_predict(model, Xs, device)
             self.models_[s] = model.to("cpu")
-            pred = apply_calibration(raw, self.calibration_stats_[s], self.calibration)
+            pred = apply_calibration(raw, self.calibration_stats_[s], self._calibration_kind())
             out[s] = pred.reshape((len(X),) + tuple(self.target_shape_))
         return out
+
+    def _calibration_kind(self) -> str:
+        """``calibration`` with ``"auto"`` resolved for this decoder's target."""
+        if self.calibration != "auto":
+            return self.calibration
+        return "norm" if self.target == "pixels" else "token"
 
     def for_subject(self, subject: int) -> "BrainGuardDecoder":
         """A decoder holding only ``subject``'s fitted model (for one run per subject).
