@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -46,7 +47,15 @@ class _Group(TyperGroup):
         except BrainreconError as exc:
             if os.environ.get("BRAINRECON_DEBUG"):
                 raise
-            err_console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+            err_console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+            raise typer.Exit(1) from None
+        except ImportError as exc:
+            from brainrecon.extras import missing_extra_message
+
+            message = missing_extra_message(exc)
+            if message is None or os.environ.get("BRAINRECON_DEBUG"):
+                raise
+            err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
             raise typer.Exit(1) from None
         finally:
             warnings.showwarning = _default_showwarning

@@ -115,14 +115,3 @@ def test_decoders_and_data_info():
         assert name in result.output
     info = invoke("data", "info", "--data", SMALL)
     assert info.exit_code == 0 and "1600" in info.output
-
-
-def test_demo_quick(tmp_path):
-    result = invoke("demo", "--out", tmp_path / "demo", "--quick")
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "grid.png").is_file()
-    runs = list_runs(tmp_path / "demo" / "runs")
-    assert {r.info["decoder"] for r in runs} >= {"ridge"}
-    assert all(r.metrics() is not None for r in runs)
-    again = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--quick"])
-    assert again.exit_code == 1 and "--overwrite" in again.output

@@ -2,7 +2,7 @@
 
 :func:`evaluate` takes ground-truth and reconstructed images in any common layout
 (uint8 or float in [0, 1], HWC or CHW, any size), applies one of two published
-preprocessing recipes (``spec/metrics.md`` §3) and returns an :class:`EvalReport`.
+preprocessing recipes (MindEye's or Brain-Diffuser's) and returns an :class:`EvalReport`.
 
 ``variant="mindeye"`` (default)
     Both sets are first brought to 256 x 256 (bilinear, no antialiasing); PixCorr
@@ -72,7 +72,7 @@ REPORT_FORMAT = "brainrecon.eval.report/1"
 _RECIPE_VERSION = 1
 
 _METRIC_NETWORK = {m: net for net, ms in NETWORK_METRICS.items() for m in ms}
-# MindEye's per-network resize (shorter side; inputs are square by then), spec/metrics.md §3.1.
+# MindEye's per-network resize (shorter side; inputs are square by then), Reconstruction_Metrics.py.
 _MINDEYE_SIZE = {"alexnet": 256, "inception": 342, "clip": 224, "effnet": 255, "swav": 224}
 _BD_SIZE = 224
 _LOW_LEVEL_SIZE = 425
@@ -576,6 +576,15 @@ def _build_networks(
             for m in served:
                 unavailable[m] = str(exc)
             continue
+        except ImportError as exc:  # CLIP needs transformers (the diffusion extra)
+            from brainrecon.extras import missing_extra_message
+
+            message = missing_extra_message(exc)
+            if message is None or strict:
+                raise
+            for m in served:
+                unavailable[m] = message
+            continue
         net.metrics = tuple(served)
         nets.append(net)
     return nets, unavailable
@@ -600,10 +609,10 @@ def _content_hash(src: _ImageSource, batch_size: int) -> str:
     return h.hexdigest()
 
 
-def _cache_file(cache_root: Path, gt_hash: str, variant: str, net: FeatureNetwork) -> Path:
+def _cache_file(cache_root: Path, gt_hash: str, variant: str, net: FeatureNetwork, n_net: int) -> Path:
     key = json.dumps(
         {"gt": gt_hash, "variant": variant, "net": net.name, "weights": net.cache_key,
-         "metrics": net.metrics, "recipe": _RECIPE_VERSION},
+         "metrics": net.metrics, "recipe": _RECIPE_VERSION, "images": n_net},
         sort_keys=True,
     )
     return cache_root / f"gt-{net.name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
@@ -656,6 +665,7 @@ def evaluate(
     n_resamples: int = stats.DEFAULT_RESAMPLES,
     confidence: float = stats.DEFAULT_CONFIDENCE,
     seed: int = stats.DEFAULT_SEED,
+    network_images: int | None = None,
 ) -> EvalReport:
     """Score reconstructions against ground truth with the eight NSD metrics.
 
@@ -667,7 +677,7 @@ def evaluate(
     metrics : list of str, optional
         Subset of ``METRICS`` (default all eight).
     variant : {"mindeye", "braindiffuser"}
-        Preprocessing recipe (module docstring and ``spec/metrics.md`` §3).
+        Preprocessing recipe (module docstring).
     device : str
         ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
     gt_ids, rec_ids : int array of shape (n_images,), optional
@@ -698,6 +708,10 @@ def evaluate(
         variables are set or under pytest).
     n_resamples, confidence, seed
         The bootstrap of each metric's interval over images (recorded in the report).
+    network_images : int, optional
+        Score the six network metrics on the first ``network_images`` images only (in
+        ground-truth order; PixCorr and SSIM still use all): a quick look on a CPU, recorded
+        in ``settings["network_images"]``; their per-image rows beyond it are empty.
 
     Returns
     -------
@@ -737,6 +751,9 @@ def evaluate(
     n = gt_src.n
     if n < 2 and any(m in TWO_WAY_METRICS for m in wanted):
         raise DataError(f"Two-way identification needs at least 2 images; got {n}.")
+    if network_images is not None and int(network_images) < 2:
+        raise DataError(f"network_images must be at least 2 (two-way identification), got {network_images}.")
+    n_net = n if network_images is None else min(n, int(network_images))
 
     nets, unavailable = _build_networks(wanted, variant, extractors, weights_dir, strict, allow_download)
     for net in nets:
@@ -754,8 +771,8 @@ def evaluate(
         gt_hash = _content_hash(gt_src, batch_size)
         for net in nets:
             if net.cache_key:
-                cache_files[net.name] = _cache_file(cache_root, gt_hash, variant, net)
-                hit = _load_cached(cache_files[net.name], net, n, dev)
+                cache_files[net.name] = _cache_file(cache_root, gt_hash, variant, net, n_net)
+                hit = _load_cached(cache_files[net.name], net, n_net, dev)
                 if hit is not None:
                     gt_feats.update(hit)
                     cached_nets.add(net.name)
@@ -820,13 +837,14 @@ def evaluate(
             if "SSIM" in wanted:
                 ssim_scores.append(M.ssim_per_image(g_ll, r_ll, mode=ssim_mode))
             t0 = tick("PixCorr + SSIM", t0)
-        for net in nets:
+        rows = max(0, min(len(gi), n_net - int(gi[0])))  # the batch's rows the networks see
+        for net in nets if rows else ():
             x_g, x_r = net_inputs[(_net_input_size(net, variant), _net_norm(net))]
             if net.name not in cached_nets:
-                for m, f in net(x_g).items():
-                    _store(gt_feats, m, f, int(gi[0]), n)
-            for m, f in net(x_r).items():
-                _store(rec_feats, m, f, int(gi[0]), n)
+                for m, f in net(x_g[:rows]).items():
+                    _store(gt_feats, m, f, int(gi[0]), n_net)
+            for m, f in net(x_r[:rows]).items():
+                _store(rec_feats, m, f, int(gi[0]), n_net)
             t0 = tick(f"network {net.name}", t0)
 
     per_image: dict[str, np.ndarray] = {}
@@ -855,6 +873,10 @@ def evaluate(
         for m, v in per_image.items()
     }
     tick("bootstrap intervals", t0)
+    if n_net < n:  # network metrics cover the first n_net images; the others' rows stay empty
+        for m, v in per_image.items():
+            if len(v) == n_net:
+                per_image[m] = np.concatenate([v, np.full(n - n_net, np.nan)])
     timings["total"] = time.perf_counter() - t_start
 
     settings = {
@@ -865,6 +887,7 @@ def evaluate(
         # Content hashes of the weight files (the ground-truth cache key): which weights, exactly.
         "weights_identity": {m: net.cache_key for net in nets for m in net.metrics if net.cache_key},
         "gt_features_cached": sorted(m for net in nets if net.name in cached_nets for m in net.metrics),
+        "network_images": n_net,
         "aligned_by_id": aligned,
         "ids_sha256": _ids_hash(gt_ids) if gt_ids is not None else None,
         "gt_size": list(gt_src.size),
@@ -916,6 +939,7 @@ def evaluate_run(
     blend=None,
     n_resamples: int = stats.DEFAULT_RESAMPLES,
     seed: int = stats.DEFAULT_SEED,
+    network_images: int | None = None,
 ) -> EvalReport:
     """(Re)compute a run's ``metrics.json`` and ``grid.png`` from its saved reconstructions.
 
@@ -929,8 +953,8 @@ def evaluate_run(
         MindEye2's enhanced evaluation: the images blended into the reconstructions, as
         another run (matched by test id), a ``.npy`` file or an array in this run's test
         order.
-    n_resamples, seed
-        Bootstrap of the intervals.
+    n_resamples, seed, network_images
+        As in :func:`evaluate`.
     write : bool
         Write ``metrics.json``, ``per_image.csv`` (atomically) and ``grid.png`` into the run.
     data_source : path-like, optional
@@ -975,7 +999,7 @@ def evaluate_run(
         gt, recs, metrics=metrics, variant=variant, device=device, gt_ids=rec_ids, rec_ids=rec_ids,
         weights_dir=weights_dir, extractors=extractors, strict=strict, batch_size=batch_size,
         cache_dir=cache_dir, progress=progress, ssim_mode=ssim_mode, blend=blend_images,
-        n_resamples=n_resamples, seed=seed,
+        n_resamples=n_resamples, seed=seed, network_images=network_images,
     )
     report.settings["run"] = run.name
     report.settings["subject"] = subject
