@@ -211,7 +211,7 @@ def _fmt(value: Any) -> str:
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="Run directory."),
+    run: str = typer.Argument(..., help="Run directory, or hf://owner/name[@revision] of a published run."),
     data: Optional[str] = DataOpt,
     out: Path = typer.Option(..., "--out", help="Output .npy file."),
     overwrite: bool = typer.Option(False, "--overwrite"),
@@ -375,6 +375,21 @@ def _check_ranked_options(sort_by: Optional[str], worst: Optional[int], best: Op
 
 def _slug(metric: str) -> str:
     return metric.replace("(", "").replace(")", "").replace("-", "").lower()
+
+
+@app.command("push")
+def push_cmd(
+    run: Path = typer.Argument(..., help="Run directory to publish."),
+    repo_id: str = typer.Argument(..., help="Hugging Face repository, owner/name."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", help="Write the folder that would be uploaded here; upload nothing."),
+) -> None:
+    """Publish a run's decoder, scores, grid and a model card on the Hugging Face hub."""
+    from brainrecon.publish import push
+
+    where = push(run, repo_id, private=private, dry_run=dry_run)
+    console.print(f"wrote {where} (nothing uploaded)" if dry_run is not None else f"pushed {run} to {where}",
+                  soft_wrap=True)
 
 
 @app.command("leaderboard")

@@ -63,7 +63,9 @@ class Run:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
-        path = Path(path)
+        from brainrecon.publish import is_hub_address, resolve_hub_address
+
+        path = resolve_hub_address(path) if is_hub_address(path) else Path(path)
         if not (path / RUN_FILE).is_file():
             raise BrainreconError(
                 f"{path} is not a brainrecon run ({RUN_FILE} is missing). "

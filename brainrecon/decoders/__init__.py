@@ -120,8 +120,17 @@ def get_decoder(name: str, **params) -> Decoder:
 
 
 def load_decoder(directory: str | Path) -> Decoder:
-    """Load any saved decoder; its class is read from ``brainrecon.json``."""
-    return Decoder.load(directory)
+    """Load any saved decoder; its class is read from ``brainrecon.json``.
+
+    ``directory`` may be a saved decoder, a run directory (its ``decoder/``) or a hub address
+    ``hf://owner/name[@revision]`` of a run published with ``brainrecon push``.
+    """
+    from brainrecon.publish import is_hub_address, resolve_hub_address
+
+    path = resolve_hub_address(directory) if is_hub_address(directory) else Path(directory)
+    if not (path / "brainrecon.json").is_file() and (path / "decoder" / "brainrecon.json").is_file():
+        path = path / "decoder"
+    return Decoder.load(path)
 
 
 def describe() -> list[dict]:
