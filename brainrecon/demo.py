@@ -23,6 +23,11 @@ DEMO_DECODERS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
      {"hidden": 64, "rounds": 2, "dfl_num_pre_loss": 2}),
 ]
 
+#: On a CPU with metric weights present, the six network metrics are scored for the first
+#: subject's runs on this many test images (CLIP ViT-L/14 and Inception cost ~1-4 s per image
+#: on 2 cores); PixCorr and SSIM always use every test image.
+CPU_NETWORK_IMAGES = 8
+
 SYNTHETIC = {"seed": 0}
 SYNTHETIC_QUICK = {"seed": 0, "n_train": 200, "n_test": 16, "image_size": 32, "surface_size": 32}
 
@@ -50,9 +55,12 @@ def run_demo(out: str | os.PathLike = "brainrecon-demo", *, overwrite: bool = Fa
         if quick:
             p.update(quick_params)
         fitted = workflows.fit(decoder, dataset=ds, subjects=ds.subjects, target="pixels",
-                               out=runs_dir, overwrite=overwrite, params=p, log=log)
+                               out=runs_dir, overwrite=overwrite, params=p, log=log, evaluate=False)
         log(f"{decoder}: {len(fitted)} run(s) in {time.perf_counter() - t0:.1f} s")
         runs.extend(fitted)
+    t0 = time.perf_counter()
+    _score(runs, ds.subjects[0], log)
+    log(f"scored {len(runs)} run(s) in {time.perf_counter() - t0:.1f} s")
 
     from brainrecon.leaderboard import leaderboard
     from brainrecon.viz import compare_runs
@@ -61,3 +69,32 @@ def run_demo(out: str | os.PathLike = "brainrecon-demo", *, overwrite: bool = Fa
     first = ds.subjects[0]
     grid = compare_runs([r.path for r in runs if r.subject == first], out / "grid.png")
     return {"leaderboard": table, "grid": Path(grid), "runs": runs}
+
+
+def _score(runs, first_subject: int, log: Callable[[str], None]) -> None:
+    """Score the demo's runs, never downloading: everything on a GPU or when no network weights
+    are present (those metrics are then listed unavailable); on a CPU with weights present, the
+    network metrics for the first subject's runs on :data:`CPU_NETWORK_IMAGES` images."""
+    from brainrecon.devices import resolve_device
+    from brainrecon.eval import evaluate_run
+    from brainrecon.eval.extractors import NETWORK_METRICS, network_weight_file
+    from brainrecon.eval.weights import find_weights
+    from brainrecon.workflows import evaluate_run_safely
+
+    present = [name for name in NETWORK_METRICS if find_weights(network_weight_file(name, "mindeye"))]
+    if not present or resolve_device("auto").type == "cuda":
+        for run in runs:
+            evaluate_run_safely(run, log=log)
+        return
+    log(f"CPU with metric weights present: network metrics for subject {first_subject} on its first "
+        f"{CPU_NETWORK_IMAGES} test images; PixCorr and SSIM on all (`brainrecon evaluate RUN` scores everything)")
+    network_metrics = [m for ms in NETWORK_METRICS.values() for m in ms]
+    for run in runs:
+        if run.subject == first_subject:
+            evaluate_run_safely(run, log=log, network_images=CPU_NETWORK_IMAGES)
+            continue
+        report = evaluate_run(run, metrics=["PixCorr", "SSIM"], progress=False)
+        report.unavailable.update({m: f"the CPU demo scores them for subject {first_subject} only; "
+                                      "`brainrecon evaluate RUN` scores them here" for m in network_metrics})
+        report.save(run.path / "metrics.json")
+

@@ -159,6 +159,10 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
                 if report.n_images != entry.n_test:
                     entry.n_test = report.n_images
                 entry.per_image = _read_per_image(run.path / PER_IMAGE_FILE, entry)
+                k = report.settings.get("network_images")
+                if isinstance(k, int) and k < report.n_images and not entry.note:
+                    entry.note = (f"network metrics scored on the first {k} of {report.n_images} test images; "
+                                  f"`brainrecon evaluate {run.path}` scores them on all")
         elif not entry.note:
             entry.note = "not evaluated; run `brainrecon evaluate`"
         entries.append(entry)
@@ -351,14 +355,17 @@ def _headers() -> list[str]:
 
 def _unavailable_notes(members) -> list[str]:
     """One line per set of unavailable metrics, naming the runs it applies to ("all runs")."""
-    by_set: dict[tuple[str, ...], list[str]] = {}
+    by_set: dict[tuple, list[str]] = {}
     for e in members:
         if e.unavailable:
-            by_set.setdefault(tuple(e.unavailable), []).append(e.name)
+            reasons = set(e.unavailable.values())
+            why = ("weights missing: see `brainrecon weights`" if all("not found" in r for r in reasons)
+                   else "; ".join(sorted(reasons)))
+            by_set.setdefault((tuple(e.unavailable), why), []).append(e.name)
     notes = []
-    for metrics, names in by_set.items():
+    for (metrics, why), names in by_set.items():
         who = "all runs" if len(names) == len(members) and len(names) > 1 else ", ".join(names)
-        notes.append(f"  unavailable for {who}: {', '.join(metrics)} (weights missing: see `brainrecon weights`)")
+        notes.append(f"  unavailable for {who}: {', '.join(metrics)} ({why})")
     return notes
 
 

@@ -375,3 +375,22 @@ def test_leaderboard_of_old_runs_without_per_image_scores_says_how_to_get_them(t
         f.unlink()
     table = leaderboard(three_runs, fmt="table")
     assert "≈" not in table and "re-run `brainrecon evaluate RUN`" in table
+
+
+def test_network_metrics_on_a_subset_equal_scoring_that_subset(tmp_path):
+    gt, rec = images(4, n=9, size=40)
+    part = run_eval(gt, rec, network_images=4, batch_size=3)
+    first4 = run_eval(gt[:4], rec[:4])
+    whole = run_eval(gt, rec)
+    assert part.settings["network_images"] == 4
+    for m in ("AlexNet(2)", "CLIP", "SwAV"):
+        assert part[m] == pytest.approx(first4[m], abs=1e-12)
+        assert np.isnan(part.per_image[m][4:]).all() and len(part.per_image[m]) == 9
+    assert part["PixCorr"] == pytest.approx(whole["PixCorr"], abs=1e-12)
+    part.save(tmp_path / "metrics.json")
+    _, cols = read_per_image(tmp_path / "per_image.csv")
+    assert np.isnan(cols["CLIP"][4:]).all() and not np.isnan(cols["SSIM"]).any()
+    from brainrecon.errors import DataError
+
+    with pytest.raises(DataError, match="network_images must be at least 2"):
+        run_eval(gt, rec, network_images=1)
