@@ -17,6 +17,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from brainrecon.decoders import available as available_decoders
+from brainrecon.targets import available_targets
 from brainrecon.errors import BrainreconError
 from brainrecon.federate_cli import federate_app
 
@@ -100,6 +101,13 @@ app.add_typer(federate_app, name="federate")
 DataOpt = typer.Option(None, "--data", help="Prepared data directory or .h5 file (default: $BRAINRECON_DATA, else the built-in synthetic dataset).")
 
 
+def _choice(*values: str):
+    """A typed choice: help lists the values and a typo is refused with the valid list."""
+    import click
+
+    return click.Choice(list(values), case_sensitive=True)
+
+
 def _log(message: str) -> None:
     console.print(f"[dim]·[/dim] {message}")
 
@@ -128,17 +136,17 @@ def _extra_subjects(ctx: typer.Context) -> list[int]:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def fit(
     ctx: typer.Context,
-    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`)."),
+    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`).", click_type=_choice(*available_decoders())),
     data: Optional[str] = DataOpt,
     subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s): --subjects 1 2 5 7."),
-    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter."),
+    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter.", click_type=_choice(*available_targets())),
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that receives the run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <decoder>-subjXX-<target>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing runs of the same name."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the reconstructions."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (decoders that use one)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto."),
-    nan_policy: Optional[str] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels."),
+    nan_policy: Optional[str] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels.", click_type=_choice("error", "zero")),
     alphas: Optional[str] = typer.Option(None, "--alphas", help="ridge: comma-separated alpha grid."),
     rounds: Optional[int] = typer.Option(None, "--rounds", help="brainguard: federated rounds."),
     local_iterations: Optional[int] = typer.Option(None, "--local-iterations", help="brainguard: local epochs per round."),
@@ -147,12 +155,12 @@ def fit(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last checkpoint."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where training checkpoints go."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="neuropictor: encoder | pretrain | finetune | cfg."),
+    stage: Optional[str] = typer.Option(None, "--stage", help="neuropictor: encoder | pretrain | finetune | cfg.", click_type=_choice("encoder", "pretrain", "finetune", "cfg")),
     init_from: Optional[Path] = typer.Option(None, "--init-from", help="neuropictor: saved decoder (run/decoder) of the previous stage."),
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
-    engine: str = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated])."),
+    engine: str = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated]).", click_type=_choice("local", "flower")),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
     from brainrecon import workflows
@@ -311,7 +319,7 @@ WeightsDirOpt = typer.Option(None, "--weights-dir", help="Folder with metric wei
 @app.command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory (with reconstructions.npy)."),
-    variant: str = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser."),
+    variant: str = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser.", click_type=_choice("mindeye", "braindiffuser")),
     weights_dir: Optional[Path] = WeightsDirOpt,
     strict: bool = typer.Option(False, "--strict", help="Fail if any metric's weights are missing instead of reporting it unavailable."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -319,13 +327,13 @@ def evaluate_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per network forward pass."),
     data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved since the fit."),
     download: bool = typer.Option(False, "--download", help="Download missing metric weights (off by default; same as BRAINRECON_ALLOW_DOWNLOADS=1)."),
-    ssim_mode: Optional[str] = typer.Option(None, "--ssim-mode", help="2d | columnwise (default: 2d for mindeye, columnwise for braindiffuser)."),
+    ssim_mode: Optional[str] = typer.Option(None, "--ssim-mode", help="2d | columnwise (default: 2d for mindeye, columnwise for braindiffuser).", click_type=_choice("2d", "columnwise")),
     blend: Optional[Path] = typer.Option(None, "--blend", help="MindEye2's enhanced evaluation: blend 25% of these images (a run directory or a .npy in the run's test order) into the reconstructions."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Ground-truth feature cache (default $BRAINRECON_CACHE/eval or ~/.cache/brainrecon/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the ground-truth feature cache."),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples for the 95% intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP."),
+    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP.", click_type=_choice(*METRIC_NAMES)),
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default 8)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
 ) -> None:
@@ -395,8 +403,8 @@ def push_cmd(
 @app.command("leaderboard")
 def leaderboard_cmd(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | html."),
-    sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | html.", click_type=_choice("table", "markdown", "csv", "html")),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics).", click_type=_choice("rank", *METRIC_NAMES)),
     out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
     published: bool = typer.Option(True, "--published/--no-published", help="Show published reference rows beside NSD runs."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the paired comparison of each run with its group's best (cells not significantly different are marked ≈)."),
@@ -421,7 +429,7 @@ def compare_cmd(
     rows: int = typer.Option(8, "--rows", help="Number of test images (rows)."),
     cell: int = typer.Option(128, "--cell", help="Cell size in pixels."),
     stats: bool = typer.Option(False, "--stats", help="Print, per metric, both means, the paired difference with its 95% interval and p-value, and how many images each run wins (two runs)."),
-    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Show the images the first run does worst (or --best) on by this metric."),
+    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Show the images the first run does worst (or --best) on by this metric.", click_type=_choice(*METRIC_NAMES)),
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default --rows)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation test."),
@@ -488,7 +496,7 @@ def weights_cmd(
     with_: Optional[str] = typer.Option(None, "--with", help="Also the generation weights: ipadapter,sd15,sd21."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL of a mirror with the same file names (or $BRAINRECON_MIRROR)."),
     print_urls: bool = typer.Option(False, "--print-urls", help="Print the downloads instead of fetching them."),
-    fmt: str = typer.Option("list", "--format", help="For --print-urls: list | sh."),
+    fmt: str = typer.Option("list", "--format", help="For --print-urls: list | sh.", click_type=_choice("list", "sh")),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Import files fetched elsewhere from this folder (verified)."),
 ) -> None:
     """List the metric networks' weight files: present or missing, where, and where to get them."""
@@ -521,13 +529,14 @@ def weights_cmd(
 IPAdapterDirOpt = typer.Option(None, "--ipadapter-dir", help="Local copy of h94/IP-Adapter (models/ip-adapter-plus_sd15.*, models/image_encoder/); default: the Hugging Face hub.")
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def embed(
+    ctx: typer.Context,
     data: Optional[str] = DataOpt,
     images: Optional[Path] = typer.Option(None, "--images", help="Embed every image of a .npy or HDF5 stimulus file (NSD's nsd_stimuli.hdf5; row index = image id) instead of a dataset."),
     images_key: Optional[str] = typer.Option(None, "--images-key", help="HDF5 dataset holding the images (default imgBrick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Token cache directory; default: where `fit --target ipadapter` looks for this dataset. Required with --images."),
-    subjects: Optional[List[int]] = typer.Option(None, "--subject", "-s", help="Subject(s) to embed (repeat the option); default: all."),
+    subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s) to embed: --subjects 1 2 or --subject 1 --subject 2; default: all."),
     ipadapter_dir: Optional[Path] = IPAdapterDirOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (fp16 on CUDA)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder call."),
@@ -542,7 +551,7 @@ def embed(
             raise BrainreconError("--images needs --out: the directory that receives the token cache.")
         path = embed_images_file(images, out, key=images_key, **options)
     else:
-        path = embed_dataset(data, out=out, subjects=subjects or None, **options)
+        path = embed_dataset(data, out=out, subjects=(list(subjects or []) + _extra_subjects(ctx)) or None, **options)
     console.print(f"IP-Adapter tokens cached in {path}")
 
 
@@ -588,13 +597,13 @@ def reconstruct(
 @app.command("prepare-nsd")
 def prepare_nsd_command(
     nsd_root: Path = typer.Option(..., "--nsd-root", help="NSD root: the folder holding nsddata/, nsddata_betas/, nsddata_stimuli/."),
-    subject: int = typer.Option(..., "--subject", "-s", help="Subject 1..8."),
+    subject: int = typer.Option(..., "--subject", "--subjects", "-s", help="Subject 1..8."),
     out: Path = typer.Option(..., "--out", help="Output directory."),
     sessions: Optional[str] = typer.Option(None, "--sessions", help="First K sessions, or 'all' (default: all; the first 37 with --test-set 982)."),
     test_set: Optional[int] = typer.Option(None, "--test-set", help="982 (shared images of sessions 1-37) or 1000 (all shared images shown; default)."),
-    zscore: str = typer.Option("none", "--zscore", help="none (raw NSD units, x300) | session (per-session, per-voxel z-score before averaging)."),
+    zscore: str = typer.Option("none", "--zscore", help="none (raw NSD units, x300) | session (per-session, per-voxel z-score before averaging).", click_type=_choice("none", "session")),
     captions: Optional[Path] = typer.Option(None, "--captions", help="COCO_73k_annots_curated.npy (73000 x 5 captions)."),
-    format: str = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names)."),
+    format: str = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names).", click_type=_choice("brainrecon", "brain-diffuser")),
     beta_version: str = typer.Option("betas_fithrf_GLMdenoise_RR", "--beta-version", help="GLM folder of the betas."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace this subject's prepared files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -615,7 +624,7 @@ def prepare_nsd_command(
 @app.command("prepare-surfaces")
 def prepare_surfaces_command(
     source: Path = typer.Option(..., "--source", help="NeuroPictor's NSD folder (fmri_npy/) or NSD_full_brain folder (fmri/0N_norm.h5)."),
-    subject: int = typer.Option(..., "--subject", "-s", help="Subject 1..8."),
+    subject: int = typer.Option(..., "--subject", "--subjects", "-s", help="Subject 1..8."),
     out: Path = typer.Option(..., "--out", help="brainrecon data directory (from prepare-nsd), or a new one for surfaces only."),
     duplicates: str = typer.Option("neuropictor", "--duplicates", help="neuropictor (train: last sample, test: first) | first | last | mean."),
     missing: str = typer.Option("error", "--missing", help="error | zero: rows whose image has no map."),
@@ -663,14 +672,15 @@ import_app = typer.Typer(help="Convert published models into saved brainrecon de
 app.add_typer(import_app, name="import")
 
 
-@import_app.command("neuropictor")
+@import_app.command("neuropictor", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def import_neuropictor_command(
+    ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Official file: finetune_single_sub/sub0N/epoch_015.pth, pretrain_multi_sub/sub_all_womask/epoch_080.pth or SD21/control_sd21_ini.ckpt."),
     out: Path = typer.Option(..., "--out", help="Directory that receives the saved decoder (brainrecon.json + safetensors)."),
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="fMRI2fMRI_UKB/checkpoint_120000.pth, for a file without an fMRI encoder (control_sd21_ini.ckpt)."),
     encoder_config: Optional[Path] = typer.Option(None, "--encoder-config", help="fMRI2fMRI_UKB/fMRI_AutoEncoder.yaml (heads, dropout; sizes are checked against the tensors)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The frozen SD 2.1-base: local diffusers folder or repo id (default stabilityai/stable-diffusion-2-1-base)."),
-    subjects: Optional[List[int]] = typer.Option(None, "--subject", "-s", help="Subject(s) the model decodes (default: subNN in the path, else 1-8)."),
+    subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s) the model decodes: --subjects 1 2 (default: subNN in the path, else 1-8)."),
     check: bool = typer.Option(False, "--check", help="Print, on one fixed input, the differences between the converted modules and the file's own tensors."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and the runs)."),
     data: Optional[str] = typer.Option(None, "--data", help="Also reconstruct this dataset's test split and write runs (for evaluate / neuropictor-sample)."),
@@ -685,7 +695,7 @@ def import_neuropictor_command(
 
     path, report = import_neuropictor(checkpoint, out, overwrite=overwrite, encoder=encoder,
                                       encoder_config=encoder_config, base_model=base_model,
-                                      subjects=subjects or None, check=check,
+                                      subjects=(list(subjects or []) + _extra_subjects(ctx)) or None, check=check,
                                       params={"device": device} if device else None)
     for line in report.lines():
         console.print(line, markup=False, highlight=False)

@@ -1,5 +1,7 @@
 """The CLI and the workflow functions behind it, on small synthetic data."""
 
+import re
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -9,6 +11,11 @@ from brainrecon.runs import Run, list_runs
 
 SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
 runner = CliRunner()
+
+
+def _flat(text: str) -> str:
+    """Terminal output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
 
 
 def invoke(*args):
@@ -66,11 +73,21 @@ def test_predict_command(ridge_runs, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
 
 
-def test_unknown_decoder_is_one_red_line():
+def test_unknown_decoder_is_refused_with_the_valid_names():
     result = runner.invoke(app, ["fit", "--decoder", "rige"])
-    assert result.exit_code == 1
-    assert "Unknown decoder 'rige'. Available decoders: 'brainguard', 'neuropictor', 'ridge'." in result.output
+    assert result.exit_code == 2  # a typed choice: click's usage error
+    text = _flat(result.output)
+    assert "'rige' is not one of" in text and "'brainguard'" in text and "'ridge'" in text
     assert "Traceback" not in result.output
+
+
+def test_typed_choices_show_in_help_and_refuse_typos():
+    for args, shown in ((["evaluate", "--help"], "[mindeye|braindiffuser]"),
+                        (["leaderboard", "--help"], "[table|markdown|csv|html]")):
+        result = runner.invoke(app, args, env={"COLUMNS": "250"})
+        assert shown in result.output
+    result = runner.invoke(app, ["fit", "--decoder", "ridge", "--target", "pixel"])
+    assert result.exit_code == 2 and "'pixel' is not one of" in _flat(result.output)
 
 
 def test_missing_data_directory(tmp_path):
@@ -79,11 +96,11 @@ def test_missing_data_directory(tmp_path):
     assert "Data not found" in result.output and "Places tried" in result.output
 
 
-def test_debug_variable_shows_traceback(monkeypatch):
+def test_debug_variable_shows_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("BRAINRECON_DEBUG", "1")
-    result = runner.invoke(app, ["fit", "--decoder", "rige"])
+    result = runner.invoke(app, ["data", "info", "--data", str(tmp_path / "nope")])
     assert result.exit_code != 0
-    assert "Unknown decoder" in str(result.exception)
+    assert "Data not found" in str(result.exception)
 
 
 def test_nan_voxels_error_and_zero_policy(tmp_path):
