@@ -67,7 +67,7 @@ app = typer.Typer(
     name="brainrecon",
     help="Reconstruct the images a person saw from their fMRI responses.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
 )
 

@@ -132,3 +132,15 @@ def test_decoders_and_data_info():
         assert name in result.output
     info = invoke("data", "info", "--data", SMALL)
     assert info.exit_code == 0 and "1600" in info.output
+
+
+def test_shell_completion_script_is_available():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "brainrecon"
+    if not exe.is_file():
+        pytest.skip("the brainrecon console script is not installed in this environment")
+    result = subprocess.run([str(exe), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "_brainrecon_completion" in result.stdout
