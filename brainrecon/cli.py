@@ -605,6 +605,7 @@ def prepare_nsd_command(
     captions: Optional[Path] = typer.Option(None, "--captions", help="COCO_73k_annots_curated.npy (73000 x 5 captions)."),
     format: str = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names).", click_type=_choice("brainrecon", "brain-diffuser")),
     beta_version: str = typer.Option("betas_fithrf_GLMdenoise_RR", "--beta-version", help="GLM folder of the betas."),
+    ncsnr_threshold: Optional[float] = typer.Option(None, "--ncsnr-threshold", help="Keep nsdgeneral voxels with noise-ceiling SNR above this (the beta version's ncsnr.nii.gz), as MindEye2's preparation; recorded in the fingerprint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace this subject's prepared files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -613,7 +614,7 @@ def prepare_nsd_command(
 
     r = prepare_nsd(nsd_root, subject, out, sessions=sessions, test_set=test_set, zscore=zscore,
                     captions=captions, format=format, beta_version=beta_version, overwrite=overwrite,
-                    progress=progress)
+                    progress=progress, ncsnr_threshold=ncsnr_threshold)
     console.print(
         f"subject {r['subject']}: {r['n_train']} train / {r['n_test']} test images, {r['n_voxels']} voxels, "
         f"{r['n_sessions']} sessions ({r['format']} format) -> {r['out']}"

@@ -462,3 +462,29 @@ def test_cli_prepare_nsd(release, tmp_path):
                               "--sessions", "31", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1
     assert "Subject 4 has 30 NSD sessions" in bad.output
+
+
+def test_ncsnr_threshold_keeps_the_voxels_above_it(release, prepared, tmp_path):
+    root = release["root"]
+    rng = np.random.default_rng(7)
+    ncsnr = rng.uniform(0, 1, GRID).astype(np.float32)
+    _save_nii(root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/ncsnr.nii.gz", ncsnr)
+    out = tmp_path / "ncsnr"
+    summary = _prepare(release, out, ncsnr_threshold=0.4)
+    roi = release["masks"][1] > 0
+    keep = roi & (ncsnr > 0.4)
+    assert summary["n_voxels"] == int(keep.sum()) < int(roi.sum())
+    full_dir, _ = prepared
+    columns = (ncsnr > 0.4)[roi]  # the kept voxels, in the ROI's C order
+    for split in ("train", "test"):
+        full = np.load(full_dir / "subj01" / f"{split}_voxels.npy")
+        np.testing.assert_array_equal(np.load(out / "subj01" / f"{split}_voxels.npy"), full[:, columns])
+    manifest = json.loads((out / "brainrecon-data.json").read_text())
+    assert manifest["source"]["ncsnr_threshold"] == 0.4
+    assert load_dataset(out).fingerprint(1) != load_dataset(full_dir).fingerprint(1)
+    with pytest.raises(DataError, match="choose a lower --ncsnr-threshold"):
+        _prepare(release, tmp_path / "none", ncsnr_threshold=5.0)
+    (root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/ncsnr.nii.gz").unlink()
+    with pytest.raises(DataError, match="ncsnr map not found"):
+        _prepare(release, tmp_path / "missing", ncsnr_threshold=0.4)
+

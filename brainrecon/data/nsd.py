@@ -110,6 +110,8 @@ DESIGN_FILE = "nsddata/experiments/nsd/nsd_expdesign.mat"
 STIMULI_FILE = "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
 _MASK_FILE = "nsddata/ppdata/subj{s:02d}/func1pt8mm/roi/nsdgeneral.nii.gz"
 _BETA_FILE = "nsddata_betas/ppdata/subj{s:02d}/func1pt8mm/{version}/betas_session{n:02d}.nii.gz"
+# Noise-ceiling SNR of every voxel, one per beta version (NSD data manual).
+_NCSNR_FILE = "nsddata_betas/ppdata/subj{s:02d}/func1pt8mm/{version}/ncsnr.nii.gz"
 _BD_NAMES = {
     "voxels": "nsd_{split}_fmriavg_nsdgeneral_sub{n}.npy",
     "images": "nsd_{split}_stim_sub{n}.npy",
@@ -151,6 +153,10 @@ class NSDRelease:
     @property
     def stimuli(self) -> Path:
         return self.root / STIMULI_FILE
+
+    @property
+    def ncsnr(self) -> Path:
+        return self.root / _NCSNR_FILE.format(s=self.subject, version=self.beta_version)
 
     def betas(self, session: int) -> Path:
         """Path of ``betas_sessionNN.nii.gz`` for 1-based ``session``."""
@@ -377,6 +383,26 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     return mask
 
 
+def load_ncsnr(path: str | os.PathLike, shape: tuple[int, ...], mask_path) -> np.ndarray:
+    """Read a subject's ``ncsnr.nii.gz`` (float, shape ``shape``, the ROI mask's grid)."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"ncsnr map not found: {path}. Expected ncsnr.nii.gz beside the session betas, or leave "
+                        f"out --ncsnr-threshold. {_DOWNLOAD_HINT}")
+    try:
+        data = np.asanyarray(nib.load(path).dataobj).astype(np.float64)
+    except _nifti_errors() as exc:
+        raise _corrupt(path, "a 3-D NIfTI volume (the ncsnr map)", exc) from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape != tuple(shape):
+        raise DataError(f"{path} has shape {data.shape} but the ROI mask {mask_path} has shape {tuple(shape)}; "
+                        "use the ncsnr map of the same 1.8-mm grid (func1pt8mm).")
+    return np.nan_to_num(data, nan=-np.inf)
+
+
 def read_session_betas(
     path: str | os.PathLike,
     mask: np.ndarray,
@@ -541,6 +567,7 @@ def prepare_nsd(
     overwrite: bool = False,
     progress: bool = True,
     name: str | None = None,
+    ncsnr_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Prepare one NSD subject from the raw release (see the module docstring for the recipe).
 
@@ -571,6 +598,10 @@ def prepare_nsd(
         Show progress bars.
     name : str, optional
         Dataset name recorded in a new manifest (default: the output directory's name).
+    ncsnr_threshold : float, optional
+        Keep only nsdgeneral voxels whose noise-ceiling SNR (``ncsnr.nii.gz`` of the chosen
+        beta version) exceeds this value, the voxel selection of MindEye2's preparation;
+        recorded in the dataset's source (so in its fingerprint).
 
     Returns
     -------
@@ -611,6 +642,9 @@ def prepare_nsd(
         "voxel_order": "nibabel C order over (X, Y, Z) of nsdgeneral > 0",
         "row_order": "first appearance",
     }
+    if ncsnr_threshold is not None:
+        source["ncsnr_threshold"] = float(ncsnr_threshold)
+        source["voxel_order"] = f"nibabel C order over (X, Y, Z) of nsdgeneral > 0 and ncsnr > {float(ncsnr_threshold):g}"
     subject_dir = out / f"subj{subject:02d}"
     # Fail fast, before any long work: the output directory, then every input file.
     _check_output(out, subject, format, source, overwrite)
@@ -631,6 +665,11 @@ def prepare_nsd(
     design = read_design(release.design)
     plan = plan_trials(design, subject, n_sessions, test_set)
     mask = load_mask(release.mask)
+    if ncsnr_threshold is not None:
+        mask = mask & (load_ncsnr(release.ncsnr, mask.shape, release.mask) > float(ncsnr_threshold))
+        if not mask.any():
+            raise DataError(f"No nsdgeneral voxel of subject {subject} has ncsnr > {ncsnr_threshold:g} "
+                            f"({release.ncsnr}); choose a lower --ncsnr-threshold.")
     n_voxels = int(mask.sum())
 
     partial = out / f".prepare-nsd-subj{subject:02d}.partial"
