@@ -319,29 +319,18 @@ def _format_score(metric: str, value: float) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import PIL
-    import scipy
-    import skimage
-    import torchvision
+    """Versions the numbers depend on (scipy's filters compute SSIM; the optional packages are
+    listed when installed)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import brainrecon
 
-    out = {
-        "brainrecon": brainrecon.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "scikit-image": skimage.__version__,
-        "scipy": scipy.__version__,
-        "numpy": np.__version__,
-        "pillow": PIL.__version__,
-        "python": platform.python_version(),
-    }
-    try:
-        import transformers
-
-        out["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    out = {"brainrecon": brainrecon.__version__, "python": platform.python_version()}
+    for dist in ("torch", "torchvision", "scipy", "numpy", "pillow", "transformers", "scikit-image"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
     return out
 
 
