@@ -19,3 +19,16 @@ def test_docs_build_strictly(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "extending" / "index.html").is_file()
+
+
+def test_generated_reference_pages_are_current():
+    """docs/cli.md and docs/decoders.md are what docs/generate.py makes from the code now."""
+    sys.path.insert(0, str(ROOT / "docs"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    for name, make in generate.PAGES.items():
+        current = (ROOT / "docs" / name).read_text(encoding="utf-8")
+        assert current == make(), f"docs/{name} is out of date: run `python docs/generate.py`"
+
