@@ -108,6 +108,22 @@ def _choice(*values: str):
     return click.Choice(list(values), case_sensitive=True)
 
 
+def _registry_choice(names):
+    """A typed choice read from a registry at use time (plugins installed later are accepted)."""
+    import click
+
+    class _RegistryChoice(click.Choice):
+        @property
+        def choices(self):
+            return tuple(names())
+
+        @choices.setter
+        def choices(self, value):  # click's __init__ assigns the initial list; the registry wins
+            pass
+
+    return _RegistryChoice([], case_sensitive=True)
+
+
 def _log(message: str) -> None:
     console.print(f"[dim]·[/dim] {message}")
 
@@ -136,10 +152,10 @@ def _extra_subjects(ctx: typer.Context) -> list[int]:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def fit(
     ctx: typer.Context,
-    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`).", click_type=_choice(*available_decoders())),
+    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`).", click_type=_registry_choice(available_decoders)),
     data: Optional[str] = DataOpt,
     subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s): --subjects 1 2 5 7."),
-    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter.", click_type=_choice(*available_targets())),
+    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter.", click_type=_registry_choice(available_targets)),
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that receives the run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <decoder>-subjXX-<target>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing runs of the same name."),

@@ -87,7 +87,7 @@ def get_decoder_class(name: str) -> type[Decoder]:
     return _import_class(name, _REGISTRY[name], _PLUGIN_DIST.get(name), Decoder, "decoder")
 
 
-def _import_class(name: str, path: str, dist: str | None, base: type, kind: str):
+def _import_class(name: str, path: str, dist: str | None, base: type | None, kind: str):
     module_name, _, class_name = path.partition(":")
     where = f"plugin {kind} {name!r} ({path}, from {dist})" if dist else f"{kind} {name!r} ({path})"
     try:
@@ -98,8 +98,12 @@ def _import_class(name: str, path: str, dist: str | None, base: type, kind: str)
             raise
         raise BrainreconError(f"{where} cannot be loaded: {type(exc).__name__}: {exc}. "
                               f"Reinstall or fix {dist}, or uninstall it.") from exc
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        msg = f"{where} is not a {base.__module__}.{base.__name__} subclass"
+    if base is None:  # any factory will do (target spaces are built by calling them)
+        ok, what = callable(cls), "callable"
+    else:
+        ok, what = isinstance(cls, type) and issubclass(cls, base), f"{base.__module__}.{base.__name__} subclass"
+    if not ok:
+        msg = f"{where} is not a {what}"
         if dist is None:
             raise TypeError(msg)
         raise BrainreconError(msg + f"; fix or uninstall {dist}.")

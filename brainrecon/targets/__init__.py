@@ -162,7 +162,7 @@ def get_target(name: str, **options: Any) -> TargetSpace:
         raise BrainreconError(
             f"Unknown target {name!r}. Available targets: {', '.join(map(repr, available_targets()))}."
         )
-    cls = _import_class(name, _TARGETS[name], _TARGET_DIST.get(name), TargetSpace, "target")
+    cls = _import_class(name, _TARGETS[name], _TARGET_DIST.get(name), None, "target")
     return cls(**options)
 
 
