@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,6 +184,10 @@ class NeuroPictorDecoder(Decoder):
     device : str, optional
         ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None/``"auto"`` (CUDA when available). Under
         ``accelerate launch`` the process's device is used.
+        Several CPU processes (gloo): ``accelerate launch --multi_gpu --num_processes N
+        --num_machines 1 --mixed_precision no --dynamo_backend no -m brainrecon.cli fit --decoder
+        neuropictor --device cpu ...`` (``accelerate launch --cpu`` starts one process whatever
+        ``--num_processes`` says).
     checkpoint_dir : str, optional
         Where training checkpoints (and validation grids) go.
     resume : bool
@@ -745,7 +751,7 @@ class NeuroPictorDecoder(Decoder):
         -------
         dict
             ``lr``, ``semantic_weight``, ``cfg_drop``, ``detach_unet_encoder``, ``grad_accum``,
-            ``global_batch``, ``steps``, ``stage_keys``.
+            ``processes``, ``global_batch``, ``steps``, ``stage_keys``.
         """
         stage = self.stage if stage is None else stage
         self._check_choice("stage", STAGES)
@@ -762,6 +768,7 @@ class NeuroPictorDecoder(Decoder):
             "detach_unet_encoder": bool(self._per_stage("detach_unet_encoder", keys, stage == "pretrain"))
             and stage != "encoder",
             "grad_accum": grad_accum,
+            "processes": processes,
             "global_batch": global_batch,
             "steps": self._total_steps(int(n_samples), stage, keys, global_batch),
         }
@@ -1036,7 +1043,35 @@ class NeuroPictorDecoder(Decoder):
 
 
 # ---------------------------------------------------------------------------- helpers
+# Several CPU processes: `accelerate launch --cpu` always starts ONE process (its simple
+# launcher; accelerate runs several CPU processes only through mpirun) and refuses `--cpu`
+# together with `--multi_gpu`. `--multi_gpu` goes through torchrun and starts them; with
+# device cpu (or no GPU) they join one gloo process group.
+CPU_LAUNCH = ("accelerate launch --multi_gpu --num_processes {n} --num_machines 1 --mixed_precision no "
+              "--dynamo_backend no -m brainrecon.cli fit --decoder neuropictor --device cpu ...")
+_LAUNCHER_ENV = ("WORLD_SIZE", "LOCAL_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def single_process_cpu_launch() -> bool:
+    """Whether this process was started by ``accelerate launch --cpu --num_processes N>1``.
+
+    That launcher sets ``ACCELERATE_USE_CPU`` and, for more than one process, ``MASTER_ADDR``,
+    but starts a single process and no ``WORLD_SIZE``: the run would silently train alone.
+    """
+    env = os.environ
+    return (env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            and "MASTER_ADDR" in env and not any(k in env for k in _LAUNCHER_ENV))
+
+
 def _num_processes(cpu: bool = False) -> int:
+    if single_process_cpu_launch():
+        warnings.warn(
+            "`accelerate launch --cpu` starts one process whatever --num_processes says (accelerate "
+            "runs several CPU processes only through mpirun); this run trains in ONE process (with "
+            "--param global_batch=G it still accumulates to that global batch). For N gloo processes use "
+            f"`{CPU_LAUNCH.format(n='N')}` (or `torchrun --nproc_per_node N -m brainrecon.cli fit ...`).",
+            stacklevel=3,
+        )
     try:
         from accelerate import PartialState
 
