@@ -139,6 +139,22 @@ def load_npz(path: str | os.PathLike, *, fix: str, required: Iterable[str] = ())
     return arrays
 
 
+def load_safetensors(path: str | os.PathLike, *, fix: str) -> dict:
+    """All tensors of a ``.safetensors`` file; a missing, empty, truncated or otherwise damaged
+    file is a :class:`BrainreconError` naming the file and ``fix``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise BrainreconError(f"{path} is a directory where a .safetensors file should be; {fix}.")
+    if not path.is_file():
+        raise BrainreconError(f"{path} is missing; {fix}.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+        raise BrainreconError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name; move it to ``path`` when the block succeeds.

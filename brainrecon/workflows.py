@@ -109,8 +109,10 @@ def fit(
     for s, run_name in names.items():
         path = Path(out) / run_name
         if path.exists() and not overwrite:
+            hint = (" (with --resume the finished checkpoint is reused: nothing is trained again)"
+                    if params.get("resume") else "")
             raise BrainreconError(
-                f"Run directory {path} already exists; choose another --name or pass --overwrite."
+                f"Run directory {path} already exists; choose another --name or pass --overwrite{hint}."
             )
     unknown = [k for k in params if k not in accepted]
     if unknown:

@@ -85,7 +85,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from brainrecon.errors import DataError
+from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import read_json, replace_directory, write_array_atomic, write_json_atomic
 from brainrecon.progress import bar_disabled
 
@@ -748,8 +748,11 @@ def _check_output(out: Path, subject: int, format: str, source: dict, overwrite:
     if subject in present and not overwrite:
         raise DataError(f"Subject {subject} is already prepared in {out}; pass --overwrite to replace it "
                         f"(its surface maps, if any, are dropped and must be prepared again).")
-    if subject_dir.exists() and not overwrite:
-        # Another layout's files (or an unfinished earlier run) are never replaced silently.
+    # A run killed after swapping the subject directory in, before recording it (manifest) and
+    # removing its work folder, is finished by re-running the same command.
+    unfinished = (out / f".prepare-nsd-subj{subject:02d}.partial").is_dir()
+    if subject_dir.exists() and not overwrite and not unfinished:
+        # Another layout's files are never replaced silently.
         raise DataError(f"{subject_dir} already exists; pass --overwrite to replace it, or choose another --out.")
     if manifest is None:
         return
@@ -787,7 +790,7 @@ def _load_state(partial: Path, subject: int, mask: np.ndarray, mask_path: Path) 
     if state_file.is_file():
         try:
             state = read_json(state_file)
-        except ValueError:
+        except (ValueError, BrainreconError):  # damaged: start this subject's staging over
             state = None
     if (state is None or state.get("version") != STATE_VERSION or state.get("subject") != subject
             or state.get("mask") != mask_key):

@@ -699,7 +699,8 @@ class IPAdapterTarget(TargetSpace):
         cache = self._cache(directory)
         if len(cache.missing(np.unique(ids))):
             self.weights.check()  # a clear error before any cache file is created
-        cache.fill(np.unique(ids), compute, progress=progress,
+        # One encoder batch per cache write: a killed run loses at most one batch of work.
+        cache.fill(np.unique(ids), compute, batch_size=self.batch_size, progress=progress,
                    desc=f"IP-Adapter tokens, subject {subject} {split.name}")
         return directory
 
@@ -809,7 +810,7 @@ def embed_images(images, ids=None, out: str | os.PathLike = None, *, progress: b
     cache = target._cache(directory)
     if len(cache.missing(ids)):
         target.weights.check()  # a clear error before any cache file is created
-    cache.fill(ids, compute, progress=progress, desc="IP-Adapter tokens")
+    cache.fill(ids, compute, batch_size=target.batch_size, progress=progress, desc="IP-Adapter tokens")
     target.write_uncond(directory)
     return directory
 

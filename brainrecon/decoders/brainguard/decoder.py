@@ -17,9 +17,9 @@ from brainrecon.decoders.brainguard.federated import (
     EMA_MODES,
     Client,
     TrainConfig,
+    checkpoint_candidates,
     client_devices,
     load_checkpoint,
-    read_latest,
     run_federation,
     save_checkpoint,
 )
@@ -129,7 +129,9 @@ class BrainGuardDecoder(Decoder):
         holds every client's best-by-validation model). At the published size (four
         clients, h = 2048) one checkpoint is about 5 GB.
     resume : bool
-        Continue from the checkpoint in ``checkpoint_dir`` when one exists.
+        Continue from the checkpoint in ``checkpoint_dir`` when one exists. A damaged one
+        (cut mid-write, a bad copy) is skipped with a warning for the next older intact one
+        (kept with ``checkpoint_keep`` >= 2); with none left, one error names the damaged file.
     nan_policy : {"error", "zero"}
         Non-finite voxel values: raise, or replace by 0.
     progress : bool
@@ -349,10 +351,10 @@ class BrainGuardDecoder(Decoder):
         history: list[dict] = []
         start_round, global_state = 0, None
         ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
-        latest = read_latest(ckpt_dir) if ckpt_dir is not None else None
-        if latest is not None and self.resume:
-            start_round, global_state, history = self._restore(latest, run_meta, clients, server_device)
-        elif latest is not None:
+        candidates = checkpoint_candidates(ckpt_dir) if ckpt_dir is not None else []
+        if candidates and self.resume:
+            start_round, global_state, history = self._restore(candidates, run_meta, clients, server_device)
+        elif candidates:
             warnings.warn(
                 f"{ckpt_dir} holds a checkpoint that will be replaced by this fresh run; pass "
                 f"resume=True (CLI: --resume) to continue it instead.", UserWarning, stacklevel=2)
@@ -460,9 +462,32 @@ class BrainGuardDecoder(Decoder):
                 models[s] = model
         return models
 
-    def _restore(self, latest: Path, run_meta: dict, clients: list[Client],
+    def _restore(self, candidates: list[Path], run_meta: dict, clients: list[Client],
                  server_device: torch.device) -> tuple[int, dict, list]:
-        meta, global_state, client_tensors = load_checkpoint(latest)
+        """Restore from the newest checkpoint whose files read back intact.
+
+        A damaged one (cut mid-write, disk full, bad copy) is skipped with a warning naming it;
+        when none is left, one :class:`BrainreconError` names the damaged file.
+        """
+        damaged: list[str] = []
+        for latest in candidates:
+            try:
+                meta, global_state, client_tensors = load_checkpoint(latest)
+            except BrainreconError as exc:
+                damaged.append(str(exc))
+                warnings.warn(f"Skipping damaged checkpoint {latest.name}: {exc}", UserWarning, stacklevel=3)
+                continue
+            if damaged:
+                warnings.warn(f"Resuming from the older checkpoint {latest} (round "
+                              f"{meta.get('rounds_completed')}); newer ones are damaged.",
+                              UserWarning, stacklevel=3)
+            break
+        else:
+            raise BrainreconError(
+                f"Cannot resume from {candidates[0].parent}: no intact checkpoint is left "
+                f"({damaged[0]}). Start afresh without --resume (the damaged checkpoint is replaced); "
+                f"checkpoint_keep=2 keeps an older one to fall back on."
+            )
         differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
                                    "fingerprints", "target_shape")
                        if jsonable(meta.get(k)) != jsonable(run_meta[k])]

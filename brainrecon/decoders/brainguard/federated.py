@@ -20,7 +20,6 @@ uploads its shared tensors; the server averages them weighted by the clients' sa
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from brainrecon.decoders.brainguard.model import (
@@ -42,7 +41,7 @@ from brainrecon.decoders.brainguard.model import (
 )
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import read_json, write_json_atomic
+from brainrecon.io import load_safetensors, read_json, write_json_atomic
 from brainrecon.progress import bar_disabled
 
 EMA_MODES = ("none", "standard", "inverted")
@@ -690,10 +689,28 @@ def read_latest(directory: str | os.PathLike) -> Path | None:
         return None
     try:
         info = read_json(pointer)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, BrainreconError):
+        return None
+    if not isinstance(info, dict):
         return None
     path = Path(directory) / str(info.get("directory", ""))
     return path if (path / "checkpoint.json").is_file() else None
+
+
+def checkpoint_candidates(directory: str | os.PathLike) -> list[Path]:
+    """Complete round directories under ``directory``, newest first.
+
+    The one ``latest.json`` names comes first; the other ``round-NNNNN`` directories (kept with
+    ``checkpoint_keep`` > 1) follow, so a resume can fall back to an older one when the newest
+    is damaged. A damaged ``latest.json`` is not fatal: the round directories are listed anyway.
+    """
+    directory = Path(directory)
+    rounds = sorted((p for p in directory.glob("round-[0-9]*") if (p / "checkpoint.json").is_file()),
+                    key=lambda p: p.name, reverse=True)
+    pointed = read_latest(directory)
+    if pointed is not None:
+        rounds = [pointed] + [p for p in rounds if p != pointed]
+    return rounds
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor],
@@ -705,19 +722,21 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     meta, global_state, client_tensors
     """
     path = Path(path)
-    meta = read_json(path / "checkpoint.json")
+    fix = "this checkpoint cannot be resumed from"
+    meta = read_json(path / "checkpoint.json", required=("format", "rounds_completed", "clients"), fix=fix)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise BrainreconError(
             f"{path} is a BrainGuard checkpoint of format {meta.get('format')}, this brainrecon "
             f"reads format {CHECKPOINT_FORMAT}; start a fresh run (resume=False)."
         )
-    global_state = {k[len("global."):]: v for k, v in load_file(str(path / "global.safetensors")).items()}
+    global_state = {k[len("global."):]: v
+                    for k, v in load_safetensors(path / "global.safetensors", fix=fix).items()}
     client_tensors = {}
     for subject in meta["clients"]:
         file = path / f"client-{subject}.safetensors"
         if not file.is_file():
             raise BrainreconError(f"Checkpoint {path} is incomplete: {file.name} is missing.")
-        client_tensors[int(subject)] = load_file(str(file))
+        client_tensors[int(subject)] = load_safetensors(file, fix=fix)
     return meta, global_state, client_tensors
 
 
@@ -733,6 +752,7 @@ __all__ = [
     "TrainConfig",
     "aggregate",
     "aggregation_weights",
+    "checkpoint_candidates",
     "client_devices",
     "load_checkpoint",
     "prune_rounds",

@@ -24,7 +24,8 @@ Engineering choices (what the official Lightning code does differently, and why)
   as an uninterrupted one (bit-identical on CPU), and the same global batch split between
   processes or accumulated in one process sees the same samples and noise;
 - checkpoints are safetensors (weights and AdamW moments) plus JSON, written atomically every
-  ``checkpoint_every`` steps; the two newest are kept.
+  ``checkpoint_every`` steps; the two newest are kept, and a resume whose newest one is
+  damaged (a bad copy, a full disk) falls back to the other, saying so.
 
 Several GPUs: ``accelerate launch -m brainrecon.cli fit --decoder neuropictor ...``; each
 process takes ``batch_size`` samples per micro-step, and ``grad_accum`` micro-steps make one
@@ -53,11 +54,10 @@ import torch.nn.functional as F
 from brainrecon.decoders.neuropictor.model import place
 from brainrecon.decoders.neuropictor.weights import (
     load_state_dict_strict,
-    read_safetensors,
     save_safetensors_atomic,
 )
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import atomic_directory, read_json, write_json_atomic
+from brainrecon.io import atomic_directory, load_safetensors, read_json, write_json_atomic
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_PREFIX = "step_"
@@ -338,8 +338,53 @@ def save_checkpoint(directory: Path, step: int, net, optimizer, cfg: TrainConfig
     return path
 
 
-def load_checkpoint(path: Path, net, optimizer, cfg: TrainConfig) -> tuple[int, list[float]]:
-    info = read_json(path / "trainer.json")
+CHECKPOINT_FIX = "this checkpoint cannot be resumed from"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Every file of a checkpoint, read and checked; a damaged one is a :class:`BrainreconError`
+    naming it (so :func:`run_training` can fall back to an older checkpoint)."""
+    path = Path(path)
+    info = read_json(path / "trainer.json", required=("step",), fix=CHECKPOINT_FIX)
+    return {
+        "info": info,
+        "trainable": load_safetensors(path / "trainable.safetensors", fix=CHECKPOINT_FIX),
+        "optimizer": load_safetensors(path / "optimizer.safetensors", fix=CHECKPOINT_FIX),
+        "optimizer_meta": read_json(path / "optimizer.json", required=("param_groups",), fix=CHECKPOINT_FIX),
+    }
+
+
+def newest_intact_checkpoint(directory: str | Path, log: Callable[[str], None] = print
+                             ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` whose files read back intact, and its contents.
+
+    Damaged ones (cut mid-write, disk full, a bad copy) are skipped, each with a line naming it;
+    None when there is no checkpoint; a :class:`BrainreconError` when every one is damaged.
+    """
+    found = list_checkpoints(directory)
+    damaged = []
+    for path in reversed(found):
+        try:
+            loaded = read_checkpoint(path)
+        except BrainreconError as exc:
+            damaged.append(str(exc))
+            log(f"Skipping damaged checkpoint {path.name}: {exc}")
+            continue
+        if damaged:
+            log(f"Resuming from the older checkpoint {path}; newer ones are damaged.")
+        return path, loaded
+    if damaged:
+        raise BrainreconError(
+            f"Cannot resume from {directory}: no intact checkpoint is left ({damaged[0]}). "
+            f"Start afresh without --resume."
+        )
+    return None
+
+
+def load_checkpoint(path: Path, net, optimizer, cfg: TrainConfig,
+                    loaded: dict[str, Any] | None = None) -> tuple[int, list[float]]:
+    loaded = read_checkpoint(path) if loaded is None else loaded
+    info = loaded["info"]
     saved = {**IDENTITY_DEFAULTS, **info.get("identity", {})}
     # The global batch, not its split into processes and micro-steps, must agree: a run
     # resumed on another number of GPUs accumulates to the same samples per step.
@@ -351,10 +396,8 @@ def load_checkpoint(path: Path, net, optimizer, cfg: TrainConfig) -> tuple[int, 
             f"Cannot resume from {path}: it was written with different settings ({shown}). "
             f"Use the same settings, or another checkpoint_dir to start afresh."
         )
-    state = read_safetensors(path / "trainable.safetensors", "checkpoint")
-    load_state_dict_strict(net, state, "checkpoint", source=str(path))
-    tensors = read_safetensors(path / "optimizer.safetensors", "optimizer state")
-    optimizer.load_state_dict(optimizer_from_safetensors(tensors, read_json(path / "optimizer.json")))
+    load_state_dict_strict(net, loaded["trainable"], "checkpoint", source=str(path))
+    optimizer.load_state_dict(optimizer_from_safetensors(loaded["optimizer"], loaded["optimizer_meta"]))
     return int(info["step"]), [float(x) for x in info.get("losses", [])]
 
 
@@ -435,12 +478,12 @@ def run_training(
 
     start, losses = 0, []
     if cfg.resume and cfg.checkpoint_dir:
-        found = list_checkpoints(cfg.checkpoint_dir)
+        found = newest_intact_checkpoint(cfg.checkpoint_dir, log=accelerator.print)
         if found:
-            start, losses = load_checkpoint(found[-1], net, optimizer, cfg)
+            start, losses = load_checkpoint(found[0], net, optimizer, cfg, loaded=found[1])
             for group in optimizer.param_groups:  # the settings given now win over the saved ones
                 group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-            accelerator.print(f"Resuming {cfg.stage} from {found[-1]} (step {start}).")
+            accelerator.print(f"Resuming {cfg.stage} from {found[0]} (step {start}).")
         else:
             accelerator.print(f"No checkpoint in {cfg.checkpoint_dir}; starting at step 0.")
     losses = losses[:start]
