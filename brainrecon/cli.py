@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from brainrecon.decoders import available as available_decoders
 from brainrecon.targets import available_targets
@@ -149,7 +149,79 @@ def _extra_subjects(ctx: typer.Context) -> list[int]:
 
 
 # ---------------------------------------------------------------------------- fit / predict
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+class _FitCommand(TyperCommand):
+    """``fit`` with each registered decoder's own options (``Decoder.cli_options``), shown in
+    a help panel per decoder; their values reach the command through ``ctx.meta``."""
+
+    def _decoder_params(self, ctx) -> list:
+        if "decoder_params" not in ctx.meta:
+            ctx.meta["decoder_params"] = _decoder_cli_params({p.name for p in self.params})
+        return [p for p, _ in ctx.meta["decoder_params"]]
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return params[:-1] + self._decoder_params(ctx) + params[-1:]  # --help stays last
+
+    def invoke(self, ctx):
+        self._decoder_params(ctx)
+        given = {}
+        for param, owners in ctx.meta["decoder_params"]:
+            value = ctx.params.pop(param.name, None)
+            if value is not None:
+                given[param.name] = (param.opts[0], value, owners)
+        ctx.meta["decoder_options"] = given
+        return super().invoke(ctx)
+
+
+def _decoder_cli_params(taken: set[str]) -> list:
+    """click options for every decoder's ``cli_options``: (option, {decoder: CliOption})."""
+    import click
+    from typer.core import TyperOption
+
+    from brainrecon.decoders import available, get_decoder_class
+
+    types = {"int": click.INT, "float": click.FLOAT, "str": click.STRING, "path": click.STRING,
+             "floats": click.STRING}
+    by_flag: dict[str, dict] = {}
+    for name in available():
+        try:
+            cls = get_decoder_class(name)
+        except BrainreconError:
+            continue  # a broken plugin: `brainrecon decoders` reports it
+        for opt in getattr(cls, "cli_options", ()) or ():
+            by_flag.setdefault(opt.flag, {})[name] = opt
+    out = []
+    for flag, owners in by_flag.items():
+        dest = "decoder_opt_" + flag.lstrip("-").replace("-", "_")
+        if dest in taken:
+            continue
+        first = next(iter(owners.values()))
+        kind = click.Choice(list(first.choices)) if first.choices else types.get(first.kind, click.STRING)
+        names = " / ".join(owners)
+        option = TyperOption(param_decls=[flag, dest], type=kind, default=None, help=f"{names}: {first.help}.",
+                             rich_help_panel=f"{names} options", show_choices=True)
+        out.append((option, owners))
+    return out
+
+
+def _decoder_option_values(ctx, decoder: str) -> dict[str, Any]:
+    """The decoder parameters given through decoder options; an option of another decoder is an error."""
+    values = {}
+    for flag, value, owners in (ctx.meta.get("decoder_options") or {}).values():
+        if decoder not in owners:
+            raise BrainreconError(f"{flag} is an option of {', '.join(owners)}, not of {decoder!r}; "
+                                  f"see `brainrecon fit --help`, or pass --param name=value.")
+        opt = owners[decoder]
+        if opt.kind == "floats":
+            try:
+                value = [float(v) for v in str(value).split(",") if v.strip()]
+            except ValueError:
+                raise BrainreconError(f"{flag} expects comma-separated numbers, got {value!r}.") from None
+        values[opt.param] = value
+    return values
+
+
+@app.command(cls=_FitCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def fit(
     ctx: typer.Context,
     decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`).", click_type=_registry_choice(available_decoders)),
@@ -163,16 +235,9 @@ def fit(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (decoders that use one)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto."),
     nan_policy: Optional[str] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels.", click_type=_choice("error", "zero")),
-    alphas: Optional[str] = typer.Option(None, "--alphas", help="ridge: comma-separated alpha grid."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", help="brainguard: federated rounds."),
-    local_iterations: Optional[int] = typer.Option(None, "--local-iterations", help="brainguard: local epochs per round."),
-    sync_layers: Optional[int] = typer.Option(None, "--sync-layers", help="brainguard: trailing layers (of blocks, head, projector) fused adaptively; raw tensor count: --param sync_tensors=N."),
-    hidden: Optional[int] = typer.Option(None, "--hidden", help="brainguard: hidden width."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last checkpoint."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where training checkpoints go."),
-    stage: Optional[str] = typer.Option(None, "--stage", help="neuropictor: encoder | pretrain | finetune | cfg.", click_type=_choice("encoder", "pretrain", "finetune", "cfg")),
-    init_from: Optional[Path] = typer.Option(None, "--init-from", help="neuropictor: saved decoder (run/decoder) of the previous stage."),
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
@@ -184,17 +249,13 @@ def fit(
     subjects = list(subjects or []) + _extra_subjects(ctx)
     params: dict[str, Any] = {}
     named = {
-        "seed": seed, "device": device, "nan_policy": nan_policy, "rounds": rounds,
-        "local_iterations": local_iterations, "sync_layers": sync_layers, "hidden": hidden,
-        "batch_size": batch_size, "stage": stage,
+        "seed": seed, "device": device, "nan_policy": nan_policy, "batch_size": batch_size,
         "checkpoint_dir": str(checkpoint_dir) if checkpoint_dir else None,
-        "init_from": str(init_from) if init_from else None,
     }
     params.update({k: v for k, v in named.items() if v is not None})
     if resume:
         params["resume"] = True
-    if alphas:
-        params["alphas"] = [float(a) for a in alphas.split(",")]
+    params.update(_decoder_option_values(ctx, decoder))
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep:

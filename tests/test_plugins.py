@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from brainrecon.cli import app
 from brainrecon.decoders import available, get_decoder, get_decoder_class, load_decoder
 from brainrecon.errors import BrainreconError
+from brainrecon.runs import Run
 from brainrecon.testing import DecoderConformance
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
@@ -67,8 +68,14 @@ def test_a_plugin_is_listed_fitted_saved_loaded_and_ranked(plugin_site, tmp_path
     out = tmp_path / "runs"
     result = runner.invoke(app, ["fit", "--decoder", "kernel-average", "--data",
                                  "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32",
-                                 "--subjects", "1", "--out", str(out), "--param", "temperature=0.1"])
+                                 "--subjects", "1", "--out", str(out), "--temperature", "0.1"])
     assert result.exit_code == 0, result.output
+    assert Run.open(out / "kernel-average-subj01").info["params"]["temperature"] == 0.1
+    helped = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "200"})
+    assert "kernel-average options" in helped.output and "--temperature" in helped.output
+    wrong = runner.invoke(app, ["fit", "--decoder", "ridge", "--temperature", "0.1", "--data",
+                                "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"])
+    assert wrong.exit_code == 1 and "--temperature is an option of kernel-average, not of 'ridge'" in wrong.output
     board = runner.invoke(app, ["leaderboard", "--runs", str(out)])
     assert board.exit_code == 0 and "kernel-average" in board.output
 

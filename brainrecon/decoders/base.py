@@ -17,6 +17,7 @@ generator) or ``"images"`` (uint8 images, as NeuroPictor produces itself).
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 import inspect
 import os
 from pathlib import Path
@@ -31,6 +32,22 @@ from brainrecon.io import atomic_directory, jsonable, read_json, write_json_atom
 CONFIG_FILE = "brainrecon.json"
 
 PREDICTS = ("target", "images")
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """A decoder parameter offered as its own ``brainrecon fit`` option.
+
+    ``kind`` is ``"int"``, ``"float"``, ``"str"``, ``"path"`` or ``"floats"`` (a comma-separated
+    list, e.g. an alpha grid); ``choices`` restricts a ``"str"``. ``brainrecon fit --help``
+    shows each decoder's options in a panel under its name; a plugin's appear too.
+    """
+
+    param: str
+    flag: str
+    kind: str = "str"
+    help: str = ""
+    choices: tuple[str, ...] = ()
 
 
 class Decoder(abc.ABC):
@@ -49,6 +66,9 @@ class Decoder(abc.ABC):
     summary: ClassVar[str] = ""
     #: Parameters listed by ``brainrecon decoders``.
     main_params: ClassVar[tuple[str, ...]] = ()
+    #: Parameters offered as their own ``brainrecon fit`` options (any parameter also works
+    #: as ``--param name=value``).
+    cli_options: ClassVar[tuple[CliOption, ...]] = ()
     #: Version of the saved layout; bump when :meth:`_load_weights` can no longer read old saves.
     format_version: ClassVar[int] = 1
     #: True for decoders fitted on several subjects at once (parameter ``subjects``); they

@@ -815,7 +815,7 @@ def _warn_grid_edge(alphas: np.ndarray, index: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- decoder
-from brainrecon.decoders.base import Decoder  # noqa: E402  (after the array level on purpose)
+from brainrecon.decoders.base import CliOption, Decoder  # noqa: E402  (after the array level on purpose)
 
 RESCALES = ("none", "train", "test")
 _WEIGHTS_FILE = "ridge_weights.npz"
@@ -881,6 +881,7 @@ class RidgeDecoder(Decoder):
         "exact leave-one-out (CPU or CUDA)."
     )
     main_params = ("target", "alphas", "granularity", "rescale", "device")
+    cli_options = (CliOption("alphas", "--alphas", "floats", "comma-separated alpha grid, e.g. 1e3,1e4,1e5"),)
 
     def __init__(
         self,

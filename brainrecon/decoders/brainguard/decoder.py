@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from brainrecon.decoders.base import Decoder
+from brainrecon.decoders.base import CliOption, Decoder
 from brainrecon.decoders.brainguard.federated import (
     EMA_MODES,
     Client,
@@ -146,6 +146,13 @@ class BrainGuardDecoder(Decoder):
     main_params: ClassVar[tuple[str, ...]] = (
         "target", "hidden", "rounds", "local_iterations", "sync_layers", "batch_size", "lr", "seed")
     recipes: ClassVar[tuple[Recipe, ...]] = RECIPES
+    cli_options: ClassVar[tuple[CliOption, ...]] = (
+        CliOption("rounds", "--rounds", "int", "federated rounds"),
+        CliOption("local_iterations", "--local-iterations", "int", "local epochs per round"),
+        CliOption("sync_layers", "--sync-layers", "int",
+                  "trailing layers (of blocks, head, projector) fused adaptively; raw tensor count: --param sync_tensors=N"),
+        CliOption("hidden", "--hidden", "int", "hidden width"),
+    )
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from brainrecon.decoders.base import Decoder
+from brainrecon.decoders.base import CliOption, Decoder
 from brainrecon.decoders.neuropictor import control, model, official, sample
 from brainrecon.decoders.neuropictor import train as train_module
 from brainrecon.decoders.neuropictor.encoder import (
@@ -244,6 +244,10 @@ class NeuroPictorDecoder(Decoder):
     main_params = ("stage", "base_model", "init_from", "image_size", "batch_size", "steps",
                    "control_scale", "guidance_scale")
     recipes = RECIPES
+    cli_options = (
+        CliOption("stage", "--stage", "str", "training stage", STAGES),
+        CliOption("init_from", "--init-from", "path", "saved decoder (run/decoder) of the previous stage"),
+    )
 
     def __init__(
         self,
