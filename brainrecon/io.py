@@ -151,7 +151,7 @@ def load_safetensors(path: str | os.PathLike, *, fix: str) -> dict:
         raise BrainreconError(f"{path} is missing; {fix}.")
     try:
         return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError
         raise BrainreconError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
 
 

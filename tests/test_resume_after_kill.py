@@ -83,11 +83,11 @@ def _env(root: Path) -> dict[str, str]:
 def start(procs, args, *, cwd: Path, env_root: Path, slow=(), settings=()) -> subprocess.Popen:
     cwd.mkdir(parents=True, exist_ok=True)
     plan = json.dumps({"slow": [list(s) for s in slow], "set": [list(s) for s in settings]})
-    log = open(cwd / f"log-{len(procs)}.txt", "w")
-    p = subprocess.Popen([sys.executable, "-c", DRIVER, plan, *map(str, args)], cwd=cwd, env=_env(env_root),
-                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    p.log_path = cwd / f"log-{len(procs)}.txt"
-    log.close()
+    log_path = cwd / f"log-{len(procs)}.txt"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-c", DRIVER, plan, *map(str, args)], cwd=cwd, env=_env(env_root),
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    p.log_path = log_path
     procs.append(p)
     return p
 
@@ -214,9 +214,9 @@ def test_brainguard_damaged_checkpoint_falls_back_or_names_the_file(tmp_path):
     # Nothing intact left: one BrainreconError naming the file; on the CLI one line, exit 1.
     for p in ck.glob("round-*/global.safetensors"):
         p.write_bytes(b"")
-    with pytest.raises(BrainreconError, match=r"no intact checkpoint.*global\.safetensors is (empty|damaged)"):
-        with pytest.warns(UserWarning):
-            _tiny_brainguard(checkpoint_dir=str(ck), checkpoint_keep=2, resume=True).fit(data.train)
+    with pytest.raises(BrainreconError, match=r"no intact checkpoint.*global\.safetensors is (empty|damaged)"), \
+            pytest.warns(UserWarning):
+        _tiny_brainguard(checkpoint_dir=str(ck), checkpoint_keep=2, resume=True).fit(data.train)
     result = CliRunner().invoke(app, ["fit", "--decoder", "brainguard", "--data", BG_DATA, "--subjects", "1", "2",
                                       "--rounds", "3", "--hidden", "16", "--batch-size", "30", "--device", "cpu",
                                       "--no-evaluate", "--out", str(tmp_path / "runs"), "--checkpoint-dir", str(ck),
