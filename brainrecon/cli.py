@@ -527,20 +527,14 @@ def compare_cmd(
 
 
 def _print_paired_stats(runs: List[Path], seed: int) -> None:
-    from brainrecon.eval.harness import HIGHER_IS_BETTER, PER_IMAGE_FILE, TWO_WAY_METRICS, read_per_image
+    from brainrecon.eval.harness import HIGHER_IS_BETTER, TWO_WAY_METRICS, run_scores_by_id
     from brainrecon.eval.stats import paired_comparison
     from brainrecon.runs import Run
 
     if len(runs) != 2:
         raise BrainreconError(f"--stats compares exactly two runs; got {len(runs)}.")
     opened = [Run.open(r) for r in runs]
-    scores = []
-    for run in opened:
-        path = run.path / PER_IMAGE_FILE
-        if not path.is_file():
-            raise BrainreconError(f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first.")
-        ids, cols = read_per_image(path)
-        scores.append({m: dict(zip(map(int, ids), v)) for m, v in cols.items()})
+    scores = [run_scores_by_id(run) for run in opened]
     a, b = opened
     table = Table(title=f"A = {a.name}   B = {b.name}   (paired over shared test images)")
     for col in ("metric", "A", "B", "A − B [95% CI]", "p", "wins A / B / ties"):

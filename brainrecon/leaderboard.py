@@ -171,16 +171,15 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
 
 def _read_per_image(path: Path, entry: LeaderboardEntry) -> dict[str, dict[int, float]]:
     """A run's per-image scores as metric -> {test id: score}; a damaged file becomes a note."""
-    from brainrecon.eval.harness import read_per_image
+    from brainrecon.eval.harness import scores_by_id
 
     if not path.is_file():
         return {}
     try:
-        ids, cols = read_per_image(path)
+        return scores_by_id(path)
     except DataError as exc:
         entry.note = str(exc)
         return {}
-    return {m: dict(zip(map(int, ids), map(float, v))) for m, v in cols.items()}
 
 
 def compare_to_best(members: list[LeaderboardEntry], *, seed: int = 0, n_permutations: int = 10000) -> None:

@@ -240,19 +240,14 @@ def _data_source(info: dict) -> dict:
 
 def _ranked(run, ids: list[int], metric: str, worst: bool) -> tuple[list[int], list[str]]:
     """``ids`` ordered by ``run``'s per-image score on ``metric`` (worst or best first), with labels."""
-    from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, PER_IMAGE_FILE, TWO_WAY_METRICS, read_per_image
+    from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, TWO_WAY_METRICS, run_scores_by_id
 
     if metric not in METRICS:
         raise BrainreconError(f"Unknown metric {metric!r} to sort by. Valid: {', '.join(map(repr, METRICS))}.")
-    path = run.path / PER_IMAGE_FILE
-    if not path.is_file():
-        raise BrainreconError(
-            f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first."
-        )
-    score_ids, cols = read_per_image(path)
-    if metric not in cols:
+    scores = run_scores_by_id(run)
+    if metric not in scores:
         raise BrainreconError(f"Run {run.name!r} was not scored on {metric}; evaluate it with that metric.")
-    score = dict(zip(map(int, score_ids), cols[metric]))
+    score = scores[metric]
     have = [i for i in ids if i in score and not np.isnan(score[i])]
     # Worst first: the lowest of a higher-is-better metric, the highest of a distance.
     descending = HIGHER_IS_BETTER[metric] != worst

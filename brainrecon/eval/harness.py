@@ -282,6 +282,22 @@ def write_per_image(path, per_image: Mapping[str, Any], ids=None) -> Path:
     return Path(path)
 
 
+def scores_by_id(path) -> dict[str, dict[int, float]]:
+    """:func:`read_per_image` as ``{metric: {test image id: score}}``, for matching runs by id."""
+    ids, cols = read_per_image(path)
+    return {m: dict(zip(map(int, ids), map(float, v))) for m, v in cols.items()}
+
+
+def run_scores_by_id(run) -> dict[str, dict[int, float]]:
+    """A run's per-image scores by id; a run never evaluated with them is a clear error."""
+    path = run.path / PER_IMAGE_FILE
+    if not path.is_file():
+        raise BrainreconError(
+            f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first."
+        )
+    return scores_by_id(path)
+
+
 def read_per_image(path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Read :func:`write_per_image`'s CSV: ``(ids, {metric: scores})``.
 

@@ -184,7 +184,6 @@ def paired_comparison(
     boot = _resampled_means(d, int(n_resamples), rng)
     alpha = (1 - confidence) / 2
     lo, hi = (float(x) for x in np.quantile(boot, [alpha, 1 - alpha]))
-    # Exact zeros never change under a sign flip; the test is about the rest.
     n_perm = int(n_permutations)
     extreme = 0
     tol = 1e-12 * max(1.0, abs(obs))
