@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -25,6 +25,18 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 METRIC_NAMES = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV")
+# Typed choices as Literal annotations (typer turns them into click choices: help lists the
+# values and a typo is refused with the valid list; works across typer versions).
+Metric = Literal["PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV"]
+SortKey = Literal["rank", "PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV"]
+Variant = Literal["mindeye", "braindiffuser"]
+SsimMode = Literal["2d", "columnwise"]
+BoardFormat = Literal["table", "markdown", "csv", "html"]
+UrlFormat = Literal["list", "sh"]
+NanPolicy = Literal["error", "zero"]
+Engine = Literal["local", "flower"]
+ZScore = Literal["none", "session"]
+PrepFormat = Literal["brainrecon", "brain-diffuser"]
 
 
 class _Group(TyperGroup):
@@ -101,13 +113,6 @@ app.add_typer(federate_app, name="federate")
 DataOpt = typer.Option(None, "--data", help="Prepared data directory or .h5 file (default: $BRAINRECON_DATA, else the built-in synthetic dataset).")
 
 
-def _choice(*values: str):
-    """A typed choice: help lists the values and a typo is refused with the valid list."""
-    import click
-
-    return click.Choice(list(values), case_sensitive=True)
-
-
 def _registry_choice(names):
     """A typed choice read from a registry at use time (plugins installed later are accepted)."""
     import click
@@ -160,6 +165,11 @@ class _FitCommand(TyperCommand):
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
+        for param in params:  # choices read from the registries when used (plugins included)
+            if param.name == "decoder":
+                param.type = _registry_choice(available_decoders)
+            elif param.name == "target":
+                param.type = _registry_choice(available_targets)
         return params[:-1] + self._decoder_params(ctx) + params[-1:]  # --help stays last
 
     def invoke(self, ctx):
@@ -176,7 +186,6 @@ class _FitCommand(TyperCommand):
 def _decoder_cli_params(taken: set[str]) -> list:
     """click options for every decoder's ``cli_options``: (option, {decoder: CliOption})."""
     import click
-    from typer.core import TyperOption
 
     from brainrecon.decoders import available, get_decoder_class
 
@@ -198,8 +207,8 @@ def _decoder_cli_params(taken: set[str]) -> list:
         first = next(iter(owners.values()))
         kind = click.Choice(list(first.choices)) if first.choices else types.get(first.kind, click.STRING)
         names = " / ".join(owners)
-        option = TyperOption(param_decls=[flag, dest], type=kind, default=None, help=f"{names}: {first.help}.",
-                             rich_help_panel=f"{names} options", show_choices=True)
+        option = click.Option([flag, dest], type=kind, default=None, help=f"{names}: {first.help}.", show_choices=True)
+        option.rich_help_panel = f"{names} options"  # read by typer's help formatter (any typer version)
         out.append((option, owners))
     return out
 
@@ -224,24 +233,24 @@ def _decoder_option_values(ctx, decoder: str) -> dict[str, Any]:
 @app.command(cls=_FitCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def fit(
     ctx: typer.Context,
-    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`).", click_type=_registry_choice(available_decoders)),
+    decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`)."),
     data: Optional[str] = DataOpt,
     subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s): --subjects 1 2 5 7."),
-    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter.", click_type=_registry_choice(available_targets)),
+    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter."),
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that receives the run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <decoder>-subjXX-<target>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing runs of the same name."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the reconstructions."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (decoders that use one)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto."),
-    nan_policy: Optional[str] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels.", click_type=_choice("error", "zero")),
+    nan_policy: Optional[NanPolicy] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted training from its last checkpoint."),
     checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Where training checkpoints go."),
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
-    engine: str = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated]).", click_type=_choice("local", "flower")),
+    engine: Engine = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated])."),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
     from brainrecon import workflows
@@ -396,7 +405,7 @@ WeightsDirOpt = typer.Option(None, "--weights-dir", help="Folder with metric wei
 @app.command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory (with reconstructions.npy)."),
-    variant: str = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser.", click_type=_choice("mindeye", "braindiffuser")),
+    variant: Variant = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser."),
     weights_dir: Optional[Path] = WeightsDirOpt,
     strict: bool = typer.Option(False, "--strict", help="Fail if any metric's weights are missing instead of reporting it unavailable."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -404,13 +413,13 @@ def evaluate_cmd(
     batch_size: int = typer.Option(32, "--batch-size", help="Images per network forward pass."),
     data: Optional[str] = typer.Option(None, "--data", help="Where the run's dataset is now, if it moved since the fit."),
     download: bool = typer.Option(False, "--download", help="Download missing metric weights (off by default; same as BRAINRECON_ALLOW_DOWNLOADS=1)."),
-    ssim_mode: Optional[str] = typer.Option(None, "--ssim-mode", help="2d | columnwise (default: 2d for mindeye, columnwise for braindiffuser).", click_type=_choice("2d", "columnwise")),
+    ssim_mode: Optional[SsimMode] = typer.Option(None, "--ssim-mode", help="2d | columnwise (default: 2d for mindeye, columnwise for braindiffuser)."),
     blend: Optional[Path] = typer.Option(None, "--blend", help="MindEye2's enhanced evaluation: blend 25% of these images (a run directory or a .npy in the run's test order) into the reconstructions."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Ground-truth feature cache (default $BRAINRECON_CACHE/eval or ~/.cache/brainrecon/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the ground-truth feature cache."),
     bootstrap: int = typer.Option(2000, "--bootstrap", min=100, help="Bootstrap resamples for the 95% intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP.", click_type=_choice(*METRIC_NAMES)),
+    sort_by: Optional[Metric] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP."),
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default 8)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
 ) -> None:
@@ -480,8 +489,8 @@ def push_cmd(
 @app.command("leaderboard")
 def leaderboard_cmd(
     runs: Path = typer.Option(Path("runs"), "--runs", help="Folder holding run directories."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | markdown | csv | html.", click_type=_choice("table", "markdown", "csv", "html")),
-    sort: Optional[str] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics).", click_type=_choice("rank", *METRIC_NAMES)),
+    fmt: BoardFormat = typer.Option("table", "--format", "-f", help="table | markdown | csv | html."),
+    sort: Optional[SortKey] = typer.Option(None, "--sort", help="Metric to rank by (default: mean rank over metrics)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
     published: bool = typer.Option(True, "--published/--no-published", help="Show published reference rows beside NSD runs."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the paired comparison of each run with its group's best (cells not significantly different are marked ≈)."),
@@ -506,7 +515,7 @@ def compare_cmd(
     rows: int = typer.Option(8, "--rows", help="Number of test images (rows)."),
     cell: int = typer.Option(128, "--cell", help="Cell size in pixels."),
     stats: bool = typer.Option(False, "--stats", help="Print, per metric, both means, the paired difference with its 95% interval and p-value, and how many images each run wins (two runs)."),
-    sort_by: Optional[str] = typer.Option(None, "--sort-by", help="Show the images the first run does worst (or --best) on by this metric.", click_type=_choice(*METRIC_NAMES)),
+    sort_by: Optional[Metric] = typer.Option(None, "--sort-by", help="Show the images the first run does worst (or --best) on by this metric."),
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default --rows)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation test."),
@@ -567,7 +576,7 @@ def weights_cmd(
     with_: Optional[str] = typer.Option(None, "--with", help="Also the generation weights: ipadapter,sd15,sd21."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL of a mirror with the same file names (or $BRAINRECON_MIRROR)."),
     print_urls: bool = typer.Option(False, "--print-urls", help="Print the downloads instead of fetching them."),
-    fmt: str = typer.Option("list", "--format", help="For --print-urls: list | sh.", click_type=_choice("list", "sh")),
+    fmt: UrlFormat = typer.Option("list", "--format", help="For --print-urls: list | sh."),
     from_dir: Optional[Path] = typer.Option(None, "--from", help="Import files fetched elsewhere from this folder (verified)."),
 ) -> None:
     """List the metric networks' weight files: present or missing, where, and where to get them."""
@@ -672,9 +681,9 @@ def prepare_nsd_command(
     out: Path = typer.Option(..., "--out", help="Output directory."),
     sessions: Optional[str] = typer.Option(None, "--sessions", help="First K sessions, or 'all' (default: all; the first 37 with --test-set 982)."),
     test_set: Optional[int] = typer.Option(None, "--test-set", help="982 (shared images of sessions 1-37) or 1000 (all shared images shown; default)."),
-    zscore: str = typer.Option("none", "--zscore", help="none (raw NSD units, x300) | session (per-session, per-voxel z-score before averaging).", click_type=_choice("none", "session")),
+    zscore: ZScore = typer.Option("none", "--zscore", help="none (raw NSD units, x300) | session (per-session, per-voxel z-score before averaging)."),
     captions: Optional[Path] = typer.Option(None, "--captions", help="COCO_73k_annots_curated.npy (73000 x 5 captions)."),
-    format: str = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names).", click_type=_choice("brainrecon", "brain-diffuser")),
+    format: PrepFormat = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names)."),
     beta_version: str = typer.Option("betas_fithrf_GLMdenoise_RR", "--beta-version", help="GLM folder of the betas."),
     ncsnr_threshold: Optional[float] = typer.Option(None, "--ncsnr-threshold", help="Keep nsdgeneral voxels with noise-ceiling SNR above this (the beta version's ncsnr.nii.gz), as MindEye2's preparation; recorded in the fingerprint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace this subject's prepared files."),
