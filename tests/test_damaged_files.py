@@ -126,3 +126,32 @@ def test_leaderboard_cli_warns_in_one_line_and_ranks_the_rest(run_copy):
     assert result.exit_code == 0, result.output
     assert f"warning: skipping broken run {run_copy.name}" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated values", "garbage cache.json", "missing filled", "wrong shape"])
+def test_damaged_target_cache_is_recomputed_with_a_warning(tmp_path, damage):
+    from brainrecon.targets.cache import DamagedCacheWarning, IdKeyedCache
+
+    ids = np.arange(10, 30)
+    compute = lambda batch: np.stack([np.full((3, 4), float(i)) for i in batch]).astype(np.float32)  # noqa: E731
+    IdKeyedCache(tmp_path / "c", (3, 4)).get_or_compute(ids, compute, progress=False)
+    d = tmp_path / "c"
+    if damage == "truncated values":
+        (d / "values.npy").write_bytes((d / "values.npy").read_bytes()[:100])
+    elif damage == "garbage cache.json":
+        (d / "cache.json").write_text("{not json")
+    elif damage == "missing filled":
+        (d / "filled.npy").unlink()
+    else:
+        np.save(d / "values.npy", np.zeros((20, 5), dtype=np.float32))
+    calls = []
+
+    def counting(batch):
+        calls.append(len(batch))
+        return compute(batch)
+
+    with pytest.warns(DamagedCacheWarning, match="is damaged .* recomputed"):
+        got = IdKeyedCache(tmp_path / "c", (3, 4)).get_or_compute(ids, counting, progress=False)
+    np.testing.assert_array_equal(got, compute(ids))
+    assert sum(calls) == len(ids)  # everything recomputed, nothing trusted
+    np.testing.assert_array_equal(IdKeyedCache(tmp_path / "c", (3, 4)).get(ids), compute(ids))

@@ -17,17 +17,22 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from brainrecon.errors import DataError
+from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import read_json, replace_directory, write_json_atomic
 from brainrecon.progress import bar_disabled
 
 CACHE_ENV = "BRAINRECON_CACHE"
+
+
+class DamagedCacheWarning(UserWarning):
+    """A cache was found damaged (truncated or inconsistent files) and is being recomputed."""
 
 
 def default_cache_root() -> Path:
@@ -59,7 +64,12 @@ class IdKeyedCache:
         self.description = description or {}
         meta_path = self.directory / "cache.json"
         if meta_path.is_file():
-            meta = read_json(meta_path)
+            try:
+                meta = read_json(meta_path, required=("shape", "dtype"))
+                tuple(meta["shape"])
+            except (BrainreconError, TypeError) as exc:
+                self._discard(f"{meta_path}: {exc}")
+                return
             if (tuple(meta["shape"]) != self.shape or meta["dtype"] != self.dtype.name
                     or meta.get("description", {}) != self.description):
                 raise DataError(
@@ -68,12 +78,29 @@ class IdKeyedCache:
                 )
 
     # -------------------------------------------------------------- files
+    def _discard(self, reason: str) -> None:
+        """A damaged cache holds derived values only: say so, remove it, and recompute."""
+        warnings.warn(f"The cache at {self.directory} is damaged ({reason}); it is recomputed.",
+                      DamagedCacheWarning, stacklevel=3)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def _open(self, mode: str = "r"):
         if not (self.directory / "ids.npy").is_file():
             return None, None, None
-        ids = np.load(self.directory / "ids.npy")
-        values = np.load(self.directory / "values.npy", mmap_mode=mode)
-        filled = np.load(self.directory / "filled.npy", mmap_mode=mode)
+        try:
+            ids = np.load(self.directory / "ids.npy", allow_pickle=False)
+            values = np.load(self.directory / "values.npy", mmap_mode=mode, allow_pickle=False)
+            filled = np.load(self.directory / "filled.npy", mmap_mode=mode, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # truncated or missing files
+            self._discard(f"{type(exc).__name__}: {exc}")
+            return None, None, None
+        if (ids.ndim != 1 or values.shape != (len(ids),) + self.shape or filled.shape != (len(ids),)
+                or values.dtype != self.dtype or filled.dtype != bool):
+            reason = (f"ids {ids.shape}, values {values.shape} {values.dtype}, filled {filled.shape} do not fit "
+                      f"rows of {self.shape} {self.dtype}")
+            del values, filled  # release the memory maps before removing the files
+            self._discard(reason)
+            return None, None, None
         return ids, values, filled
 
     def _create(self, ids: np.ndarray) -> None:
