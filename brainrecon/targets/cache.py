@@ -62,6 +62,7 @@ class IdKeyedCache:
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
         self.description = description or {}
+        self._damaged = False  # set when the files are found damaged: rebuilt on the next fill
         meta_path = self.directory / "cache.json"
         if meta_path.is_file():
             try:
@@ -69,6 +70,7 @@ class IdKeyedCache:
                 tuple(meta["shape"])
             except (BrainreconError, TypeError) as exc:
                 self._discard(f"{meta_path}: {exc}")
+                self._damaged = True
                 return
             if (tuple(meta["shape"]) != self.shape or meta["dtype"] != self.dtype.name
                     or meta.get("description", {}) != self.description):
@@ -79,13 +81,13 @@ class IdKeyedCache:
 
     # -------------------------------------------------------------- files
     def _discard(self, reason: str) -> None:
-        """A damaged cache holds derived values only: say so, remove it, and recompute."""
+        """A damaged cache holds derived values only: say so and treat it as absent; the next
+        fill rebuilds it and swaps it in atomically (nothing is deleted under another process)."""
         warnings.warn(f"The cache at {self.directory} is damaged ({reason}); it is recomputed.",
                       DamagedCacheWarning, stacklevel=3)
-        shutil.rmtree(self.directory, ignore_errors=True)
 
     def _open(self, mode: str = "r"):
-        if not (self.directory / "ids.npy").is_file():
+        if self._damaged or not (self.directory / "ids.npy").is_file():
             return None, None, None
         try:
             ids = np.load(self.directory / "ids.npy", allow_pickle=False)
@@ -93,13 +95,15 @@ class IdKeyedCache:
             filled = np.load(self.directory / "filled.npy", mmap_mode=mode, allow_pickle=False)
         except (OSError, ValueError, EOFError) as exc:  # truncated or missing files
             self._discard(f"{type(exc).__name__}: {exc}")
+            self._damaged = True
             return None, None, None
         if (ids.ndim != 1 or values.shape != (len(ids),) + self.shape or filled.shape != (len(ids),)
                 or values.dtype != self.dtype or filled.dtype != bool):
             reason = (f"ids {ids.shape}, values {values.shape} {values.dtype}, filled {filled.shape} do not fit "
                       f"rows of {self.shape} {self.dtype}")
-            del values, filled  # release the memory maps before removing the files
+            del values, filled
             self._discard(reason)
+            self._damaged = True
             return None, None, None
         return ids, values, filled
 
@@ -129,6 +133,7 @@ class IdKeyedCache:
             write_json_atomic(tmp / "cache.json", {"shape": list(self.shape), "dtype": self.dtype.name,
                                                    "description": self.description})
             replace_directory(tmp, self.directory)
+            self._damaged = False
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
