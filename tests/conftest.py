@@ -94,3 +94,24 @@ def tiny_weights(tmp_path_factory):
     from test_ipadapter import build_tiny_weights
 
     return build_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: on 2 shared cores a second intra-op thread only adds
+    contention for tiny networks, and subprocess workers that run one thread reduce alike."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd_dir(tmp_path_factory):
+    """Tiny SD 2.1-like components saved in the diffusers layout (NeuroPictor's frozen base)."""
+    from brainrecon.decoders.neuropictor import model
+
+    path = tmp_path_factory.mktemp("tiny-sd")
+    model.save_base_components(model.tiny_base_components(seed=0), path)
+    return str(path)
+

@@ -34,14 +34,7 @@ TINY = dict(hidden=32, n_blocks=2, rounds=2, batch_size=30, lr=1e-3, device="cpu
             progress=False, target_options={"size": 8}, dfl_num_pre_loss=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These networks are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # contention (measured 4 ms vs 80-250 ms per training step).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_data():

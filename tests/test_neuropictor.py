@@ -33,21 +33,7 @@ TINY = dict(TINY_SIZES, batch_size=2, num_inference_steps=2, progress=False, dev
             gradient_checkpointing=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one thread avoids OpenMP spinning on tiny tensors.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    """Tiny SD 2.1-like components saved in the diffusers layout."""
-    path = tmp_path_factory.mktemp("tiny-sd")
-    model.save_base_components(model.tiny_base_components(seed=0), path)
-    return str(path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,23 +20,15 @@ from brainrecon.decoders.neuropictor import NeuroPictorDecoder, load_official_en
 from brainrecon.decoders.neuropictor.official import OfficialFileError
 from brainrecon.errors import BrainreconError
 
+from test_neuropictor import TINY_SIZES
+
 timm = pytest.importorskip("timm")
 
-TINY_SIZES = {
-    "surface_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_depth": 2, "encoder_heads": 4,
-    "bottleneck_dim": 16, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2, "semantic_hidden": 8,
-    "image_size": 32,
-}
 TINY = {**TINY_SIZES, "batch_size": 2, "num_inference_steps": 2, "progress": False, "device": "cpu",
         "gradient_checkpointing": False, "base_model": "tiny"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_vit(seed: int = 0):
@@ -321,15 +313,6 @@ def official_epoch_state(net, base, *, with_frozen: bool = True) -> dict:
     state["betas"] = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     state["alphas_cumprod"] = torch.cumprod(1 - state["betas"], 0)
     return state
-
-
-@pytest.fixture(scope="module")
-def sd_dir(tmp_path_factory):
-    from brainrecon.decoders.neuropictor import model
-
-    path = tmp_path_factory.mktemp("tiny-sd")
-    model.save_base_components(model.tiny_base_components(seed=0), path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

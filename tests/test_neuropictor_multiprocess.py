@@ -59,13 +59,8 @@ TINY = {"surface_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_depth":
         "gradient_checkpointing": False, "seed": 1}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The workers run one thread each; the same here keeps the float reductions alike.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The workers run one thread each; the same here keeps the float reductions alike.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _free_port() -> int:

@@ -22,12 +22,7 @@ TINY = {**TINY_SIZES, "batch_size": 2, "num_inference_steps": 2, "progress": Fal
         "gradient_checkpointing": False, "base_model": "tiny"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
