@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -207,6 +209,15 @@ def _living_in_group(pgid: int) -> list[str]:
     return out
 
 
+def _log_tails(root: Path, lines: int = 25) -> str:
+    """The last lines of every log under ``root``, for a failure message."""
+    parts = []
+    for log in sorted(root.rglob("*.log")):
+        text = log.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"==== {log.relative_to(root)}\n" + "\n".join(text))
+    return "\n".join(parts)
+
+
 def _assert_all_gone(started):
     assert started
     for process in started:
@@ -331,6 +342,36 @@ def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
     assert result.exit_code == 1 and "--engine flower is for the brainguard decoder" in result.output
 
 
+def test_leftover_flower_processes_are_found_by_flwr_home_and_stopped(tmp_path):
+    """Detached processes (own session, one ignoring SIGTERM) that carry a FLWR_HOME are found
+    and stopped; a process with another FLWR_HOME is left alone. A second server in the same
+    directory is refused while the first holds its lock."""
+    home, other = tmp_path / "server" / "flwr-home", tmp_path / "elsewhere"
+    code = ("import signal, sys, time\n"
+            "if sys.argv[1] == 'stubborn':\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "print('ready', flush=True)\ntime.sleep(120)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, kind], start_new_session=True, stdout=subprocess.PIPE,
+                              env=flower_app.flower_env(flwr_home=h), text=True)
+             for kind, h in (("polite", home), ("stubborn", home), ("polite", other))]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3
+        assert flower_app.flower_processes(home) == sorted(p.pid for p in procs[:2])
+        assert flower_app.stop_flower_processes(home, grace=1.0) == sorted(p.pid for p in procs[:2])
+        assert [p.wait(timeout=10) for p in procs[:2]] == [-signal.SIGTERM, -signal.SIGKILL]
+        assert flower_app.flower_processes(home) == [] and procs[2].poll() is None
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+    lock = flower_app._DirectoryLock(tmp_path, "brainrecon federate server")
+    try:
+        with pytest.raises(BrainreconError, match=rf"Another brainrecon federate server is running in .* \(pid {os.getpid()}\)"):
+            flower_app.serve(params={}, rounds=1, min_sites=1, server_dir=tmp_path, port=flower_app.free_port())
+    finally:
+        lock.release()
+
+
 def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkeypatch, one_thread, allow_loopback):
     """The server is killed (SIGKILL, with its SuperLink) after round 1 of 3 and restarted with
     --resume; the sites keep running, reconnect, and the result equals the local engine's."""
@@ -342,8 +383,10 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
     port = flower_app.free_port()
     cli = [flower_app.sys.executable, "-m", "brainrecon.cli", "federate"]
     server_args = cli + ["server", "--rounds", "3", "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
-                         "--server-dir", str(tmp_path / "server"), "--params", json.dumps(params)]
+                         "--server-dir", str(tmp_path / "server"), "--params", json.dumps(params),
+                         "--round-timeout", "240"]
     env = flower_app.flower_env()
+    homes = [tmp_path / "server" / "flwr-home", tmp_path / "site-1" / "flwr-home", tmp_path / "site-2" / "flwr-home"]
     started = []
     try:
         started.append(flower_app.start_process(server_args, env=env, log=tmp_path / "server-1.log"))
@@ -357,15 +400,31 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
         while not (status.is_file() and json.loads(status.read_text())["rounds_completed"] >= 1):
             assert time.monotonic() < deadline and started[0].poll() is None, "round 1 never finished"
             time.sleep(0.2)
-        os.killpg(started[0].pid, signal.SIGKILL)  # the server machine crashes
+        # The server machine hangs, then dies: Flower's detached processes (the SuperLink's
+        # SuperExec, the ServerApp) are frozen so they cannot notice their parent's death, as
+        # happens where orphans are not reaped; the restarted server must stop them.
+        detached = flower_app.flower_processes(homes[0])
+        assert detached, "the server's Flower processes were not found by FLWR_HOME"
+        for pid in detached:
+            os.kill(pid, signal.SIGSTOP)
+        os.killpg(started[0].pid, signal.SIGKILL)
         started[0].wait(timeout=30)
         assert json.loads(status.read_text())["finished"] is False
+        leftovers = flower_app.flower_processes(homes[0])
         resumed = flower_app.start_process(server_args + ["--resume"], env=env, log=tmp_path / "server-2.log")
         started.append(resumed)
-        assert resumed.wait(timeout=400) == 0, (tmp_path / "server-2.log").read_text()[-2000:]
+        try:
+            code = resumed.wait(timeout=400)
+        except subprocess.TimeoutExpired:
+            code = "no exit after 400 s"
+        assert code == 0, _log_tails(tmp_path)
     finally:
         flower_app.stop_all(started)
     _assert_all_gone(started)
+    assert not any(flower_app.flower_processes(h) for h in homes)
+    if leftovers:  # not the case where the frozen processes were SIGKILLed with the group
+        assert f"Flower process(es) an earlier server left running: pids {leftovers}" in \
+            (tmp_path / "server-2.log").read_text()
     assert json.loads(status.read_text())["finished"] is True
     for run in reference:
         s = run.subject

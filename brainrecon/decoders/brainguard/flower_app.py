@@ -25,7 +25,9 @@ Sites that drop out: the server samples every connected site each round and need
 ``min_sites`` of them (default: all); a round with fewer replies fails the federation
 rather than averaging a different population than the local engine would. A site that
 crashes can be restarted with the same ``--state-dir``: it resumes from its last completed
-round; a server restarted with ``--resume`` continues from its saved global model.
+round; a server restarted with ``--resume`` continues from its saved global model. A
+directory holds one server or site at a time (a lock), and a restarted one first stops the
+Flower processes its crashed predecessor left running (found by their ``FLWR_HOME``).
 """
 
 from __future__ import annotations
@@ -399,8 +401,84 @@ def _wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pop
     raise BrainreconError(f"Nothing listens on {host}:{port} after {timeout:.0f} s.")
 
 
+def flower_processes(flwr_home: str | os.PathLike) -> list[int]:
+    """Live processes (not zombies, not this one) started with ``FLWR_HOME=flwr_home``.
+
+    Every process of one ``federate server`` or ``federate site`` inherits that variable,
+    including the ones Flower detaches into sessions of their own (the SuperLink's SuperExec
+    and the ServerApps it launches), which a stop of our process group cannot reach and which
+    outlive a crash of their parent wherever orphans are not reaped (their parent check then
+    sees a zombie as alive). Linux only (``/proc``); elsewhere an empty list.
+    """
+    wanted = f"FLWR_HOME={Path(flwr_home).resolve()}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if wanted in environ.split(b"\0") and stat[stat.rindex(")") + 2:].split()[0] != "Z":
+            found.append(pid)
+    return sorted(found)
+
+
+def stop_flower_processes(flwr_home: str | os.PathLike, *, grace: float = 5.0) -> list[int]:
+    """Stop every process :func:`flower_processes` finds: SIGTERM, then SIGKILL after ``grace`` s.
+
+    Returns the pids that were found.
+    """
+    pids = flower_processes(flwr_home)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while flower_processes(flwr_home) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not flower_processes(flwr_home):
+            break
+    return pids
+
+
+class _DirectoryLock:
+    """An exclusive ``flock`` on ``directory/.lock``: one server (or site) per directory.
+
+    The kernel drops the lock when its holder dies, so a crashed server never blocks its restart.
+    """
+
+    def __init__(self, directory: Path, what: str):
+        import fcntl
+
+        self.path = directory / ".lock"
+        self.file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise BrainreconError(
+                f"Another {what} is running in {directory} (pid {holder}); stop it first, or use "
+                f"another directory."
+            ) from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        self.file.close()
+
+
 def start_process(args: Sequence[str], *, env: Mapping[str, str], log: Path,
-                  new_group: bool = True) -> subprocess.Popen:
+                  new_group: bool = True, cwd: str | os.PathLike | None = None,
+                  append: bool = True) -> subprocess.Popen:
     """Start ``args`` with its output in ``log``.
 
     ``new_group=True`` (the processes :func:`fit_on_flower` starts) puts it in a process group
@@ -410,9 +488,9 @@ def start_process(args: Sequence[str], *, env: Mapping[str, str], log: Path,
     the caller's group reaches it too.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    with open(log, "ab" if append else "wb") as out:
         process = subprocess.Popen(list(args), env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=new_group)
+                                   stdin=subprocess.DEVNULL, start_new_session=new_group, cwd=cwd)
     process.own_group = new_group
     return process
 
@@ -431,8 +509,9 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
     if getattr(process, "own_group", False):
-        # Whatever is left in the group we created (Flower's SuperExec, ServerApp or
-        # ClientApp processes): the group id is the leader's pid.
+        # Whatever is left in the group we created (ClientApp processes, ...): the group id is
+        # the leader's pid. The SuperLink's SuperExec has a session of its own; `serve` stops
+        # it by its FLWR_HOME (stop_flower_processes).
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -544,29 +623,43 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         f"server-dir = {_toml_string(server_dir)}\nresume = {'true' if resume else 'false'}\n"
         f"round-timeout = {float(round_timeout)}\n", encoding="utf-8")
     status = server_dir / SERVER_STATUS
-    if status.exists() and not resume:
-        status.unlink()
+    lock = _DirectoryLock(server_dir, "brainrecon federate server")
     previous = _raise_on_sigterm()
-    superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
+    superlink = None
     try:
+        leftovers = stop_flower_processes(flwr_home)
+        if leftovers:
+            # A server of this directory that crashed left its detached SuperExec or ServerApp
+            # running; they would reconnect to the new SuperLink and write into this directory.
+            log(f"stopped {len(leftovers)} Flower process(es) an earlier server left running: pids {leftovers}")
+        if status.exists() and not resume:
+            status.unlink()
+        superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
         _wait_for_port(connect, port, 60, superlink)
         if ready is not None:
             ready()
         log(f"SuperLink listening on {host}:{port}; waiting for {min_sites} site(s)")
-        run = subprocess.run([_flower_bin("flwr"), "run", str(app), "brainrecon", "--stream",
-                              "--run-config", str(run_config)], env=env, cwd=server_dir,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-        (server_dir / "run.log").write_text(run.stdout, encoding="utf-8")
+        run_log = server_dir / "run.log"
+        run = start_process([_flower_bin("flwr"), "run", str(app), "brainrecon", "--stream",
+                             "--run-config", str(run_config)], env=env, log=run_log, new_group=False,
+                            cwd=server_dir, append=False)
+        try:
+            returncode = run.wait()
+        finally:
+            stop_all([run])
         done = read_json(status) if status.is_file() else {}
-        if run.returncode != 0 or not done.get("finished"):
-            tail = "\n".join(run.stdout.splitlines()[-15:])
+        if returncode != 0 or not done.get("finished"):
+            tail = "\n".join(run_log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             raise BrainreconError(
-                f"The federated run did not finish (flwr run exit code {run.returncode}; "
+                f"The federated run did not finish (flwr run exit code {returncode}; "
                 f"{done.get('rounds_completed', 0)} of {rounds} rounds). Last lines:\n{tail}"
             )
     finally:
-        stop_all([superlink])
+        if superlink is not None:
+            stop_all([superlink])
+        stop_flower_processes(flwr_home)
         _restore_sigterm(previous)
+        lock.release()
     return server_dir
 
 
@@ -599,6 +692,7 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
+    lock = _DirectoryLock(state_dir, f"brainrecon federate site (subject {int(subject)})")
     settings = {"subject": int(subject), "data": str(data), "state_dir": str(state_dir),
                 "out": str(Path(out).resolve()), "run_name": run_name, "overwrite": bool(overwrite),
                 "evaluate": bool(evaluate), "recipe": recipe, "device": device, "threads": threads}
@@ -615,13 +709,18 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
     if auth_private_key:
         args += ["--auth-supernode-private-key", str(auth_private_key)]
     previous = _raise_on_sigterm()
-    process = subprocess.Popen(args, env=flower_env(flwr_home=flwr_home))
-    process.own_group = False
+    process = None
     try:
+        stop_flower_processes(flwr_home)  # what a crashed SuperNode of this site left running
+        process = subprocess.Popen(args, env=flower_env(flwr_home=flwr_home))
+        process.own_group = False
         return process.wait()
     finally:
-        stop_all([process])
+        if process is not None:
+            stop_all([process])
+        stop_flower_processes(flwr_home)
         _restore_sigterm(previous)
+        lock.release()
 
 
 # --------------------------------------------------------------------------- one machine
@@ -681,6 +780,9 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
             raise BrainreconError(f"The federation failed (server exit code {server.returncode}):\n{tail}")
     finally:
         stop_all(processes)
+        # Anything a server or site killed after its grace period could not stop itself.
+        for home in [root / "server", *(root / f"site-{s}" for s in subjects)]:
+            stop_flower_processes(home / "flwr-home")
         _restore_sigterm(previous)
     paths = [Path(out) / names[s] for s in subjects]
     missing = [str(p) for p in paths if not p.is_dir()]
@@ -702,9 +804,11 @@ __all__ = [
     "client_app",
     "fit_on_flower",
     "flower_env",
+    "flower_processes",
     "make_strategy",
     "run_site",
     "serve",
     "server_app",
     "site_train",
+    "stop_flower_processes",
 ]
