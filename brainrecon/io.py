@@ -3,6 +3,10 @@
 Every file a user keeps (saved decoders, run records, prepared data, caches) goes through
 these helpers: the content is written to a temporary sibling, flushed, and renamed over the
 final path with :func:`os.replace`, which is atomic on POSIX and Windows.
+
+The readers here are the other half: a missing, truncated or wrongly typed file, or arrays
+that differ from what the configuration says, is one :class:`BrainreconError` naming the
+file, what is wrong (expected vs found) and what to do.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -66,10 +70,24 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return Path(path)
 
 
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number",
+               bool: "true or false", type(None): "null"}
+
+
+def _json_kind(value: Any) -> str:
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
 def read_json(path: str | os.PathLike, *, required: Iterable[str] = (),
-              fix: str = "re-create it with the command that wrote it") -> Any:
+              fix: str = "re-create it with the command that wrote it",
+              types: Mapping[str, type | tuple[type, ...]] | None = None) -> Any:
     """Read a JSON file; a damaged one is a :class:`BrainreconError` naming the file, what is
-    wrong (missing, a directory, empty, not JSON, missing field X) and ``fix``."""
+    wrong (missing, a directory, empty, not JSON, not an object, missing field X, field X of
+    the wrong kind) and ``fix``.
+
+    ``types`` maps field names to the Python type(s) their values must have when present
+    (``int`` excludes ``bool``); with ``required`` or ``types`` the file must hold an object.
+    """
     path = Path(path)
     if path.is_dir():
         raise BrainreconError(f"{path} is a directory where a JSON file should be; {fix}.")
@@ -86,12 +104,55 @@ def read_json(path: str | os.PathLike, *, required: Iterable[str] = (),
         data = json.loads(text)
     except ValueError as exc:
         raise BrainreconError(f"{path} is not valid JSON ({exc}; truncated?); {fix}.") from None
-    missing = [k for k in required if not isinstance(data, dict) or k not in data]
+    required = list(required)
+    if (required or types) and not isinstance(data, dict):
+        raise BrainreconError(f"{path} holds {_json_kind(data)}, expected a JSON object; {fix}.")
+    missing = [k for k in required if k not in data]
     if missing:
         raise BrainreconError(
             f"{path} is missing field(s) {', '.join(map(repr, missing))}; {fix}."
         )
+    for key, kinds in (types or {}).items():
+        if key not in data:
+            continue
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        value = data[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            want = " or ".join(_JSON_KINDS.get(k, k.__name__) for k in kinds)
+            raise BrainreconError(f"{path}: field {key!r} is {_json_kind(value)}, expected {want}; {fix}.")
     return data
+
+
+def check_arrays(path: str | os.PathLike, arrays: Mapping[str, Any],
+                 expected: Mapping[str, tuple[tuple[int | None, ...], str | tuple[str, ...]]], *,
+                 fix: str, optional: Iterable[str] = ()) -> None:
+    """Check the arrays (numpy) or tensors (torch) read from ``path`` against what the
+    configuration says they must be: ``expected`` maps each name to ``(shape, dtype)``, where
+    ``None`` in a shape matches any length and ``dtype`` is a name (``"float32"``) or a tuple
+    of accepted names. Missing names (other than ``optional`` ones), unexpected names, and
+    every shape or dtype that differs are one :class:`BrainreconError`, expected vs found.
+    """
+    optional = set(optional)
+    problems = []
+    missing = [k for k in expected if k not in arrays and k not in optional]
+    if missing:
+        problems.append(f"missing {', '.join(map(repr, missing))}")
+    extra = sorted(set(arrays) - set(expected))
+    if extra:
+        problems.append(f"unexpected {', '.join(map(repr, extra))}")
+    for key, (shape, dtypes) in expected.items():
+        if key not in arrays:
+            continue
+        dtypes = (dtypes,) if isinstance(dtypes, str) else tuple(dtypes)
+        got_shape = tuple(int(d) for d in arrays[key].shape)
+        got_dtype = str(arrays[key].dtype).removeprefix("torch.")
+        shape_ok = len(got_shape) == len(shape) and all(e is None or e == g for e, g in zip(shape, got_shape))
+        if not shape_ok or got_dtype not in dtypes:
+            want = "(" + ", ".join("any" if d is None else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+            problems.append(f"{key!r} is {got_dtype} {got_shape}, expected {'/'.join(dtypes)} {want}")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise BrainreconError(f"{path} does not hold what its configuration says: {shown}; {fix}.")
 
 
 def load_array(path: str | os.PathLike, *, fix: str, mmap: bool = False,

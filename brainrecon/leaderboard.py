@@ -158,7 +158,7 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
                 entry.intervals = dict(report.intervals)
                 if report.n_images != entry.n_test:
                     entry.n_test = report.n_images
-                entry.per_image = _read_per_image(run.path / PER_IMAGE_FILE, entry)
+                entry.per_image = _read_per_image(run.path / PER_IMAGE_FILE, entry, run.test_ids(), list(report))
                 k = report.settings.get("network_images")
                 if isinstance(k, int) and k < report.n_images and not entry.note:
                     entry.note = (f"network metrics scored on the first {k} of {report.n_images} test images; "
@@ -169,14 +169,15 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
     return entries
 
 
-def _read_per_image(path: Path, entry: LeaderboardEntry) -> dict[str, dict[int, float]]:
-    """A run's per-image scores as metric -> {test id: score}; a damaged file becomes a note."""
+def _read_per_image(path: Path, entry: LeaderboardEntry, ids, metrics) -> dict[str, dict[int, float]]:
+    """A run's per-image scores as metric -> {test id: score}, checked against the run's test
+    ids and metric names; a damaged file becomes a note."""
     from brainrecon.eval.harness import scores_by_id
 
-    if not path.is_file():
+    if not path.exists():
         return {}
     try:
-        return scores_by_id(path)
+        return scores_by_id(path, expected_ids=ids, metrics=metrics)
     except DataError as exc:
         entry.note = str(exc)
         return {}

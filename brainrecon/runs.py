@@ -71,7 +71,8 @@ class Run:
                 f"{path} is not a brainrecon run ({RUN_FILE} is missing). "
                 f"Runs are written by `brainrecon fit`."
             )
-        info = read_json(path / RUN_FILE, required=RUN_FIELDS, fix=_REFIT)
+        info = read_json(path / RUN_FILE, required=RUN_FIELDS, fix=_REFIT,
+                         types={"decoder": str, "name": str, "data": dict, "fingerprint": str})
         try:
             int(info["subject"])
         except (TypeError, ValueError):
@@ -91,11 +92,11 @@ class Run:
     def subject(self) -> int:
         return int(self.info["subject"])
 
-    def _optional_array(self, filename: str) -> np.ndarray | None:
+    def _optional_array(self, filename: str, dtype_kind: str, ndim: int | None = None) -> np.ndarray | None:
         f = self.path / filename
         if not f.exists():
             return None
-        arr = load_array(f, fix=_REFIT, mmap=True)
+        arr = load_array(f, fix=_REFIT, mmap=True, dtype_kind=dtype_kind, ndim=ndim)
         n = len(self.test_ids())
         if arr.ndim == 0 or arr.shape[0] != n:
             raise BrainreconError(
@@ -107,14 +108,33 @@ class Run:
         return load_array(self.path / "test_ids.npy", fix=_REFIT, dtype_kind="iu", ndim=1)
 
     def predictions(self) -> np.ndarray | None:
-        return self._optional_array("predictions.npy")
+        """The decoder's predictions for the test ids (floating point, one row per id)."""
+        return self._optional_array("predictions.npy", "f")
 
     def reconstructions(self) -> np.ndarray | None:
-        return self._optional_array("reconstructions.npy")
+        """The reconstructed images, uint8 ``(N, H, W, 3)`` aligned with the test ids."""
+        arr = self._optional_array("reconstructions.npy", "u", ndim=4)
+        if arr is not None and (arr.dtype != np.uint8 or arr.shape[-1] != 3):
+            raise BrainreconError(
+                f"{self.path / 'reconstructions.npy'} is {arr.dtype} {arr.shape}, expected uint8 "
+                f"(N, H, W, 3); {_REFIT}."
+            )
+        return arr
 
     def metrics(self) -> dict[str, Any] | None:
+        """``metrics.json`` as written by ``evaluate`` (checked to be a brainrecon evaluation
+        report), or None if the run was not evaluated."""
+        from brainrecon.eval.harness import EvalReport
+
         f = self.path / "metrics.json"
-        return read_json(f, fix=_REEVAL) if f.exists() else None
+        if not f.exists():
+            return None
+        data = read_json(f, fix=_REEVAL, types={"metrics": dict})
+        try:
+            EvalReport.from_json(data)
+        except BrainreconError as exc:
+            raise BrainreconError(f"{f}: {exc}") from None
+        return data
 
     def dataset(self, source: str | os.PathLike | None = None):
         """The run's dataset (re-opened from its spec, or from ``source`` if the data moved)."""

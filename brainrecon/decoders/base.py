@@ -197,9 +197,11 @@ class Decoder(abc.ABC):
             raise BrainreconError(
                 f"{directory} is not a saved brainrecon decoder: {CONFIG_FILE} is missing."
             )
+        fix = "the saved decoder is damaged: refit it, or copy it again from where it was made"
         config = read_json(
-            config_path, required=("decoder", "format_version", "subjects", "n_voxels"),
-            fix="the saved decoder is damaged: refit it, or copy it again from where it was made",
+            config_path, required=("decoder", "format_version", "subjects", "n_voxels"), fix=fix,
+            types={"decoder": str, "format_version": int, "subjects": list, "n_voxels": dict,
+                   "params": dict, "state": dict},
         )
         name = config.get("decoder")
         if cls is Decoder or not cls.name:
@@ -227,10 +229,28 @@ class Decoder(abc.ABC):
             raise BrainreconError(
                 f"{config_path} has parameters this brainrecon does not know: {sorted(unknown)}."
             )
-        decoder = target_cls(**params)
-        decoder.subjects_ = [int(s) for s in config["subjects"]]
-        decoder.n_voxels_ = {int(k): int(v) for k, v in config["n_voxels"].items()}
-        decoder._load_weights(directory, config.get("state", {}))
+        try:
+            decoder = target_cls(**params)
+            decoder.subjects_ = [int(s) for s in config["subjects"]]
+            decoder.n_voxels_ = {int(k): int(v) for k, v in config["n_voxels"].items()}
+        except BrainreconError as exc:  # a parameter value the decoder refuses
+            raise BrainreconError(f"{config_path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise BrainreconError(f"{config_path} holds values of the wrong kind ({exc}); {fix}.") from None
+        if sorted(decoder.n_voxels_) != sorted(decoder.subjects_):
+            raise BrainreconError(
+                f"{config_path}: 'n_voxels' names subject(s) {sorted(decoder.n_voxels_)} but 'subjects' is "
+                f"{decoder.subjects_}; {fix}."
+            )
+        try:
+            decoder._load_weights(directory, config.get("state", {}))
+        except BrainreconError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            # A field of 'state' missing or of the wrong kind: the decoder-specific readers check
+            # the weight files themselves, this names a damaged configuration.
+            what = f"field {exc.args[0]!r} is missing" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise BrainreconError(f"{config_path}: the saved decoder's state is damaged ({what}); {fix}.") from None
         return decoder
 
     # ------------------------------------------------------------------ helpers for subclasses

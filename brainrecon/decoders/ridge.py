@@ -41,7 +41,7 @@ from sklearn.base import BaseEstimator, MultiOutputMixin, RegressorMixin
 from sklearn.exceptions import NotFittedError as _SklearnNotFittedError
 
 from brainrecon.errors import DataError, NotFittedError
-from brainrecon.io import load_npz
+from brainrecon.io import check_arrays, load_npz
 from brainrecon.progress import bar_disabled
 
 try:  # scikit-learn >= 1.6
@@ -1052,21 +1052,21 @@ class RidgeDecoder(Decoder):
         if not path.is_file():
             raise DataError(f"{path} is missing: the saved ridge decoder is incomplete; refit it.")
         fix = "the saved ridge decoder is damaged: refit it"
-        arrays = load_npz(path, fix=fix, required=(
-            "coef", "intercept", "x_mean", "x_scale", "alphas", "alpha_grid", "cv_scores",
-            "y_mean", "y_std"))
+        arrays = load_npz(path, fix=fix)
         self.target_shape_ = tuple(int(d) for d in state["target_shape"])
         n_vox = int(next(iter(self.n_voxels_.values())))
         n_out = int(np.prod(self.target_shape_))
-        expected = {"coef": (n_vox, n_out), "intercept": (n_out,), "x_mean": (n_vox,),
-                    "x_scale": (n_vox,)}
-        for key, shape in expected.items():
-            arr = arrays[key]
-            if arr.shape != shape or arr.dtype.kind != "f":
-                raise DataError(
-                    f"{path}: array {key!r} is {arr.dtype} {arr.shape}, expected floating point of shape {shape} "
-                    f"({n_vox} voxels, {n_out} target values in brainrecon.json); {fix}."
-                )
+        floats = ("float32", "float64")
+        check_arrays(path, arrays, {
+            "coef": ((n_vox, n_out), "float32"), "intercept": ((n_out,), "float32"),
+            "x_mean": ((n_vox,), "float32"), "x_scale": ((n_vox,), "float32"),
+            "alphas": ((None,), floats), "alpha_grid": ((None,), floats), "cv_scores": ((None, None), floats),
+            "y_mean": ((n_out,), "float32"), "y_std": ((n_out,), "float32"),
+            "scale": ((n_out,), "float32"), "shift": ((n_out,), "float32"),
+        }, optional=("scale", "shift"),
+            fix=f"{fix} (brainrecon.json says {n_vox} voxels and {n_out} target values)")
+        if ("scale" in arrays) != ("shift" in arrays):
+            raise DataError(f"{path} holds only one of 'scale' and 'shift'; {fix}.")
         self.coef_ = arrays["coef"]
         self.intercept_ = arrays["intercept"]
         self.x_mean_ = arrays["x_mean"]

@@ -210,19 +210,33 @@ class EvalReport(Mapping):
                 f"Not a brainrecon evaluation report (expected format {REPORT_FORMAT!r}); "
                 "recompute it with `brainrecon evaluate RUN`."
             )
-        scores = {m: (float("nan") if v is None else float(v)) for m, v in data["metrics"].items()}
-        return cls(
-            scores,
-            n_images=data["n_images"],
-            variant=data["variant"],
-            unavailable=data.get("unavailable"),
-            settings=data.get("settings"),
-            versions=data.get("versions"),
-            timings=data.get("timings_s"),
-            created=data.get("created"),
-            intervals=data.get("intervals"),
-            bootstrap=data.get("bootstrap"),
-        )
+        fix = "recompute it with `brainrecon evaluate RUN`"
+        kinds = {"metrics": dict, "n_images": int, "variant": str, "unavailable": (dict, type(None)),
+                 "settings": (dict, type(None)), "intervals": (dict, type(None)), "bootstrap": (dict, type(None))}
+        for key, kind in kinds.items():
+            if key in ("metrics", "n_images", "variant") and key not in data:
+                raise DataError(f"The evaluation report is missing field {key!r}; {fix}.")
+            if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+                raise DataError(f"The evaluation report's field {key!r} is {data[key]!r:.60}, not {kind}; {fix}.")
+        unknown = [m for m in data["metrics"] if m not in METRICS]
+        if unknown:
+            raise DataError(f"The evaluation report names unknown metric(s) {unknown}; {fix}.")
+        try:
+            scores = {m: (float("nan") if v is None else float(v)) for m, v in data["metrics"].items()}
+            return cls(
+                scores,
+                n_images=data["n_images"],
+                variant=data["variant"],
+                unavailable=data.get("unavailable"),
+                settings=data.get("settings"),
+                versions=data.get("versions"),
+                timings=data.get("timings_s"),
+                created=data.get("created"),
+                intervals=data.get("intervals"),
+                bootstrap=data.get("bootstrap"),
+            )
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise DataError(f"The evaluation report holds values of the wrong kind ({exc}); {fix}.") from None
 
     @classmethod
     def load(cls, path) -> "EvalReport":
@@ -236,10 +250,16 @@ class EvalReport(Mapping):
         from brainrecon.io import read_json
 
         path = Path(path)
-        report = cls.from_json(read_json(path, fix="recompute it with `brainrecon evaluate RUN`"))
+        try:
+            report = cls.from_json(read_json(path, fix="recompute it with `brainrecon evaluate RUN`"))
+        except DataError as exc:
+            raise DataError(f"{path}: {exc}") from None
         csv_path = path.with_name(PER_IMAGE_FILE)
         if csv_path.is_file():
-            report.ids, report.per_image = read_per_image(csv_path)
+            report.ids, report.per_image = read_per_image(csv_path, metrics=list(report))
+            if len(report.ids) != report.n_images:
+                raise DataError(f"{csv_path} has {len(report.ids)} rows, but {path} reports {report.n_images} "
+                                f"images; recompute both with `brainrecon evaluate RUN`.")
         return report
 
     def save(self, path) -> Path:
@@ -282,49 +302,73 @@ def write_per_image(path, per_image: Mapping[str, Any], ids=None) -> Path:
     return Path(path)
 
 
-def scores_by_id(path) -> dict[str, dict[int, float]]:
+def scores_by_id(path, *, expected_ids=None, metrics=None) -> dict[str, dict[int, float]]:
     """:func:`read_per_image` as ``{metric: {test image id: score}}``, for matching runs by id."""
-    ids, cols = read_per_image(path)
+    ids, cols = read_per_image(path, expected_ids=expected_ids, metrics=metrics)
     return {m: dict(zip(map(int, ids), map(float, v))) for m, v in cols.items()}
 
 
 def run_scores_by_id(run) -> dict[str, dict[int, float]]:
-    """A run's per-image scores by id; a run never evaluated with them is a clear error."""
+    """A run's per-image scores by id, checked against the run's test ids and ``metrics.json``;
+    a run never evaluated with them is a clear error."""
     path = run.path / PER_IMAGE_FILE
     if not path.is_file():
         raise BrainreconError(
             f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first."
         )
-    return scores_by_id(path)
+    report = run.metrics()
+    return scores_by_id(path, expected_ids=run.test_ids(), metrics=None if report is None else report["metrics"])
 
 
-def read_per_image(path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def read_per_image(path, *, expected_ids=None, metrics=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Read :func:`write_per_image`'s CSV: ``(ids, {metric: scores})``.
+
+    With ``expected_ids`` (the run's test ids) the rows must be exactly those images; with
+    ``metrics`` (the metric names of ``metrics.json``) the columns must be exactly those.
 
     Raises
     ------
     DataError
-        Naming the file and what is wrong with it.
+        Naming the file and what is wrong with it (bad header, a cut-off or malformed row,
+        rows or columns that differ from the run's).
     """
     import csv
 
     path = Path(path)
     fix = f"delete {path} and recompute it with `brainrecon evaluate RUN`"
+    if path.is_dir():
+        raise DataError(f"{path} is a directory where per-image scores should be; {fix}.")
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
+            text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read per-image scores {path}: {exc}; {fix}.") from exc
+    if text and not text.endswith("\n"):
+        raise DataError(f"{path} ends in the middle of a row (truncated); {fix}.")
+    rows = list(csv.reader(text.splitlines()))
     if not rows or not rows[0] or rows[0][0] != "image_id" or any(m not in METRICS for m in rows[0][1:]):
         raise DataError(f"{path} is not a brainrecon per-image score file (bad header); {fix}.")
     head = rows[0]
     body = [r for r in rows[1:] if r]
     try:
+        if any(len(r) != len(head) for r in body):
+            raise ValueError(f"a row has {next(len(r) for r in body if len(r) != len(head))} fields, the header {len(head)}")
         ids = np.array([int(r[0]) for r in body], dtype=np.int64)
         cols = {m: np.array([float(r[j]) if r[j] != "" else np.nan for r in body], dtype=np.float64)
                 for j, m in enumerate(head) if j > 0}
     except (ValueError, IndexError) as exc:
         raise DataError(f"{path} has a malformed row ({exc}); {fix}.") from exc
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{path} lists some test image ids twice; {fix}.")
+    if expected_ids is not None and not np.array_equal(np.sort(ids), np.sort(np.asarray(expected_ids))):
+        raise DataError(
+            f"{path} has scores for {len(ids)} images, but the run's test set has {len(expected_ids)} "
+            f"(the ids differ); {fix}."
+        )
+    if metrics is not None and set(head[1:]) != set(metrics):
+        raise DataError(
+            f"{path} has columns {head[1:]}, but metrics.json has {sorted(metrics)}; {fix}."
+        )
     return ids, cols
 
 

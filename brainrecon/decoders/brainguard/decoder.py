@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from brainrecon.decoders.base import CliOption, Decoder
 from brainrecon.decoders.brainguard.federated import (
@@ -32,7 +32,7 @@ from brainrecon.decoders.brainguard.model import (
 )
 from brainrecon.decoders.brainguard.recipes import RECIPES
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import jsonable
+from brainrecon.io import check_arrays, jsonable, load_safetensors
 from brainrecon.recipes import Recipe
 from brainrecon.targets import get_target
 
@@ -609,25 +609,26 @@ class BrainGuardDecoder(Decoder):
             path = directory / f"subject-{s}.safetensors"
             if not path.is_file():
                 raise BrainreconError(f"{directory} is incomplete: {path.name} is missing.")
-            try:
-                tensors = load_file(str(path))
-            except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
-                raise BrainreconError(
-                    f"{path} is damaged or truncated ({exc}); the saved BrainGuard decoder "
-                    f"cannot be read: refit it."
-                ) from None
+            fix = "the saved BrainGuard decoder is damaged: refit it"
+            tensors = load_safetensors(path, fix=fix)
             with torch.device("meta"):
                 model = BrainGuardNet(self.n_voxels_[s], int(self.hidden), int(self.n_blocks),
                                       self.token_shape_[0], self.token_shape_[1], float(self.dropout))
+            n_tokens, dim = self.token_shape_
+            expected = {f"model.{k}": (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                        for k, v in model.state_dict().items()}
+            expected.update({"voxel_mean": ((self.n_voxels_[s],), "float32"),
+                             "voxel_std": ((self.n_voxels_[s],), "float32")})
+            calibration = {"target_norm": ((1,), "float64"), "pred_mean": ((n_tokens, dim), "float64"),
+                           "target_mean": ((n_tokens, dim), "float64"), "scale": ((n_tokens,), "float64")}
+            expected.update({f"calibration.{k}": v for k, v in calibration.items()})
+            needed = {"none": set(), "norm": {"target_norm"}}.get(self._calibration_kind(), set(calibration))
+            check_arrays(path, tensors, expected, optional={f"calibration.{k}" for k in set(calibration) - needed},
+                         fix=f"{fix} (brainrecon.json says {self.n_voxels_[s]} voxels, hidden={self.hidden}, "
+                             f"n_blocks={self.n_blocks}, tokens {n_tokens}x{dim})")
             model = model.to_empty(device="cpu")
-            try:
-                model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()
-                                       if k.startswith("model.")}, strict=True)
-            except RuntimeError as exc:
-                raise BrainreconError(
-                    f"{path} does not match the network brainrecon.json describes "
-                    f"(names or shapes differ: {str(exc).splitlines()[0]} ...); refit the decoder."
-                ) from None
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                                  strict=True)
             model.eval()
             self.models_[s] = model
             self.voxel_stats_[s] = (tensors["voxel_mean"].numpy(), tensors["voxel_std"].numpy())
