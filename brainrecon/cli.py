@@ -45,11 +45,12 @@ class _Group(TyperGroup):
     def invoke(self, ctx):
         import warnings
 
+        from brainrecon.errors import DamagedCacheWarning
         from brainrecon.runs import BrokenRunWarning
 
         def _show(message, category, *args, **kwargs):
-            if issubclass(category, BrokenRunWarning):
-                err_console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True)
+            if issubclass(category, (BrokenRunWarning, DamagedCacheWarning)):
+                err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
             else:
                 _default_showwarning(message, category, *args, **kwargs)
 

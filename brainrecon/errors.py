@@ -19,3 +19,7 @@ class NotFittedError(BrainreconError, RuntimeError):
 
 class WeightsNotFoundError(BrainreconError, FileNotFoundError):
     """Model weights are not present locally and cannot be downloaded."""
+
+
+class DamagedCacheWarning(UserWarning):
+    """A cache was found damaged (truncated or inconsistent files) and is being recomputed."""

@@ -236,6 +236,25 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def restore_directory(final: str | os.PathLike) -> bool:
+    """Undo a :func:`replace_directory` cut between its two renames (a kill, a power cut):
+    ``final`` is missing and the previous version waits as ``.final.old``; rename it back,
+    with a warning. Returns whether it did."""
+    import warnings
+
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists() or not old.is_dir():
+        return False
+    try:
+        os.replace(old, final)
+    except OSError:  # another process restored it first, or the disk is read-only
+        return final.exists()
+    warnings.warn(f"{final} was being replaced when the process stopped; its previous version was restored.",
+                  RuntimeWarning, stacklevel=2)
+    return True
+
+
 def replace_directory(build: str | os.PathLike, final: str | os.PathLike) -> Path:
     """Move the finished directory ``build`` to ``final``, replacing an older ``final``.
 

@@ -34,6 +34,7 @@ from brainrecon.io import (
     jsonable,
     load_array,
     read_json,
+    restore_directory,
     write_array_atomic,
     write_json_atomic,
 )
@@ -66,6 +67,7 @@ class Run:
         from brainrecon.publish import is_hub_address, resolve_hub_address
 
         path = resolve_hub_address(path) if is_hub_address(path) else Path(path)
+        restore_directory(path)  # an --overwrite killed mid-swap left the previous run aside
         if not (path / RUN_FILE).is_file():
             raise BrainreconError(
                 f"{path} is not a brainrecon run ({RUN_FILE} is missing). "
@@ -299,8 +301,11 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
         return []
     runs = []
     for p in sorted(root.iterdir()):
-        if not (p / RUN_FILE).exists():
-            continue
+        if p.name.startswith(".") and p.name.endswith(".old"):
+            restore_directory(p.with_name(p.name[1:-len(".old")]))
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not (p / RUN_FILE).exists():
+            continue  # hidden: a run being written (.partial) or the old copy of one being replaced
         try:
             run = Run.open(p)
             run.test_ids()

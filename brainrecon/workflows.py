@@ -16,7 +16,7 @@ import numpy as np
 from brainrecon.data import load_dataset
 from brainrecon.decoders import get_decoder, get_decoder_class
 from brainrecon.errors import BrainreconError
-from brainrecon.io import write_array_atomic
+from brainrecon.io import jsonable, write_array_atomic
 from brainrecon.runs import Run, check_run_name, default_run_name, write_run
 
 Log = Callable[[str], None]
@@ -106,20 +106,24 @@ def fit(
         params["target"] = target
     run_target = target if cls.predicts == "target" else None
     names = _run_names(decoder, subjects, run_target, name)
-    for s, run_name in names.items():
-        path = Path(out) / run_name
-        if path.exists() and not overwrite:
-            hint = (" (with --resume the finished checkpoint is reused: nothing is trained again)"
-                    if params.get("resume") else "")
-            raise BrainreconError(
-                f"Run directory {path} already exists; choose another --name or pass --overwrite{hint}."
-            )
     unknown = [k for k in params if k not in accepted]
     if unknown:
         raise BrainreconError(
             f"Decoder {decoder!r} does not take parameter(s) {', '.join(map(repr, unknown))}. "
             f"Its parameters: {', '.join(map(repr, accepted))}."
         )
+    kept: set[int] = set()  # runs this fit wrote before it was interrupted (--resume)
+    for s, run_name in names.items():
+        path = Path(out) / run_name
+        if path.exists() and not overwrite:
+            if params.get("resume") and _written_by_this_fit(path, cls, params, s):
+                kept.add(s)
+                continue
+            hint = (" (with --resume the finished checkpoint is reused: nothing is trained again)"
+                    if params.get("resume") else "")
+            raise BrainreconError(
+                f"Run directory {path} already exists; choose another --name or pass --overwrite{hint}."
+            )
 
     if engine not in ("local", "flower"):
         raise BrainreconError(f"Unknown engine {engine!r}. Valid choices: 'local', 'flower'.")
@@ -152,6 +156,13 @@ def fit(
         return []
     runs = []
     for s, dec in per_subject.items():
+        if s in kept:
+            run = Run.open(Path(out) / names[s])
+            log(f"kept run {run.path}: this fit wrote it before it was interrupted")
+            if evaluate and run.metrics() is None and (run.path / "reconstructions.npy").exists():
+                evaluate_run_safely(run, log=log)
+            runs.append(Run.open(run.path))
+            continue
         # A NeuroPictor encoder-stage decoder only calibrates the fMRI encoder: no images yet.
         pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
         recon = make_reconstructions(dec, pred, ds, s, log=log)
@@ -164,6 +175,27 @@ def fit(
             evaluate_run_safely(run, log=log)
         runs.append(Run.open(run.path))
     return runs
+
+
+def _written_by_this_fit(path: Path, cls, params: dict, subject: int) -> bool:
+    """Whether the run at ``path`` is complete and holds a decoder of ``cls`` with exactly the
+    parameters this fit would save (so a fit resumed after a kill keeps it instead of asking
+    for --overwrite)."""
+    from brainrecon.io import read_json
+
+    try:
+        run = Run.open(path)
+        saved = read_json(path / "decoder" / "brainrecon.json", required=("decoder", "params"))
+    except BrainreconError:
+        return False
+    extra = {"subjects": [subject]} if cls.multi_subject else {"subject": subject}  # as for_subject saves it
+    try:
+        planned = cls(**{**params, **extra}).get_params()
+    except (BrainreconError, TypeError, ValueError):
+        return False
+    same = {k: v for k, v in jsonable(planned).items() if k not in ("resume", "progress")}
+    mine = {k: v for k, v in saved["params"].items() if k not in ("resume", "progress")}
+    return saved["decoder"] == cls.name and run.subject == subject and same == mine
 
 
 def _own_data(ds, subject: int):

@@ -155,3 +155,45 @@ def test_damaged_target_cache_is_recomputed_with_a_warning(tmp_path, damage):
     np.testing.assert_array_equal(got, compute(ids))
     assert sum(calls) == len(ids)  # everything recomputed, nothing trusted
     np.testing.assert_array_equal(IdKeyedCache(tmp_path / "c", (3, 4)).get(ids), compute(ids))
+
+
+def test_fit_killed_between_writing_its_runs_resumes_without_overwrite(tmp_path):
+    """A BrainGuard fit of two subjects is cut after writing subject 1's run (the state a
+    SIGKILL there leaves: run 1 complete, run 2 absent, checkpoint finished). The same command
+    with --resume keeps run 1, writes run 2, and both equal an uninterrupted fit's; a run
+    written with other parameters is still refused."""
+    import torch
+
+    from brainrecon import workflows
+
+    data = "synthetic:n_train=80,n_test=8,image_size=32,surface_size=32"
+    params = {"device": "cpu", "hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 40, "progress": False}
+    whole = workflows.fit("brainguard", data=data, subjects=[1, 2], out=tmp_path / "whole", params=params,
+                          evaluate=False)
+    ck = {**params, "checkpoint_dir": str(tmp_path / "ck")}
+    first = workflows.fit("brainguard", data=data, subjects=[1, 2], out=tmp_path / "cut", params=ck, evaluate=False)
+    shutil.rmtree(first[1].path)
+    logged = []
+    again = workflows.fit("brainguard", data=data, subjects=[1, 2], out=tmp_path / "cut",
+                          params={**ck, "resume": True}, evaluate=False, log=logged.append)
+    assert any(line.startswith("kept run") and first[0].name in line for line in logged)
+    for a, b in zip(whole, again):
+        s = a.subject
+        for k, v in a.load_decoder().models_[s].state_dict().items():
+            torch.testing.assert_close(b.load_decoder().models_[s].state_dict()[k], v, rtol=0, atol=0)
+    with pytest.raises(BrainreconError, match="already exists"):
+        workflows.fit("brainguard", data=data, subjects=[1, 2], out=tmp_path / "cut",
+                      params={**ck, "resume": True, "lr": 1e-2}, evaluate=False)
+
+
+def test_a_swap_cut_between_its_renames_restores_the_previous_version(run_copy):
+    """`--overwrite` renames the old run aside, then the new one in: killed between the two,
+    the run is missing and `.NAME.old` holds the previous version; readers restore it."""
+    old = run_copy.with_name(f".{run_copy.name}.old")
+    run_copy.rename(old)
+    with pytest.warns(RuntimeWarning, match="previous version was restored"):
+        runs = list_runs(run_copy.parent)
+    assert [r.path for r in runs] == [run_copy] and not old.exists()
+    run_copy.rename(old)
+    with pytest.warns(RuntimeWarning, match="previous version was restored"):
+        assert Run.open(run_copy).test_ids().shape == (8,)

@@ -27,7 +27,7 @@ import numpy as np
 
 from brainrecon import __version__
 from brainrecon.errors import BrainreconError, DataError, NotFittedError
-from brainrecon.io import atomic_directory, jsonable, read_json, write_json_atomic
+from brainrecon.io import atomic_directory, jsonable, read_json, restore_directory, write_json_atomic
 
 CONFIG_FILE = "brainrecon.json"
 
@@ -192,6 +192,7 @@ class Decoder(abc.ABC):
         name stored in ``brainrecon.json``.
         """
         directory = Path(directory)
+        restore_directory(directory)  # a save(overwrite=True) killed mid-swap left the old one aside
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise BrainreconError(

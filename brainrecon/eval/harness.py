@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,7 +44,7 @@ import torch
 from PIL import Image
 
 from brainrecon.devices import resolve_device
-from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.errors import BrainreconError, DamagedCacheWarning, DataError, WeightsNotFoundError
 from brainrecon.eval import metrics as M
 from brainrecon.eval import stats
 from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_network, wrap_extractor
@@ -658,36 +659,74 @@ def _content_hash(src: _ImageSource, batch_size: int) -> str:
     return h.hexdigest()
 
 
-def _cache_file(cache_root: Path, gt_hash: str, variant: str, net: FeatureNetwork, n_net: int) -> Path:
-    key = json.dumps(
+def _cache_key(gt_hash: str, variant: str, net: FeatureNetwork, n_net: int) -> str:
+    return json.dumps(
         {"gt": gt_hash, "variant": variant, "net": net.name, "weights": net.cache_key,
          "metrics": net.metrics, "recipe": _RECIPE_VERSION, "images": n_net},
         sort_keys=True,
     )
+
+
+def _cache_file(cache_root: Path, key: str, net: FeatureNetwork) -> Path:
     return cache_root / f"gt-{net.name}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
-def _load_cached(path: Path, net: FeatureNetwork, n: int, device) -> dict[str, torch.Tensor] | None:
-    if not path.is_file():
+def _features_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _load_cached(path: Path, key: str, net: FeatureNetwork, n: int, device) -> dict[str, torch.Tensor] | None:
+    """The cached ground-truth features, or None. An entry that fails any check (unreadable,
+    written for another key, other metrics or image count, contents that do not match the
+    digest written with them) is recomputed, with a :class:`DamagedCacheWarning`; never trusted."""
+    if not path.exists():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    def damaged(reason: str) -> None:
+        warnings.warn(f"Ground-truth feature cache entry {path} is damaged ({reason}); its features are "
+                      f"recomputed and the entry rewritten.", DamagedCacheWarning, stacklevel=3)
 
     try:
-        tensors = load_file(str(path))
-    except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed, never trusted
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own SafetensorError, or OSError
+        damaged(f"unreadable: {exc}")
         return None
-    if set(tensors) != set(net.metrics) or any(t.shape[0] != n for t in tensors.values()):
+    if meta.get("key") != key:
+        damaged("written for other ground truth, weights or settings" if "key" in meta
+                else "no key recorded: written by an older brainrecon")
+        return None
+    if set(tensors) != set(net.metrics) or any(t.ndim == 0 or t.shape[0] != n for t in tensors.values()):
+        damaged(f"holds {sorted(tensors)} for {sorted({int(t.shape[0]) if t.ndim else 0 for t in tensors.values()})} "
+                f"images, expected {sorted(net.metrics)} for {n}")
+        return None
+    if meta.get("sha256") != _features_digest(tensors):
+        damaged("its contents do not match the digest written with them")
         return None
     return {m: t.to(device) for m, t in tensors.items()}
 
 
-def _save_cached(path: Path, feats: dict[str, torch.Tensor]) -> None:
+def _save_cached(path: Path, key: str, feats: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     from brainrecon.io import atomic_path
 
-    with atomic_path(path) as tmp:
-        save_file({m: t.detach().cpu().contiguous() for m, t in feats.items()}, str(tmp))
+    tensors = {m: t.detach().cpu().contiguous() for m, t in feats.items()}
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"key": key, "sha256": _features_digest(tensors)})
+    except OSError as exc:  # the scores are right; only the next evaluation is slower
+        warnings.warn(f"Ground-truth feature cache entry {path} could not be written ({exc}); "
+                      f"delete it or pass another --cache-dir.", DamagedCacheWarning, stacklevel=3)
 
 
 # ============================================================================ evaluate
@@ -813,15 +852,16 @@ def evaluate(
     # no per-batch lists to concatenate (which doubled the peak memory, fragmented heap included).
     gt_feats: dict[str, torch.Tensor] = {}
     cache_root = None if cache_dir is False else Path(cache_dir).expanduser() if cache_dir else _default_cache_dir()
-    cache_files: dict[str, Path] = {}
+    cache_files: dict[str, tuple[Path, str]] = {}
     cached_nets: set[str] = set()
     if cache_root is not None and any(net.cache_key for net in nets):
         t0 = time.perf_counter()
         gt_hash = _content_hash(gt_src, batch_size)
         for net in nets:
             if net.cache_key:
-                cache_files[net.name] = _cache_file(cache_root, gt_hash, variant, net, n_net)
-                hit = _load_cached(cache_files[net.name], net, n_net, dev)
+                key = _cache_key(gt_hash, variant, net, n_net)
+                cache_files[net.name] = (_cache_file(cache_root, key, net), key)
+                hit = _load_cached(cache_files[net.name][0], key, net, n_net, dev)
                 if hit is not None:
                     gt_feats.update(hit)
                     cached_nets.add(net.name)
@@ -905,7 +945,7 @@ def evaluate(
     for net in nets:
         if net.name not in cached_nets:
             if net.name in cache_files:
-                _save_cached(cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
+                _save_cached(*cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
         for m in net.metrics:
             fr = rec_feats.pop(m)
             if m in TWO_WAY_METRICS:

@@ -24,15 +24,11 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import read_json, replace_directory, write_json_atomic
+from brainrecon.errors import BrainreconError, DamagedCacheWarning, DataError
+from brainrecon.io import read_json, replace_directory, restore_directory, write_json_atomic
 from brainrecon.progress import bar_disabled
 
 CACHE_ENV = "BRAINRECON_CACHE"
-
-
-class DamagedCacheWarning(UserWarning):
-    """A cache was found damaged (truncated or inconsistent files) and is being recomputed."""
 
 
 def default_cache_root() -> Path:
@@ -63,12 +59,15 @@ class IdKeyedCache:
         self.dtype = np.dtype(dtype)
         self.description = description or {}
         self._damaged = False  # set when the files are found damaged: rebuilt on the next fill
+        restore_directory(self.directory)  # a rebuild killed mid-swap left the old cache aside
         meta_path = self.directory / "cache.json"
         if meta_path.is_file():
             try:
-                meta = read_json(meta_path, required=("shape", "dtype"))
-                tuple(meta["shape"])
-            except (BrainreconError, TypeError) as exc:
+                meta = read_json(meta_path, required=("shape", "dtype"),
+                                 types={"shape": list, "dtype": str, "description": dict})
+                if not all(isinstance(d, int) and not isinstance(d, bool) for d in meta["shape"]):
+                    raise BrainreconError(f"field 'shape' is {meta['shape']}, expected a list of integers")
+            except BrainreconError as exc:
                 self._discard(f"{meta_path}: {exc}")
                 self._damaged = True
                 return
@@ -87,7 +86,14 @@ class IdKeyedCache:
                       DamagedCacheWarning, stacklevel=3)
 
     def _open(self, mode: str = "r"):
-        if self._damaged or not (self.directory / "ids.npy").is_file():
+        if self._damaged:
+            return None, None, None
+        ids_path = self.directory / "ids.npy"
+        if not ids_path.is_file():
+            if ids_path.exists() or (self.directory / "cache.json").exists():
+                # cache.json is written last: with it present, every file must be there
+                self._discard(f"{ids_path} is {'not a file' if ids_path.exists() else 'missing'}")
+                self._damaged = True
             return None, None, None
         try:
             ids = np.load(self.directory / "ids.npy", allow_pickle=False)
@@ -97,10 +103,11 @@ class IdKeyedCache:
             self._discard(f"{type(exc).__name__}: {exc}")
             self._damaged = True
             return None, None, None
-        if (ids.ndim != 1 or values.shape != (len(ids),) + self.shape or filled.shape != (len(ids),)
-                or values.dtype != self.dtype or filled.dtype != bool):
-            reason = (f"ids {ids.shape}, values {values.shape} {values.dtype}, filled {filled.shape} do not fit "
-                      f"rows of {self.shape} {self.dtype}")
+        if (ids.ndim != 1 or ids.dtype != np.int64 or values.shape != (len(ids),) + self.shape
+                or filled.shape != (len(ids),) or values.dtype != self.dtype or filled.dtype != bool
+                or (len(ids) > 1 and not np.all(ids[1:] > ids[:-1]))):
+            reason = (f"ids {ids.shape} {ids.dtype}, values {values.shape} {values.dtype}, filled {filled.shape} "
+                      f"{filled.dtype} do not fit sorted int64 ids and rows of {self.shape} {self.dtype}")
             del values, filled
             self._discard(reason)
             self._damaged = True
