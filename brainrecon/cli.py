@@ -424,16 +424,55 @@ def evaluate_cmd(
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default 8)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
 ) -> None:
-    """(Re)compute a run's metrics.json, per_image.csv and grid.png from its saved reconstructions."""
+    """(Re)compute a run's metrics.json, per_image.csv and grid.png from its saved reconstructions.
+
+    RUN may also be a folder of runs: each is evaluated in turn; a broken one is skipped with
+    one warning line and the others go on.
+    """
+    import warnings
+
     from brainrecon.eval import evaluate_run
-    from brainrecon.eval.harness import TWO_WAY_METRICS
+    from brainrecon.runs import RUN_FILE, BrokenRunWarning, list_runs
 
     if download:
         os.environ["BRAINRECON_ALLOW_DOWNLOADS"] = "1"
     _check_ranked_options(sort_by, worst, best)
-    report = evaluate_run(run, variant=variant, weights_dir=weights_dir, strict=strict, device=device,
-                          metrics=metric or None, batch_size=batch_size, data_source=data, ssim_mode=ssim_mode,
-                          blend=blend, cache_dir=False if no_cache else cache_dir, n_resamples=bootstrap, seed=seed)
+    kwargs = dict(variant=variant, weights_dir=weights_dir, strict=strict, device=device, metrics=metric or None,
+                  batch_size=batch_size, data_source=data, ssim_mode=ssim_mode, blend=blend,
+                  cache_dir=False if no_cache else cache_dir, n_resamples=bootstrap, seed=seed)
+    if (run / RUN_FILE).exists() or not run.is_dir() or not any((p / RUN_FILE).exists() for p in run.iterdir()):
+        targets = [run]  # one run (or not a run at all: evaluate_run says why)
+    else:
+        targets = [r.path for r in list_runs(run) if (r.path / "reconstructions.npy").exists()]
+        if not targets:
+            raise BrainreconError(f"{run} holds no run with reconstructions to evaluate.")
+    done = 0
+    for target in targets:
+        try:
+            report = evaluate_run(target, **kwargs)
+        except BrainreconError as exc:
+            if len(targets) == 1:
+                raise
+            warnings.warn(f"skipping broken run {target.name}: {exc}", BrokenRunWarning, stacklevel=1)
+            continue
+        _print_report(report, target)
+        done += 1
+        if sort_by:
+            from brainrecon.viz import compare_runs
+
+            which, k = ("best", best) if best else ("worst", worst or 8)
+            out = Path(target) / f"{which}-{_slug(sort_by)}.png"
+            compare_runs([target], out, max_rows=k, sort_by=sort_by, worst=which == "worst", data_source=data)
+            console.print(f"wrote {out} ({which} {k} by {sort_by})")
+    if len(targets) > 1:
+        console.print(f"evaluated {done} of {len(targets)} runs in {run}")
+        if not done:
+            raise BrainreconError(f"None of the {len(targets)} runs in {run} could be evaluated (see the warnings).")
+
+
+def _print_report(report, run: Path) -> None:
+    from brainrecon.eval.harness import TWO_WAY_METRICS
+
     table = Table(title=f"{report.settings.get('run', run.name)} · {report.n_images} images · variant {report.variant}")
     table.add_column("metric")
     table.add_column("score", justify="right")
@@ -450,13 +489,6 @@ def evaluate_cmd(
         names = ", ".join(m for m, r in report.unavailable.items() if r == reason)
         console.print(f"[yellow]unavailable:[/yellow] {names}: {reason}", markup=True, highlight=False, soft_wrap=True)
     console.print(f"wrote {Path(run) / 'metrics.json'}, {Path(run) / 'per_image.csv'} and {Path(run) / 'grid.png'}")
-    if sort_by:
-        from brainrecon.viz import compare_runs
-
-        which, k = ("best", best) if best else ("worst", worst or 8)
-        out = Path(run) / f"{which}-{_slug(sort_by)}.png"
-        compare_runs([run], out, max_rows=k, sort_by=sort_by, worst=which == "worst", data_source=data)
-        console.print(f"wrote {out} ({which} {k} by {sort_by})")
 
 
 def _check_ranked_options(sort_by: Optional[str], worst: Optional[int], best: Optional[int]) -> None:
@@ -521,10 +553,14 @@ def compare_cmd(
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap and permutation test."),
 ) -> None:
-    """Draw ground truth beside several runs' reconstructions; --stats compares two runs statistically."""
+    """Draw ground truth beside several runs' reconstructions; --stats compares two runs statistically.
+
+    A folder of runs stands for every run in it; a broken one is skipped with one warning line.
+    """
     from brainrecon.viz import compare_runs
 
     _check_ranked_options(sort_by, worst, best)
+    runs = _expand_runs(runs)
     if stats:
         _print_paired_stats(runs, seed)
     if out is None:
@@ -534,6 +570,22 @@ def compare_cmd(
     path = compare_runs(runs, out, max_rows=best or worst or rows, cell_size=cell, sort_by=sort_by,
                         worst=best is None)
     console.print(f"wrote {path}")
+
+
+def _expand_runs(paths: List[Path]) -> List[Path]:
+    """Run directories as given, with each folder of runs replaced by its readable runs."""
+    from brainrecon.runs import RUN_FILE, list_runs
+
+    out: List[Path] = []
+    for p in paths:
+        if (p / RUN_FILE).exists() or not p.is_dir():
+            out.append(p)
+        else:
+            found = [r.path for r in list_runs(p)]
+            if not found:
+                raise BrainreconError(f"{p} is neither a run nor a folder holding readable runs.")
+            out.extend(found)
+    return out
 
 
 def _print_paired_stats(runs: List[Path], seed: int) -> None:

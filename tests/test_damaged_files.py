@@ -197,3 +197,24 @@ def test_a_swap_cut_between_its_renames_restores_the_previous_version(run_copy):
     run_copy.rename(old)
     with pytest.warns(RuntimeWarning, match="previous version was restored"):
         assert Run.open(run_copy).test_ids().shape == (8,)
+
+
+def test_evaluate_and_compare_over_a_folder_skip_the_broken_run(run_copy, tmp_path, monkeypatch):
+    from brainrecon.cli import app
+
+    monkeypatch.setenv("BRAINRECON_CACHE", str(tmp_path / "cache"))
+    root = run_copy.parent
+    shutil.copytree(run_copy, root / "good")
+    _truncate(run_copy / "reconstructions.npy")
+    result = CliRunner().invoke(app, ["evaluate", str(root), "-m", "PixCorr"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipping broken run {run_copy.name}" in result.output and "reconstructions.npy" in result.output
+    assert "evaluated 1 of 2 runs" in result.output and "Traceback" not in result.output
+    assert (root / "good" / "metrics.json").is_file() and not (run_copy / "metrics.json").exists()
+    (run_copy / "run.json").write_text("{")
+    result = CliRunner().invoke(app, ["compare", str(root), "--out", str(tmp_path / "c.png"), "--rows", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"warning: skipping broken run {run_copy.name}" in result.output and (tmp_path / "c.png").is_file()
+    shutil.rmtree(root / "good")
+    result = CliRunner().invoke(app, ["evaluate", str(root)])
+    assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output
