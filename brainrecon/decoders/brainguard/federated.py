@@ -41,7 +41,7 @@ from brainrecon.decoders.brainguard.model import (
 )
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import load_safetensors, read_json, write_json_atomic
+from brainrecon.io import check_arrays, load_safetensors, read_json, write_json_atomic
 from brainrecon.progress import bar_disabled
 
 EMA_MODES = ("none", "standard", "inverted")
@@ -722,22 +722,110 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     meta, global_state, client_tensors
     """
     path = Path(path)
-    fix = "this checkpoint cannot be resumed from"
-    meta = read_json(path / "checkpoint.json", required=("format", "rounds_completed", "clients"), fix=fix)
+    fix = CHECKPOINT_FIX
+    file = path / "checkpoint.json"
+    meta = read_json(file, required=_META_KINDS, types=_META_KINDS, fix=fix)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise BrainreconError(
-            f"{path} is a BrainGuard checkpoint of format {meta.get('format')}, this brainrecon "
+            f"{file} is a BrainGuard checkpoint of format {meta.get('format')}, this brainrecon "
             f"reads format {CHECKPOINT_FORMAT}; start a fresh run (resume=False)."
         )
+    _check_meta(file, meta, fix)
+    global_file = path / "global.safetensors"
     global_state = {k[len("global."):]: v
-                    for k, v in load_safetensors(path / "global.safetensors", fix=fix).items()}
+                    for k, v in load_safetensors(global_file, fix=fix).items()}
     client_tensors = {}
     for subject in meta["clients"]:
         file = path / f"client-{subject}.safetensors"
-        if not file.is_file():
-            raise BrainreconError(f"Checkpoint {path} is incomplete: {file.name} is missing.")
+        if not file.exists():
+            raise BrainreconError(f"Checkpoint {path} is incomplete: {file.name} is missing; {fix}.")
         client_tensors[int(subject)] = load_safetensors(file, fix=fix)
+    _check_tensors(path, meta, global_state, client_tensors, fix)
     return meta, global_state, client_tensors
+
+
+CHECKPOINT_FIX = "this checkpoint cannot be resumed from"
+# What checkpoint.json must hold, and of which kinds (every entry is compared with the run
+# that resumes, so a missing or null one is damage, not a change of settings).
+_META_KINDS = {"format": int, "rounds_completed": int, "clients": dict, "config": dict, "params": dict,
+               "subjects": list, "n_voxels": dict, "n_samples": dict, "fingerprints": dict,
+               "target_shape": list, "history": list}
+_CLIENT_KINDS = {"subject": int, "n_samples": int, "optimizer": dict, "scheduler": dict,
+                 "dfl_start_phase": bool, "has_fusion_weights": bool, "best_score": (float, int, type(None))}
+
+
+def _check_meta(file: Path, meta: dict, fix: str) -> None:
+    def bad(what: str):
+        return BrainreconError(f"{file}: {what}; {fix}.")
+
+    if meta["rounds_completed"] < 1 or len(meta["history"]) != meta["rounds_completed"]:
+        raise bad(f"{len(meta['history'])} round records for {meta['rounds_completed']} rounds completed")
+    subjects = [str(s) for s in meta["subjects"]]
+    if sorted(meta["clients"]) != sorted(subjects) or sorted(map(str, meta["n_voxels"])) != sorted(subjects):
+        raise bad(f"clients {sorted(meta['clients'])} and n_voxels {sorted(meta['n_voxels'])} do not match "
+                  f"subjects {subjects}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in meta["n_voxels"].values()):
+        raise bad(f"n_voxels {meta['n_voxels']} are not positive integers")
+    if not meta["target_shape"] or not all(isinstance(v, int) and v > 0 for v in meta["target_shape"]):
+        raise bad(f"target_shape {meta['target_shape']} is not a shape")
+    for key in ("hidden", "n_blocks"):
+        if not isinstance(meta["config"].get(key), int):
+            raise bad(f"config field {key!r} is {meta['config'].get(key)!r}, expected an integer")
+    for subject, entry in meta["clients"].items():
+        if not isinstance(entry, dict):
+            raise bad(f"clients[{subject!r}] is not an object")
+        for key, kinds in _CLIENT_KINDS.items():
+            value = entry.get(key)
+            kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+            if key not in entry or not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise bad(f"clients[{subject!r}][{key!r}] is {value!r}, expected {'/'.join(k.__name__ for k in kinds)}")
+        opt = entry["optimizer"]
+        if not (isinstance(opt.get("param_groups"), list) and all(isinstance(g, dict) for g in opt["param_groups"])
+                and isinstance(opt.get("scalars"), dict) and isinstance(opt.get("indices"), list)):
+            raise bad(f"clients[{subject!r}]['optimizer'] lacks param_groups, scalars or indices")
+
+
+def _check_tensors(path: Path, meta: dict, global_state: Mapping[str, torch.Tensor],
+                   client_tensors: Mapping[int, Mapping[str, torch.Tensor]], fix: str) -> None:
+    """Every tensor of the checkpoint against what checkpoint.json says: the network its config
+    builds, the optimizer state of each of its parameters, the clients' flags."""
+    from brainrecon.decoders.brainguard.model import token_shape
+
+    config = meta["config"]
+    n_tokens, dim = token_shape(tuple(meta["target_shape"]))
+    for subject, tensors in client_tensors.items():
+        entry = meta["clients"][str(subject)]
+        with torch.device("meta"):
+            model = BrainGuardNet(int(meta["n_voxels"][str(subject)]), int(config["hidden"]), int(config["n_blocks"]),
+                                  n_tokens, dim, 0.0)
+        state = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
+        shared = {n: state[n] for n, _ in model.named_parameters() if not is_private(n)}
+        params = [p for g in decay_groups(model, 0.0, layernorm=bool(config.get("decay_layernorm", False)))
+                  for p in g["params"]]
+        expected = {f"model.{k}": v for k, v in state.items()}
+        for i in entry["optimizer"]["indices"]:
+            if not isinstance(i, int) or not 0 <= i < len(params):
+                raise BrainreconError(f"{path / 'checkpoint.json'}: optimizer index {i!r} of client {subject} "
+                                      f"is not one of its {len(params)} parameters; {fix}.")
+            shape = tuple(params[i].shape)
+            expected.update({f"optimizer.{i}.exp_avg": (shape, "float32"),
+                             f"optimizer.{i}.exp_avg_sq": (shape, "float32"),
+                             f"optimizer.{i}.step": ((), "float32")})
+        if entry["has_fusion_weights"]:
+            expected.update({f"fusion.{k}": v for k, v in shared.items()})
+        if config.get("ema", "none") != "none":
+            expected.update({f"ema.{k}": v for k, v in shared.items()})
+        if entry["best_score"] is not None:
+            expected.update({f"best.{k}": v for k, v in state.items()})
+        rng = torch.Generator().get_state()
+        expected.update({"rng.shuffle": (tuple(rng.shape), "uint8"), "rng.dropout": ((None,), "uint8")})
+        if "rng.dropout" in tensors and tensors["rng.dropout"].shape[0] not in (rng.shape[0], 16):
+            # 16 bytes: a CUDA generator's seed and offset
+            expected["rng.dropout"] = (tuple(rng.shape), "uint8")
+        check_arrays(path / f"client-{subject}.safetensors", tensors, expected,
+                     fix=f"{fix} (checkpoint.json says {meta['n_voxels'][str(subject)]} voxels, "
+                         f"hidden={config['hidden']}, n_blocks={config['n_blocks']}, tokens {n_tokens}x{dim})")
+    check_arrays(path / "global.safetensors", global_state, shared, fix=fix)
 
 
 def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -25,15 +25,24 @@ key checking (spec §12.5).
 
 from __future__ import annotations
 
-import json
+import functools
+import inspect
+import types
+import typing
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from brainrecon.decoders.neuropictor.weights import empty_init, load_safetensors_strict, save_safetensors_atomic
-from brainrecon.errors import WeightsNotFoundError
-from brainrecon.io import write_json_atomic
+from brainrecon.decoders.neuropictor.weights import (
+    SAVED_FIX,
+    StateDictMismatchError,
+    empty_init,
+    load_safetensors_strict,
+    save_safetensors_atomic,
+)
+from brainrecon.errors import BrainreconError, WeightsNotFoundError
+from brainrecon.io import read_json, write_json_atomic
 
 CONTROLNET_DIR = "controlnet"
 CONTROLNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -130,6 +139,37 @@ def save_controlnet(controlnet, directory: Path) -> None:
                             directory / FEATURE_TRANSFORM_FILE)
 
 
+def _json_kinds(annotation) -> tuple[type, ...]:
+    """The JSON value kinds (after a round trip) of a parameter annotated ``annotation``; ()
+    when unknown (not checked)."""
+    if isinstance(annotation, str):
+        return ()
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_json_kinds(a) for a in typing.get_args(annotation)]
+        return () if any(not p for p in parts) else tuple(dict.fromkeys(k for p in parts for k in p))
+    if annotation in (tuple, list) or origin in (tuple, list):
+        return (list,)
+    if annotation is type(None) or annotation is None:
+        return (type(None),)
+    if annotation is float:
+        return (float, int)
+    if annotation in (int, str, bool):
+        return (annotation,)
+    return ()
+
+
+@functools.lru_cache(maxsize=1)
+def _config_kinds() -> dict[str, tuple[type, ...]]:
+    """Every ControlNet constructor argument a saved ``config.json`` must hold, with its kinds:
+    a missing or null one would silently build another network (diffusers' defaults are SD's)."""
+    from diffusers import ControlNetModel
+
+    params = list(inspect.signature(ControlNetModel.__init__).parameters.values())[1:]
+    return {p.name: _json_kinds(p.annotation) for p in params
+            if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY}
+
+
 def load_controlnet(directory: Path, feature_transform: FeatureTransform):
     """Inverse of :func:`save_controlnet` with strict key checking of both files.
 
@@ -143,12 +183,21 @@ def load_controlnet(directory: Path, feature_transform: FeatureTransform):
         raise WeightsNotFoundError(
             f"{config_path} is missing; {directory} is not a complete saved NeuroPictor decoder."
         )
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    fix = SAVED_FIX
+    config = read_json(config_path, required=_config_kinds(),
+                       types={k: v for k, v in _config_kinds().items() if v}, fix=fix)
     config.pop("_class_name", None)
     load_safetensors_strict(feature_transform, directory / FEATURE_TRANSFORM_FILE,
                             "feature transformation", assign=True)
-    controlnet = empty_init(lambda: controlnet_from_config(config, feature_transform))
-    load_safetensors_strict(controlnet, cn_dir / CONTROLNET_WEIGHTS, "ControlNet",
-                            ignore_prefix=_EMBEDDING, assign=True)
+    try:
+        controlnet = empty_init(lambda: controlnet_from_config(config, feature_transform))
+    except Exception as exc:  # noqa: BLE001 - diffusers rejects a bad config with many kinds of error
+        raise BrainreconError(f"{config_path} does not describe a ControlNet ({type(exc).__name__}: {exc}); "
+                              f"{fix}.") from None
+    try:
+        load_safetensors_strict(controlnet, cn_dir / CONTROLNET_WEIGHTS, "ControlNet",
+                                ignore_prefix=_EMBEDDING, assign=True)
+    except StateDictMismatchError as exc:
+        raise StateDictMismatchError(f"{exc} (the ControlNet is built from {config_path}: one of the two "
+                                     f"files is damaged)") from None
     return controlnet.float()

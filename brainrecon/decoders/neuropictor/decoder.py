@@ -23,6 +23,7 @@ from brainrecon.decoders.neuropictor.encoder import (
 )
 from brainrecon.decoders.neuropictor.recipes import RECIPES
 from brainrecon.decoders.neuropictor.weights import (
+    SAVED_FIX,
     empty_init,
     load_safetensors_strict,
     load_state_dict_strict,
@@ -31,6 +32,7 @@ from brainrecon.decoders.neuropictor.weights import (
 )
 from brainrecon.devices import resolve_device
 from brainrecon.errors import BrainreconError, DataError
+from brainrecon.io import check_arrays
 
 STAGES = ("encoder", "pretrain", "finetune", "cfg")
 # Learning rate and epochs of each stage when not given (spec neuropictor.md §7).
@@ -1043,7 +1045,14 @@ class NeuroPictorDecoder(Decoder):
             self.empty_context_ = None
             return
         self.net_ = _load_diffusion_parts(directory, sizes, state, options).eval()
-        self.empty_context_ = read_safetensors(directory / EMPTY_CONTEXT_FILE, "empty-caption context")["empty_context"]
+        path = directory / EMPTY_CONTEXT_FILE
+        empty = read_safetensors(path, "empty-caption context")
+        geometry = state.get("geometry", {})
+        check_arrays(path, empty, {"empty_context": ((geometry.get("context_tokens"), geometry.get("context_dim")),
+                                                     "float32")},
+                     fix=f"{SAVED_FIX} (brainrecon.json says {geometry.get('context_tokens')} x "
+                         f"{geometry.get('context_dim')} context tokens)")
+        self.empty_context_ = empty["empty_context"]
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -57,7 +57,7 @@ from brainrecon.decoders.neuropictor.weights import (
     save_safetensors_atomic,
 )
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.io import atomic_directory, load_safetensors, read_json, write_json_atomic
+from brainrecon.io import atomic_directory, check_arrays, jsonable, load_safetensors, read_json, write_json_atomic
 
 KEEP_CHECKPOINTS = 2
 CHECKPOINT_PREFIX = "step_"
@@ -345,27 +345,90 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """Every file of a checkpoint, read and checked; a damaged one is a :class:`BrainreconError`
     naming it (so :func:`run_training` can fall back to an older checkpoint)."""
     path = Path(path)
-    info = read_json(path / "trainer.json", required=("step",), fix=CHECKPOINT_FIX)
+    file = path / "trainer.json"
+    info = read_json(file, required=("step", "identity", "losses"),
+                     types={"step": int, "identity": dict, "losses": list}, fix=CHECKPOINT_FIX)
+    if path.name.startswith(CHECKPOINT_PREFIX) and info["step"] != int(path.name[len(CHECKPOINT_PREFIX):]):
+        raise BrainreconError(f"{file} says step {info['step']}, its directory {path.name}; {CHECKPOINT_FIX}.")
+    losses = info["losses"]
+    if len(losses) != info["step"] or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                              for x in losses):
+        raise BrainreconError(f"{file} holds {len(losses)} losses for step {info['step']}, expected one number "
+                              f"per step; {CHECKPOINT_FIX}.")
+    meta_file = path / "optimizer.json"
+    meta = read_json(meta_file, required=("param_groups", "scalars"), types={"param_groups": list, "scalars": dict},
+                     fix=CHECKPOINT_FIX)
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in meta["param_groups"]) or \
+            not all(isinstance(v, dict) for v in meta["scalars"].values()):
+        raise BrainreconError(f"{meta_file} does not hold optimizer parameter groups; {CHECKPOINT_FIX}.")
     return {
         "info": info,
         "trainable": load_safetensors(path / "trainable.safetensors", fix=CHECKPOINT_FIX),
         "optimizer": load_safetensors(path / "optimizer.safetensors", fix=CHECKPOINT_FIX),
-        "optimizer_meta": read_json(path / "optimizer.json", required=("param_groups",), fix=CHECKPOINT_FIX),
+        "optimizer_meta": meta,
     }
 
 
-def newest_intact_checkpoint(directory: str | Path, log: Callable[[str], None] = print
+def checkpoint_check(net, optimizer) -> Callable[[Path, dict[str, Any]], None]:
+    """A check of a read checkpoint against the network and optimizer it is to be loaded into:
+    every weight and AdamW moment by name, shape and dtype, the parameter groups entry by entry."""
+    expected = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in net.state_dict().items()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    moments = {}
+    for i, p in enumerate(params):
+        dtype = str(p.dtype).removeprefix("torch.")
+        moments.update({f"state.{i}.exp_avg": (tuple(p.shape), dtype), f"state.{i}.exp_avg_sq": (tuple(p.shape), dtype),
+                        f"state.{i}.step": ((), "float32")})
+    groups = jsonable(optimizer.state_dict()["param_groups"])
+
+    def kind(value):
+        return float if isinstance(value, int) and not isinstance(value, bool) else type(value)
+
+    def check(path: Path, loaded: dict[str, Any]) -> None:
+        check_arrays(path / "trainable.safetensors", loaded["trainable"], expected, fix=CHECKPOINT_FIX)
+        file = path / "optimizer.safetensors"
+        tensors = loaded["optimizer"]
+        check_arrays(file, tensors, moments, optional=moments, fix=CHECKPOINT_FIX)
+        for i in range(len(params)):
+            present = [n for n in ("exp_avg", "exp_avg_sq", "step") if f"state.{i}.{n}" in tensors]
+            if present and len(present) != 3:
+                raise BrainreconError(f"{file} holds only {present} of parameter {i}'s AdamW state; "
+                                      f"{CHECKPOINT_FIX}.")
+        meta_file = path / "optimizer.json"
+        saved = loaded["optimizer_meta"]
+        bad = [f"{len(saved['param_groups'])} parameter groups, expected {len(groups)}"] \
+            if len(saved["param_groups"]) != len(groups) else []
+        for n, (got, want) in enumerate(zip(saved["param_groups"], groups)):
+            if sorted(got) != sorted(want):
+                bad.append(f"group {n} has entries {sorted(got)}, expected {sorted(want)}")
+            elif got["params"] != want["params"]:
+                bad.append(f"group {n} holds other parameters")
+            else:
+                bad += [f"group {n} entry {k!r} is {got[k]!r}" for k in want if kind(got[k]) is not kind(want[k])]
+        if any(not str(k).isdigit() or int(k) >= len(params) for k in saved["scalars"]):
+            bad.append(f"scalars for parameters {sorted(saved['scalars'])}")
+        if bad:
+            raise BrainreconError(f"{meta_file} does not match the optimizer: {'; '.join(bad[:4])}; {CHECKPOINT_FIX}.")
+
+    return check
+
+
+def newest_intact_checkpoint(directory: str | Path, log: Callable[[str], None] = print,
+                             check: Callable[[Path, dict[str, Any]], None] | None = None
                              ) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` whose files read back intact, and its contents.
 
-    Damaged ones (cut mid-write, disk full, a bad copy) are skipped, each with a line naming it;
-    None when there is no checkpoint; a :class:`BrainreconError` when every one is damaged.
+    Damaged ones (cut mid-write, disk full, a bad copy, or not matching ``check``: see
+    :func:`checkpoint_check`) are skipped, each with a line naming it; None when there is no
+    checkpoint; a :class:`BrainreconError` when every one is damaged.
     """
     found = list_checkpoints(directory)
     damaged = []
     for path in reversed(found):
         try:
             loaded = read_checkpoint(path)
+            if check is not None:
+                check(path, loaded)
         except BrainreconError as exc:
             damaged.append(str(exc))
             log(f"Skipping damaged checkpoint {path.name}: {exc}")
@@ -478,7 +541,8 @@ def run_training(
 
     start, losses = 0, []
     if cfg.resume and cfg.checkpoint_dir:
-        found = newest_intact_checkpoint(cfg.checkpoint_dir, log=accelerator.print)
+        found = newest_intact_checkpoint(cfg.checkpoint_dir, log=accelerator.print,
+                                         check=checkpoint_check(net, optimizer))
         if found:
             start, losses = load_checkpoint(found[0], net, optimizer, cfg, loaded=found[1])
             for group in optimizer.param_groups:  # the settings given now win over the saved ones
