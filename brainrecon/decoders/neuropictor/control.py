@@ -133,6 +133,9 @@ def save_controlnet(controlnet, directory: Path) -> None:
     cn_dir.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in dict(controlnet.config).items() if not k.startswith("_")}
     config["_class_name"] = type(controlnet).__name__
+    import diffusers
+
+    config["_diffusers_version"] = diffusers.__version__  # which constructor arguments it has
     write_json_atomic(cn_dir / "config.json", config)
     save_safetensors_atomic(controlnet_state_without_embedding(controlnet), cn_dir / CONTROLNET_WEIGHTS)
     save_safetensors_atomic(controlnet.controlnet_cond_embedding.state_dict(),
@@ -184,9 +187,17 @@ def load_controlnet(directory: Path, feature_transform: FeatureTransform):
             f"{config_path} is missing; {directory} is not a complete saved NeuroPictor decoder."
         )
     fix = SAVED_FIX
-    config = read_json(config_path, required=_config_kinds(),
-                       types={k: v for k, v in _config_kinds().items() if v}, fix=fix)
+    import diffusers
+
+    config = read_json(config_path, types={k: v for k, v in _config_kinds().items() if v}, fix=fix)
+    if isinstance(config, dict) and config.get("_diffusers_version", diffusers.__version__) == diffusers.__version__:
+        # Written with this diffusers (or before the version was recorded): every constructor
+        # argument was saved, so a missing one is damage. A file from another diffusers version
+        # may lack arguments added since; those take diffusers' defaults, as its own loader does.
+        config = read_json(config_path, required=_config_kinds(),
+                           types={k: v for k, v in _config_kinds().items() if v}, fix=fix)
     config.pop("_class_name", None)
+    config.pop("_diffusers_version", None)
     load_safetensors_strict(feature_transform, directory / FEATURE_TRANSFORM_FILE,
                             "feature transformation", assign=True)
     try:
