@@ -37,7 +37,7 @@ import numpy as np
 
 from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays
 from brainrecon.errors import DataError
-from brainrecon.io import read_json
+from brainrecon.io import load_array, read_json
 
 ENV_VAR = "BRAINRECON_DATA"
 MANIFEST = "brainrecon-data.json"
@@ -132,7 +132,7 @@ def _synthetic_options(source: str) -> dict[str, Any]:
 def detect_format(path: Path) -> str | None:
     if path.is_file() and path.suffix in (".h5", ".hdf5"):
         return "arrays"
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST).exists():  # a damaged manifest is reported by the reader, never skipped
         return "brainrecon"
     if _brain_diffuser_subjects(path):
         return "brain-diffuser"
@@ -150,16 +150,64 @@ def _brain_diffuser_subjects(path: Path) -> list[int]:
         return found
     for d in sorted(root.glob("subj[0-9][0-9]")):
         n = int(d.name[4:])
-        if (d / _BD_VOXELS.format(split="train", n=n)).is_file():
+        if (d / _BD_VOXELS.format(split="train", n=n)).exists():
             found.append(n)
     return found
 
 
 def _mmap(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{path} could not be read as a plain .npy array: {exc}") from exc
+    return load_array(path, mmap=True, fix="re-create it with the command that wrote it")
+
+
+_FIX_BR = "re-run `brainrecon prepare-nsd` (and prepare-surfaces) for this subject"
+_FIX_BD = ("re-run `brainrecon prepare-nsd --format brain-diffuser` (or Brain-Diffuser's prepare_nsddata.py) "
+           "for this subject")
+_FIX_H5 = "re-create the file with the datasets described in brainrecon.data.loaders"
+# name -> (accepted dtype kinds, shape as shown, number of dimensions)
+_ARRAY_KINDS = {
+    "voxels": ("f", "float (n, n_voxels)", 2),
+    "ids": ("iu", "integer (n,)", 1),
+    "images": ("u", "uint8 (n, H, W, 3)", 4),
+    "captions": ("USO", "strings (n, k)", 2),
+    "surfaces": ("f", "float (n, H, W)", 3),
+}
+
+
+def _checked(path: Path, name: str, arr: Any, fix: str, kinds: str | None = None) -> Any:
+    """``arr`` read from ``path`` as the ``name`` array of a split; a wrong dtype or shape is a
+    :class:`DataError` naming the file, expected vs found, and ``fix``."""
+    want_kinds, shown, ndim = _ARRAY_KINDS[name]
+    kinds = kinds or want_kinds
+    dtype, shape = np.dtype(arr.dtype), tuple(arr.shape)
+    ok = dtype.kind in kinds and len(shape) == ndim and (name != "images" or shape[-1] == 3)
+    if ok and name == "images" and dtype.kind == "u":
+        ok = dtype == np.uint8
+    if name == "captions" and dtype.kind == "O":  # h5py variable-length strings
+        ok = ok and (not len(arr) or isinstance(np.asarray(arr[:1]).reshape(-1)[0], (str, bytes)))
+    if not ok:
+        if kinds != want_kinds and name == "images":
+            shown = "uint8 or float (n, H, W, 3)"
+        raise DataError(f"{path} holds {dtype} of shape {shape}, expected {shown}; {fix}.")
+    return arr
+
+
+def _check_rows(files: dict[str, tuple[Path, Any]], fix: str) -> None:
+    """Every array of one split has one row per voxel row; the split is not empty."""
+    vox_path, voxels = files["voxels"]
+    n = int(voxels.shape[0])
+    if n == 0:
+        raise DataError(f"{vox_path} has 0 rows (an empty split); {fix}.")
+    for name, (path, arr) in files.items():
+        if arr is not None and int(arr.shape[0]) != n:
+            raise DataError(f"{path} has {int(arr.shape[0])} rows but {vox_path} has {n}; the files of one split "
+                            f"must match row for row; {fix}.")
+
+
+def _check_voxel_counts(first: tuple[Path, Any], second: tuple[Path, Any], fix: str) -> None:
+    (p1, a1), (p2, a2) = first, second
+    if a1.shape[1] != a2.shape[1]:
+        raise DataError(f"{p1} has {a1.shape[1]} voxels per row but {p2} has {a2.shape[1]}; both splits must come "
+                        f"from the same ROI mask; {fix}.")
 
 
 def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None = None) -> Dataset:
@@ -179,30 +227,35 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
     all_ids_known = True
     for s in wanted:
         d = root / f"subj{s:02d}"
-        splits = {}
+        splits, voxel_files = {}, {}
         for split in SPLITS:
             vox_file = d / _BD_VOXELS.format(split=split, n=s)
-            if not vox_file.is_file():
-                raise DataError(f"Missing {vox_file} (Brain-Diffuser {split} voxels of subject {s}).")
-            voxels = _mmap(vox_file)
+            if not vox_file.exists():
+                raise DataError(f"Missing {vox_file} (Brain-Diffuser {split} voxels of subject {s}); {_FIX_BD}.")
+            voxels = _checked(vox_file, "voxels", load_array(vox_file, mmap=True, fix=_FIX_BD), _FIX_BD)
             n = voxels.shape[0]
             stim = d / _BD_STIM.format(split=split, n=s)
             cap = d / _BD_CAP.format(split=split, n=s)
             ids_file = d / _BD_IDS.format(split=split, n=s)
-            if ids_file.is_file():
-                ids = np.load(ids_file, allow_pickle=False)
+            files: dict[str, tuple[Path, Any]] = {"voxels": (vox_file, voxels)}
+            if ids_file.exists():
+                ids = _checked(ids_file, "ids", load_array(ids_file, fix=_FIX_BD), _FIX_BD)
+                files["ids"] = (ids_file, ids)
             else:
                 ids = np.arange(n) if split == "test" else 1_000_000 * s + np.arange(n)
                 all_ids_known = False
-            captions = None
-            if cap.is_file():
-                captions = np.load(cap, allow_pickle=False)
-            splits[split] = SplitArrays(
-                voxels=voxels,
-                ids=ids,
-                images=_mmap(stim) if stim.is_file() else None,
-                captions=captions,
-            )
+            images = captions = None
+            if stim.exists():
+                # Brain-Diffuser stores its stimuli as float64 in 0..255.
+                images = _checked(stim, "images", load_array(stim, mmap=True, fix=_FIX_BD), _FIX_BD, kinds="uf")
+                files["images"] = (stim, images)
+            if cap.exists():
+                captions = _checked(cap, "captions", load_array(cap, fix=_FIX_BD), _FIX_BD, kinds="US")
+                files["captions"] = (cap, captions)
+            _check_rows(files, _FIX_BD)
+            voxel_files[split] = (vox_file, voxels)
+            splits[split] = SplitArrays(voxels=voxels, ids=ids, images=images, captions=captions)
+        _check_voxel_counts(voxel_files["train"], voxel_files["test"], _FIX_BD)
         data[s] = splits
     spec = {"kind": "brain-diffuser", "path": str(path.resolve()), "subjects": wanted}
     return Dataset(data, spec=spec, name=f"brain-diffuser:{path.name}", ids_are_nsd=all_ids_known)
@@ -211,42 +264,43 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
 def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = None) -> Dataset:
     """Open a directory prepared by ``brainrecon prepare-nsd`` (see the module docstring)."""
     path = Path(path)
-    manifest = read_json(path / MANIFEST)
-    if manifest.get("format") != "brainrecon-data":
-        raise DataError(f"{path / MANIFEST} is not a brainrecon data manifest (format field).")
-    present = [int(s) for s in manifest.get("subjects", [])]
+    manifest = read_brainrecon_manifest(path / MANIFEST, fix=_FIX_BR)
+    present = manifest["subjects"]
     wanted = present if subjects is None else [int(s) for s in subjects]
     missing = [s for s in wanted if s not in present]
     if missing or not wanted:
         raise DataError(
-            f"Subject(s) {missing or wanted} not prepared in {path}; subjects present: {present}. "
-            f"Run: brainrecon prepare-nsd --subject N --out {path}"
+            f"Subject(s) {missing or wanted} not prepared in {path}; subjects present: {present} "
+            f"(its {MANIFEST}). Run: brainrecon prepare-nsd --subject N --out {path}"
         )
     data = {}
     for s in wanted:
         d = path / f"subj{s:02d}"
-        splits = {}
+        splits, voxel_files = {}, {}
         for split in SPLITS:
-            def opt(name: str):
+            files: dict[str, tuple[Path, Any]] = {}
+            for name in ("voxels", "ids", "images", "captions", "surfaces"):
                 f = d / f"{split}_{name}.npy"
-                return _mmap(f) if f.is_file() else None
+                if not f.exists():
+                    if name in ("voxels", "ids"):
+                        raise DataError(f"Missing {f} (subject {s} is listed in {path / MANIFEST}); {_FIX_BR}.")
+                    continue
+                lazy = name in ("voxels", "images", "surfaces")
+                files[name] = (f, _checked(f, name, load_array(f, mmap=lazy, fix=_FIX_BR), _FIX_BR))
+            _check_rows(files, _FIX_BR)
+            voxel_files[split] = files["voxels"]
 
-            voxels = opt("voxels")
-            ids = opt("ids")
-            if voxels is None or ids is None:
-                raise DataError(
-                    f"Missing {d}/{split}_voxels.npy or {split}_ids.npy; re-run brainrecon prepare-nsd."
-                )
-            captions = None
-            if (d / f"{split}_captions.npy").is_file():
-                captions = np.load(d / f"{split}_captions.npy", allow_pickle=False)
+            def get(name: str):
+                return files[name][1] if name in files else None
+
             splits[split] = SplitArrays(
-                voxels=voxels,
-                ids=np.asarray(ids),
-                images=opt("images"),
-                captions=captions,
-                surfaces=opt("surfaces"),
+                voxels=get("voxels"),
+                ids=np.asarray(get("ids")),
+                images=get("images"),
+                captions=get("captions"),
+                surfaces=get("surfaces"),
             )
+        _check_voxel_counts(voxel_files["train"], voxel_files["test"], _FIX_BR)
         data[s] = splits
     spec = {"kind": "brainrecon", "path": str(path.resolve()), "subjects": wanted,
             "source": manifest.get("source", {})}
@@ -254,8 +308,32 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
         data,
         spec=spec,
         name=manifest.get("name", f"brainrecon:{path.name}"),
-        ids_are_nsd=bool(manifest.get("ids_are_nsd", True)),
+        ids_are_nsd=manifest.get("ids_are_nsd", True),
     )
+
+
+def read_brainrecon_manifest(path: str | os.PathLike, *, fix: str) -> dict[str, Any]:
+    """Read and check a ``brainrecon-data.json`` manifest: an object with ``format``
+    "brainrecon-data", ``subjects`` (a list of subject numbers), ``source`` (an object whose
+    ``kind`` is a string) and optional fields of the right kinds; anything else is one
+    :class:`DataError` naming the file, expected vs found, and ``fix``."""
+    path = Path(path)
+    manifest = read_json(path, required=("format", "subjects", "source"), fix=fix,
+                         types={"format": str, "subjects": list, "source": dict, "ids_are_nsd": bool,
+                                "name": str, "version": int, "subject_info": dict, "surfaces": dict})
+    if manifest["format"] != "brainrecon-data":
+        raise DataError(f"{path} is not a brainrecon data manifest: its 'format' is {manifest['format']!r}, expected "
+                        f"'brainrecon-data'; {fix}.")
+    subjects = manifest["subjects"]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in subjects):
+        raise DataError(f"{path}: 'subjects' is {subjects!r}, expected a list of subject numbers; {fix}.")
+    if not isinstance(manifest["source"].get("kind", ""), str):
+        raise DataError(f"{path}: 'source.kind' is {manifest['source']['kind']!r}, expected a string; {fix}.")
+    for key in ("subject_info", "surfaces"):
+        bad = [k for k, v in manifest.get(key, {}).items() if not isinstance(v, dict)]
+        if bad:
+            raise DataError(f"{path}: '{key}' entries {bad} are not objects; {fix}.")
+    return manifest
 
 
 def load_arrays_file(path: str | os.PathLike, subjects: Sequence[int] | None = None) -> Dataset:
@@ -266,7 +344,8 @@ def load_arrays_file(path: str | os.PathLike, subjects: Sequence[int] | None = N
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path} could not be opened as HDF5: {exc}") from exc
+        raise DataError(f"{path} could not be opened as HDF5 ({exc}); the file is damaged, truncated or not "
+                        f"HDF5; {_FIX_H5}.") from None
     present = sorted(int(m.group(1)) for k in f.keys() if (m := re.fullmatch(r"subj(\d\d)", k)))
     wanted = present if subjects is None else [int(s) for s in subjects]
     missing = [s for s in wanted if s not in present]
@@ -275,30 +354,86 @@ def load_arrays_file(path: str | os.PathLike, subjects: Sequence[int] | None = N
             f"{path}: subject group(s) {['subj%02d' % s for s in (missing or wanted)]} not found; "
             f"groups present: {list(f.keys())}."
         )
+    ids_are_nsd = f.attrs.get("ids_are_nsd", False)
+    if not isinstance(ids_are_nsd, (bool, np.bool_)):
+        raise DataError(f"{path}: attribute 'ids_are_nsd' is {ids_are_nsd!r}, expected true or false; {_FIX_H5}.")
+    ids_are_nsd = bool(ids_are_nsd)
     data = {}
     for s in wanted:
         g = f[f"subj{s:02d}"]
-        splits = {}
+        if not isinstance(g, h5py.Group):
+            raise DataError(f"{path}: subj{s:02d} is a dataset, expected a group; {_FIX_H5}.")
+        splits, voxel_files = {}, {}
         for split in SPLITS:
+            # Optional datasets come in pairs: one split having what the other lacks is damage.
+            # (Ids may be given for one split only: the other gets row positions.)
+            for name in ("images", "captions", "surfaces"):
+                have = [sp for sp in SPLITS if f"{sp}_{name}" in g]
+                if len(have) == 1:
+                    other = "test" if have[0] == "train" else "train"
+                    raise DataError(f"{path}: dataset subj{s:02d}/{have[0]}_{name} is present but "
+                                    f"subj{s:02d}/{other}_{name} is missing; {_FIX_H5}.")
             if f"{split}_voxels" not in g:
-                raise DataError(f"{path}: dataset subj{s:02d}/{split}_voxels is missing.")
-            voxels = g[f"{split}_voxels"]
-            n = voxels.shape[0]
-            ids = g[f"{split}_ids"][:] if f"{split}_ids" in g else (
-                np.arange(n) if split == "test" else 1_000_000 * s + np.arange(n)
-            )
-            captions = g[f"{split}_captions"][:].astype(str) if f"{split}_captions" in g else None
-            splits[split] = SplitArrays(
-                voxels=voxels,
-                ids=ids,
-                images=g[f"{split}_images"] if f"{split}_images" in g else None,
-                captions=captions,
-                surfaces=g[f"{split}_surfaces"] if f"{split}_surfaces" in g else None,
-            )
+                raise DataError(f"{path}: dataset subj{s:02d}/{split}_voxels is missing; {_FIX_H5}.")
+            files: dict[str, tuple[str, Any]] = {}
+            for name in ("voxels", "ids", "images", "captions", "surfaces"):
+                key = f"{split}_{name}"
+                if key not in g:
+                    continue
+                dset = g[key]
+                where = f"{path}: dataset subj{s:02d}/{key}"
+                if not isinstance(dset, h5py.Dataset):
+                    raise DataError(f"{where} is a group, expected a dataset; {_FIX_H5}.")
+                kinds = "SUO" if name == "captions" else None
+                arr = _checked(Path(f"{where}"), name, dset, _FIX_H5, kinds=kinds)
+                if name in ("ids", "captions"):
+                    arr = _H5Array(arr, path)[()]
+                    arr = arr.astype(str) if name == "captions" else arr
+                else:
+                    arr = _H5Array(arr, path)
+                files[name] = (where, arr)
+            _check_rows(files, _FIX_H5)
+            voxel_files[split] = files["voxels"]
+            n = files["voxels"][1].shape[0]
+
+            def get(name: str):
+                return files[name][1] if name in files else None
+
+            ids = get("ids")
+            if ids is None:
+                ids = np.arange(n) if split == "test" else 1_000_000 * s + np.arange(n)
+            splits[split] = SplitArrays(voxels=get("voxels"), ids=ids, images=get("images"),
+                                        captions=get("captions"), surfaces=get("surfaces"))
+        _check_voxel_counts(voxel_files["train"], voxel_files["test"], _FIX_H5)
         data[s] = splits
-    ids_are_nsd = bool(f.attrs.get("ids_are_nsd", False))
     spec = {"kind": "arrays", "path": str(path.resolve()), "subjects": wanted}
     return Dataset(data, spec=spec, name=f"arrays:{path.name}", ids_are_nsd=ids_are_nsd)
+
+
+class _H5Array:
+    """An HDF5 dataset read lazily; a read that fails (a damaged file) is a :class:`DataError`
+    naming the file instead of h5py's OSError."""
+
+    def __init__(self, dset: Any, path: Path):
+        self._dset = dset
+        self.path = path
+        self.shape = tuple(dset.shape)
+        self.dtype = dset.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        try:
+            return self._dset[index]
+        except OSError as exc:
+            raise DataError(f"{self.path}: dataset {self._dset.name} could not be read ({exc}); the file is damaged "
+                            f"or truncated; {_FIX_H5}.") from None
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = np.asarray(self[()])
+        return arr if dtype is None else arr.astype(dtype)
 
 
 def dataset_from_spec(spec: dict[str, Any]) -> Dataset:

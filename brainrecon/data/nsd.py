@@ -257,18 +257,31 @@ def read_design(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if field not in mat:
             raise DataError(f"{path} has no field {field!r} (fields: "
                             f"{sorted(k for k in mat if not k.startswith('__'))}); expected NSD's nsd_expdesign.mat.")
-    mo = np.asarray(mat["masterordering"]).reshape(-1)
-    si = np.asarray(mat["subjectim"])
+    fields = {}
+    for field in ("masterordering", "subjectim", "sharedix"):
+        if field not in mat:
+            continue
+        value = np.asarray(mat[field])
+        if value.dtype.kind not in "iuf" or (value.dtype.kind == "f" and not (
+                np.isfinite(value).all() and (value == np.round(value)).all())):
+            raise DataError(f"{path}: {field} holds {value.dtype} values that are not whole numbers; expected NSD's "
+                            f"nsd_expdesign.mat (1-based integer indices). {_DOWNLOAD_HINT}")
+        fields[field] = value
+    mo = fields["masterordering"].reshape(-1)
+    si = fields["subjectim"]
     if si.ndim != 2 or si.shape[0] != 8:
-        raise DataError(f"{path}: subjectim has shape {si.shape}; expected (8, 10000).")
+        raise DataError(f"{path}: subjectim has shape {si.shape}; expected (8, 10000). {_DOWNLOAD_HINT}")
     out["masterordering"] = mo.astype(np.int64)
     out["subjectim"] = si.astype(np.int64)
-    if "sharedix" in mat:
-        out["sharedix"] = np.asarray(mat["sharedix"]).reshape(-1).astype(np.int64)
+    if "sharedix" in fields:
+        out["sharedix"] = fields["sharedix"].reshape(-1).astype(np.int64)
     n_list = si.shape[1]
     if mo.size and (mo.min() < 1 or mo.max() > n_list):
         raise DataError(f"{path}: masterordering holds values {mo.min()}..{mo.max()}; expected 1-based "
-                        f"positions 1..{n_list} into subjectim.")
+                        f"positions 1..{n_list} into subjectim. {_DOWNLOAD_HINT}")
+    if si.size and (si.min() < 1 or si.max() > 73000):
+        raise DataError(f"{path}: subjectim holds values {si.min()}..{si.max()}; expected 1-based NSD image ids "
+                        f"1..73000. {_DOWNLOAD_HINT}")
     return out
 
 
@@ -322,7 +335,7 @@ def plan_trials(design: dict[str, np.ndarray], subject: int, n_sessions: int, te
     n_trials = n_sessions * TRIALS_PER_SESSION
     if mo.size < n_trials:
         raise DataError(f"nsd_expdesign.mat: masterordering has {mo.size} trials but {n_sessions} sessions "
-                        f"need {n_trials}.")
+                        f"need {n_trials}. {_DOWNLOAD_HINT}")
     pos = mo[:n_trials]
     ids = design["subjectim"][subject - 1, pos - 1] - 1
     shared = pos <= N_SHARED
@@ -332,7 +345,7 @@ def plan_trials(design: dict[str, np.ndarray], subject: int, n_sessions: int, te
         old_n = OLD_RELEASE_SESSIONS * TRIALS_PER_SESSION
         if mo.size < old_n:
             raise DataError(f"nsd_expdesign.mat: masterordering has {mo.size} trials; the 982 test set needs "
-                            f"the first {old_n}.")
+                            f"the first {old_n}. {_DOWNLOAD_HINT}")
         old_pos = np.unique(mo[:old_n][mo[:old_n] <= N_SHARED])
         outside = shared & ~np.isin(pos, old_pos)
         split[outside] = -1
@@ -448,6 +461,7 @@ def read_session_betas(
         if shape[3] != TRIALS_PER_SESSION:
             raise DataError(f"{path} has {shape[3]} volumes; expected {TRIALS_PER_SESSION} trials per NSD session.")
         out = None
+        nonzero = False
         for t0 in range(0, TRIALS_PER_SESSION, block):
             t1 = min(TRIALS_PER_SESSION, t0 + block)
             chunk = np.asarray(img.dataobj[..., t0:t1])
@@ -456,6 +470,7 @@ def read_session_betas(
                 dtype = chunk.dtype if np.issubdtype(chunk.dtype, np.integer) else np.float32
                 out = np.empty((TRIALS_PER_SESSION, masked.shape[0]), dtype=dtype)
             out[t0:t1] = masked.T
+            nonzero = nonzero or bool(masked.any())
             del chunk, masked
             if progress is not None:
                 progress(t1 - t0)
@@ -466,6 +481,9 @@ def read_session_betas(
     finally:
         # The array proxy closes the file it kept open when it is collected.
         del img
+    if not nonzero:
+        raise DataError(f"{path} holds only zeros inside the ROI mask {mask_path}; the file is damaged or not a "
+                        f"session's betas. {_DOWNLOAD_HINT}")
     return out
 
 
@@ -497,7 +515,7 @@ class NpyRowWriter:
                 existing = np.load(self.path, mmap_mode="r")
                 if existing.shape != self.shape or existing.dtype != self.dtype:
                     existing = None
-            except ValueError:
+            except (ValueError, OSError, EOFError):
                 existing = None
         if existing is None:
             existing = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype, shape=self.shape)
@@ -646,6 +664,21 @@ def prepare_nsd(
         source["ncsnr_threshold"] = float(ncsnr_threshold)
         source["voxel_order"] = f"nibabel C order over (X, Y, Z) of nsdgeneral > 0 and ncsnr > {float(ncsnr_threshold):g}"
     subject_dir = out / f"subj{subject:02d}"
+    partial = out / f".prepare-nsd-subj{subject:02d}.partial"
+    request = {"source": source, "format": format, "nsd_root": str(root.resolve()), "n_sessions": n_sessions,
+               "captions": str(captions.resolve()) if captions is not None else None}
+    # A run killed after its finished subject folder was swapped in (before or after the manifest
+    # was written, before its work folder was removed) is completed here without redoing it.
+    finished = None if overwrite else _finished_run(partial, subject_dir, request)
+    if finished is not None:
+        manifest = _read_manifest(out) if format == "brainrecon" else None
+        if format == "brainrecon" and (manifest is None or subject not in manifest["subjects"]
+                                       or manifest.get("subject_info", {}).get(str(subject)) != finished["info"]):
+            _update_manifest(out, subject, source, finished["info"], name)
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"prepare-nsd: subject {subject} was finished by an earlier run that was stopped before it cleaned up; "
+              f"removed the work folder {partial} left by an earlier run.", file=sys.stderr)
+        return {**finished["summary"], "out": subject_dir, "peak_memory_mb": peak_memory_mb()}
     # Fail fast, before any long work: the output directory, then every input file.
     _check_output(out, subject, format, source, overwrite)
     for session in range(1, n_sessions + 1):
@@ -672,7 +705,6 @@ def prepare_nsd(
                             f"({release.ncsnr}); choose a lower --ncsnr-threshold.")
     n_voxels = int(mask.sum())
 
-    partial = out / f".prepare-nsd-subj{subject:02d}.partial"
     partial.mkdir(parents=True, exist_ok=True)
     state = _load_state(partial, subject, mask, release.mask)
 
@@ -694,8 +726,6 @@ def prepare_nsd(
         os.replace(images[split], build / names["images"].format(**fill))
         if caps is not None:
             write_array_atomic(build / names["captions"].format(**fill), caps[split])
-    replace_directory(build, subject_dir)
-
     summary = {
         "subject": subject,
         "out": subject_dir,
@@ -708,6 +738,7 @@ def prepare_nsd(
         "format": format,
         "n_dropped_shared": plan.n_dropped_shared,
     }
+    info = None
     if format == "brainrecon":
         info = {
             "nsd_root": str(root.resolve()),
@@ -718,6 +749,12 @@ def prepare_nsd(
             "n_dropped_shared": plan.n_dropped_shared,
             "captions": str(captions.resolve()) if captions is not None else None,
         }
+    # Recorded before the swap: a rerun after a kill from here on finishes without redoing anything.
+    state["finished"] = {"request": request, "info": info,
+                         "summary": {k: v for k, v in summary.items() if k != "out"}}
+    _save_state(state)
+    replace_directory(build, subject_dir)
+    if format == "brainrecon":
         _update_manifest(out, subject, source, info, name)
     shutil.rmtree(partial, ignore_errors=True)
     summary["peak_memory_mb"] = peak_memory_mb()
@@ -726,31 +763,49 @@ def prepare_nsd(
 
 # ----------------------------------------------------------------------------- steps
 def _read_manifest(out: Path) -> dict[str, Any] | None:
+    from brainrecon.data.loaders import read_brainrecon_manifest
+
     path = out / MANIFEST
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        manifest = read_json(path)
-    except ValueError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); fix or remove it.") from exc
-    if manifest.get("format") != "brainrecon-data":
-        raise DataError(f"{path} is not a brainrecon data manifest (its 'format' is {manifest.get('format')!r}).")
-    return manifest
+    return read_brainrecon_manifest(path, fix=f"fix or remove it (then re-run prepare-nsd for every subject of {out})")
 
 
 _RECIPE_KEYS = ("kind", "beta_version", "sessions", "test_set", "zscore")
+
+
+def _finished_run(partial: Path, subject_dir: Path, request: dict) -> dict[str, Any] | None:
+    """What an earlier run of the same request recorded as finished, when its subject folder is in
+    place (swapped in: the work folder has no ``out`` build left), else None."""
+    state_file = partial / "state.json"
+    if not (state_file.is_file() and subject_dir.is_dir()) or (partial / "out").exists():
+        return None
+    try:
+        state = read_json(state_file)
+    except BrainreconError:
+        return None
+    finished = state.get("finished") if isinstance(state, dict) else None
+    if not (isinstance(finished, dict) and finished.get("request") == request
+            and isinstance(finished.get("summary"), dict)):
+        return None
+    if request["format"] == "brainrecon" and not isinstance(finished.get("info"), dict):
+        return None
+    return finished
 
 
 def _check_output(out: Path, subject: int, format: str, source: dict, overwrite: bool) -> None:
     subject_dir = out / f"subj{subject:02d}"
     manifest = _read_manifest(out) if format == "brainrecon" else None
     present = [int(s) for s in manifest.get("subjects", [])] if manifest else []
+    partial = out / f".prepare-nsd-subj{subject:02d}.partial"
+    unfinished = partial.is_dir()
     if subject in present and not overwrite:
+        left = (f" The work folder {partial} of an unfinished earlier run is there too: --overwrite resumes "
+                f"from what it staged, or delete it." if unfinished else "")
         raise DataError(f"Subject {subject} is already prepared in {out}; pass --overwrite to replace it "
-                        f"(its surface maps, if any, are dropped and must be prepared again).")
+                        f"(its surface maps, if any, are dropped and must be prepared again).{left}")
     # A run killed after swapping the subject directory in, before recording it (manifest) and
     # removing its work folder, is finished by re-running the same command.
-    unfinished = (out / f".prepare-nsd-subj{subject:02d}.partial").is_dir()
     if subject_dir.exists() and not overwrite and not unfinished:
         # Another layout's files are never replaced silently.
         raise DataError(f"{subject_dir} already exists; pass --overwrite to replace it, or choose another --out.")
@@ -783,24 +838,43 @@ def _update_manifest(out: Path, subject: int, source: dict, info: dict, name: st
     write_json_atomic(out / MANIFEST, manifest)
 
 
+def _state_ok(state: Any, subject: int, mask_key: dict) -> bool:
+    """Whether a read ``state.json`` has the structure this version writes (else staging restarts)."""
+    if not (isinstance(state, dict) and state.get("version") == STATE_VERSION and state.get("subject") == subject
+            and state.get("mask") == mask_key and isinstance(state.get("sessions"), dict)
+            and isinstance(state.get("images"), dict)):
+        return False
+    for entry in state["images"].values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("key"), dict) and isinstance(entry.get("done"), int)
+                and not isinstance(entry["done"], bool) and entry["done"] >= 0):
+            return False
+    return True
+
+
 def _load_state(partial: Path, subject: int, mask: np.ndarray, mask_path: Path) -> dict[str, Any]:
     state_file = partial / "state.json"
     mask_key = {"shape": list(mask.shape), "n_voxels": int(mask.sum()), "sha": _sha(np.packbits(mask))}
     state = None
+    if state_file.is_dir():
+        shutil.rmtree(state_file)
     if state_file.is_file():
         try:
             state = read_json(state_file)
         except (ValueError, BrainreconError):  # damaged: start this subject's staging over
             state = None
-    if (state is None or state.get("version") != STATE_VERSION or state.get("subject") != subject
-            or state.get("mask") != mask_key):
-        # Nothing staged is valid for this mask: start over.
+    if not _state_ok(state, subject, mask_key):
+        # Nothing staged is valid for this mask (or the state is damaged): start over.
         for sub in ("betas",):
             shutil.rmtree(partial / sub, ignore_errors=True)
         state = {"version": STATE_VERSION, "subject": subject, "mask": mask_key, "sessions": {}, "images": {}}
         write_json_atomic(state_file, state)
     state["_file"] = str(state_file)
     return state
+
+
+def _staged_key(src: Path, dst: Path) -> dict[str, Any]:
+    """What a staged session is valid for: its source file and the staged file as written."""
+    return {"source": _file_key(src), "staged": _file_key(dst)}
 
 
 def _save_state(state: dict[str, Any]) -> None:
@@ -817,7 +891,10 @@ def _stage_sessions(release: NSDRelease, plan: TrialPlan, mask: np.ndarray, part
         src = release.betas(session)
         dst = staged_dir / f"session_{session:02d}.npy"
         paths.append(dst)
-        if not (dst.is_file() and state["sessions"].get(str(session)) == _file_key(src)):
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        # A staged file that was changed or replaced since it was written is staged again.
+        if not (dst.is_file() and state["sessions"].get(str(session)) == _staged_key(src, dst)):
             todo.append((session, src, dst))
     outer = _tqdm(progress, total=plan.n_sessions, initial=plan.n_sessions - len(todo),
                   desc=f"subj{plan.subject:02d} betas", unit="session")
@@ -828,7 +905,7 @@ def _stage_sessions(release: NSDRelease, plan: TrialPlan, mask: np.ndarray, part
                 betas = read_session_betas(src, mask, mask_path=release.mask, progress=bar.update)
             write_array_atomic(dst, betas)
             del betas
-            state["sessions"][str(session)] = _file_key(src)
+            state["sessions"][str(session)] = _staged_key(src, dst)
             _save_state(state)
             outer.update(1)
     return paths
@@ -860,7 +937,11 @@ def _average(plan: TrialPlan, staged: list[Path], n_voxels: int, zscore: str, pr
     counts = {split: np.zeros(plan.ids(split).size, dtype=np.int64) for split in _SPLITS}
     with _tqdm(progress, total=len(staged), desc=f"subj{plan.subject:02d} average", unit="session") as bar:
         for s, path in enumerate(staged):
-            betas = np.load(path, allow_pickle=False)
+            try:
+                betas = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise DataError(f"Staged betas {path} could not be read ({exc}); delete {path.parent.parent} and "
+                                f"re-run.") from None
             if betas.shape != (TRIALS_PER_SESSION, n_voxels):
                 raise DataError(f"Staged betas {path} have shape {betas.shape}, expected "
                                 f"({TRIALS_PER_SESSION}, {n_voxels}); delete {path.parent.parent} and re-run.")
@@ -918,7 +999,11 @@ def _copy_images(stimuli: Path, plan: TrialPlan, partial: Path, state: dict[str,
             paths[split] = path
             key = {"ids": _sha(ids), "source": source_key, "shape": [int(ids.size), *shape_hw]}
             entry = state["images"].get(split)
-            resume = bool(entry and entry.get("key") == key and path.is_file())
+            if path.is_dir():
+                shutil.rmtree(path)
+            # A half-copied file that is no longer the array started (truncated, replaced) starts over.
+            resume = bool(entry and entry.get("key") == key and _npy_matches(path, (int(ids.size), *shape_hw), np.uint8)
+                          and int(entry["done"]) <= ids.size)
             done = int(entry["done"]) if resume else 0
             if not resume:
                 state["images"][split] = {"key": key, "done": 0}
@@ -936,6 +1021,18 @@ def _copy_images(stimuli: Path, plan: TrialPlan, partial: Path, state: dict[str,
     finally:
         f.close()
     return paths
+
+
+def _npy_matches(path: Path, shape: tuple[int, ...], dtype: Any) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return False
+    ok = arr.shape == tuple(shape) and arr.dtype == np.dtype(dtype)
+    del arr
+    return ok
 
 
 def _read_image(dset, nsd_id: int, path: Path) -> np.ndarray:

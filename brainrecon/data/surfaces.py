@@ -193,17 +193,26 @@ class VCCrop:
         if not path.is_file():
             raise DataError(f"Visual-cortex mask not found: {path}. Expected NeuroPictor's vc_roi.npz "
                             f"(Hugging Face dataset Fudan-fMRI/neuropictor, NSD_full_brain/vc_roi.npz).")
+        import zipfile
+
+        hint = "expected NeuroPictor's vc_roi.npz with an integer array 'images' of shape (1, H, W)"
+        if path.is_dir():
+            raise DataError(f"{path} is a directory; {hint}. Re-download it.")
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "images" not in z:
-                    raise DataError(f"{path} has no array 'images' (arrays: {list(z.keys())}); expected "
-                                    f"NeuroPictor's vc_roi.npz.")
+                    raise DataError(f"{path} has no array 'images' (arrays: {list(z.keys())}); {hint}. Re-download it.")
                 arr = z["images"]
-        except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{path} could not be read ({type(exc).__name__}: {exc}); expected NeuroPictor's "
-                            f"vc_roi.npz with an integer array 'images' of shape (1, H, W).") from exc
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{path} could not be read ({type(exc).__name__}: {exc}); the file is corrupt or "
+                            f"truncated; {hint}. Re-download it.") from None
+        if arr.dtype.kind not in "iufb" or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[0] >= 1)):
+            raise DataError(f"{path} holds {arr.dtype} of shape {arr.shape}; {hint}. Re-download it.")
         mask = arr[0] if arr.ndim == 3 else arr
-        return cls(mask, size)
+        try:
+            return cls(mask, size)
+        except DataError as exc:
+            raise DataError(f"{path}: {exc} Re-download it.") from None
 
     def __call__(self, maps: np.ndarray) -> np.ndarray:
         """Crop and resize.
@@ -260,6 +269,8 @@ class SurfaceSource:
     kind = "abstract"
 
     def __init__(self, subject: int, labels: np.ndarray, path: Path, vc_crop: VCCrop | None = None):
+        #: The file the labels were read from (named in errors about them).
+        self.label_file = path
         self.subject = subject
         self.labels = labels
         self.path = path
@@ -302,6 +313,7 @@ class PerSampleSurfaces(SurfaceSource):
             raise DataError(f"{label_file} could not be read ({type(exc).__name__}: {exc}); expected an integer "
                             f"array of 73k ids.") from exc
         super().__init__(subject, _as_labels(labels, label_file), folder / f"{subject:02d}_norm", vc_crop)
+        self.label_file = label_file
         if not self.path.is_dir():
             raise DataError(f"Surface folder not found: {self.path}; expected NeuroPictor's "
                             f"fmri_npy/{subject:02d}_norm/surf_000000.npy ... (unzip NSD/fmri_npy.zip).")
@@ -351,7 +363,16 @@ class FullBrainSurfaces(SurfaceSource):
             raise DataError(f"{h5_path} lacks dataset(s) {missing} (datasets: {keys}); expected 'images' (N, H, W) "
                             f"and 'labels' (N,).")
         self._images = self._file["images"]
-        labels = _as_labels(self._file["labels"][:], h5_path)
+        if self._images.dtype.kind != "f":
+            dtype = self._images.dtype
+            self._file.close()
+            raise DataError(f"{h5_path}: 'images' holds {dtype} values; expected float maps (N, H, W). Re-download "
+                            f"NeuroPictor's {subject:02d}_norm.h5.")
+        try:
+            labels = _as_labels(self._file["labels"][()], h5_path)
+        except (OSError, DataError):
+            self._file.close()
+            raise
         if self._images.ndim != 3 or self._images.shape[0] != labels.size:
             shape = self._images.shape
             self._file.close()
@@ -590,7 +611,7 @@ def _join(reader, subject, out, manifest, duplicates, missing, overwrite, progre
         if absent and missing == "error":
             raise DataError(
                 f"{len(absent)} of {ids.size} {split} images of subject {subject} have no surface map in "
-                f"{reader.path} (first ids: {absent[:5]}). The released maps may cover fewer sessions than "
+                f"{reader.path} (listed in {reader.label_file}; first ids: {absent[:5]}). The released maps may cover fewer sessions than "
                 f"the prepared data (NeuroPictor used sessions 1-37: prepare-nsd --sessions 37 --test-set 982), "
                 f"or pass --missing zero to write zero maps for them."
             )
