@@ -236,6 +236,49 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Ite
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, *, shared: bool = False,
+                   waiting: str | None = None) -> Iterator[None]:
+    """Hold an advisory ``flock`` on ``.<name>.lock`` beside ``directory`` for the block.
+
+    Processes sharing a cache take it exclusively to create, fill or swap the directory and
+    shared to read it, so no reader sees files of two versions and no writer's rows are lost
+    in another's rebuild. Waiting is said once on stderr (``waiting`` names what is waited
+    for). The kernel drops a dead holder's lock. Where no lock file can be made (a read-only
+    folder, a system without ``fcntl``) the block runs unlocked: nothing can write there.
+    """
+    import sys
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    directory = Path(directory)
+    lock_path = directory.with_name(f".{directory.name}.lock")
+    try:
+        if not shared:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+        elif not lock_path.parent.is_dir():  # nothing there to read, nor to protect
+            yield
+            return
+        handle = open(lock_path, "a+b")
+    except OSError:
+        yield
+        return
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError:
+            if waiting:
+                print(f"Waiting for another process using {waiting} ({directory})...", file=sys.stderr)
+            fcntl.flock(handle, mode)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
 def restore_directory(final: str | os.PathLike) -> bool:
     """Undo a :func:`replace_directory` cut between its two renames (a kill, a power cut):
     ``final`` is missing and the previous version waits as ``.final.old``; rename it back,

@@ -228,6 +228,7 @@ def _assert_all_gone(started):
         assert not _living_in_group(process.pid), _living_in_group(process.pid)
 
 
+@pytest.mark.numerics
 def test_flower_engine_equals_local_engine(tmp_path, monkeypatch, one_thread, allow_loopback):
     """2 sites x 2 rounds on loopback. Tolerance: exact (atol = rtol = 0).
 

@@ -24,6 +24,9 @@ from brainrecon.errors import BrainreconError, DataError, NotFittedError
 
 from conformance import DecoderConformance
 
+# Compares solvers, engines (numpy, torch) and references: .ci/run repeats these with one thread.
+pytestmark = pytest.mark.numerics
+
 CUDA = pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU"
 )

@@ -10,6 +10,11 @@ Layout of a cache directory::
 Rows are computed in batches and marked filled only after their values are flushed, so an
 interrupted computation resumes where it stopped. Asking for ids the cache does not cover
 rebuilds it with the union of ids (old values kept) under a temporary name, then renames.
+
+Several processes may share one cache (two fits on one machine): filling holds an exclusive
+lock on ``.<name>.lock`` beside the directory, reading a shared one, so a second process
+waits while the first computes, then finds the values there (or computes only what is still
+missing) and never reads files of two versions.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from brainrecon.errors import BrainreconError, DamagedCacheWarning, DataError
-from brainrecon.io import read_json, replace_directory, restore_directory, write_json_atomic
+from brainrecon.io import directory_lock, read_json, replace_directory, restore_directory, write_json_atomic
 from brainrecon.progress import bar_disabled
 
 CACHE_ENV = "BRAINRECON_CACHE"
@@ -59,7 +64,15 @@ class IdKeyedCache:
         self.dtype = np.dtype(dtype)
         self.description = description or {}
         self._damaged = False  # set when the files are found damaged: rebuilt on the next fill
-        restore_directory(self.directory)  # a rebuild killed mid-swap left the old cache aside
+        if self.directory.exists() or self.directory.with_name(f".{self.directory.name}.old").exists():
+            with self._lock(shared=False):
+                restore_directory(self.directory)  # a rebuild killed mid-swap left the old cache aside
+                self._check_meta()
+
+    def _lock(self, shared: bool):
+        return directory_lock(self.directory, shared=shared, waiting="this cache")
+
+    def _check_meta(self) -> None:
         meta_path = self.directory / "cache.json"
         if meta_path.is_file():
             try:
@@ -156,6 +169,10 @@ class IdKeyedCache:
     def missing(self, ids: np.ndarray) -> np.ndarray:
         """The ids among ``ids`` that have no computed value yet."""
         ids = np.asarray(ids, dtype=np.int64)
+        with self._lock(shared=True):
+            return self._missing(ids)
+
+    def _missing(self, ids: np.ndarray) -> np.ndarray:
         cache_ids, _, filled = self._open("r")
         if cache_ids is None:
             return ids
@@ -170,6 +187,10 @@ class IdKeyedCache:
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Values for ``ids`` as an array of shape (len(ids), *shape); all must be computed."""
         ids = np.asarray(ids, dtype=np.int64)
+        with self._lock(shared=True):
+            return self._get(ids)
+
+    def _get(self, ids: np.ndarray) -> np.ndarray:
         cache_ids, values, filled = self._open("r")
         pos = None if cache_ids is None else self._rows(ids, cache_ids)
         if pos is None or not np.all(filled[pos]):
@@ -183,9 +204,20 @@ class IdKeyedCache:
              batch_size: int = 256, progress: bool = True, desc: str = "computing targets") -> None:
         """Compute and store values for the ids among ``ids`` that are not cached yet.
 
-        ``compute(batch_ids)`` returns an array of shape (len(batch_ids), *shape).
+        ``compute(batch_ids)`` returns an array of shape (len(batch_ids), *shape). Another
+        process filling the same cache is waited for; what it computed is not computed again.
         """
-        todo = self.missing(ids)
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(self.missing(ids)) == 0:
+            return
+        with self._lock(shared=False):
+            self._fill(ids, compute, batch_size, progress, desc)
+
+    def _fill(self, ids, compute, batch_size, progress, desc) -> None:
+        if not self._damaged:  # another process may have swapped in a new version since: look again
+            restore_directory(self.directory)
+            self._check_meta()
+        todo = self._missing(ids)
         if len(todo) == 0:
             return
         cache_ids, _, _ = self._open("r")
