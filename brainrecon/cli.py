@@ -28,7 +28,8 @@ METRIC_NAMES = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLI
 # Typed choices as Literal annotations (typer turns them into click choices: help lists the
 # values and a typo is refused with the valid list; works across typer versions).
 Metric = Literal["PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV"]
-SortKey = Literal["rank", "PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV"]
+SortKey = Literal["rank", "PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV",
+                  "ImageRet(target)", "BrainRet(target)", "ImageRet(CLIP)", "BrainRet(CLIP)"]
 Variant = Literal["mindeye", "braindiffuser"]
 SsimMode = Literal["2d", "columnwise"]
 BoardFormat = Literal["table", "markdown", "csv", "html"]
@@ -111,7 +112,7 @@ app.add_typer(decoders_app, name="decoders")
 app.add_typer(data_app, name="data")
 app.add_typer(federate_app, name="federate")
 
-DataOpt = typer.Option(None, "--data", help="Prepared data directory or .h5 file (default: $BRAINRECON_DATA, else the built-in synthetic dataset).")
+DataOpt = typer.Option(None, "--data", help="Prepared data directory or .h5 file (default: $BRAINRECON_DATA, else the built-in synthetic dataset: NSD's subjects 1-8, 1, 2, 5, 7 by default).")
 
 
 def _registry_choice(names):
@@ -143,15 +144,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _extra_subjects(ctx: typer.Context) -> list[int]:
-    """``--subjects 1 2 5 7``: typer takes the first value, the rest arrive as extra args."""
-    extra = []
-    for arg in ctx.args:
-        try:
-            extra.append(int(arg))
-        except ValueError:
-            raise BrainreconError(f"Unexpected argument {arg!r}.") from None
-    return extra
+def _subjects_option(values: Optional[List[str]], extra: List[str]) -> List[int]:
+    """Subject numbers however given: ``--subjects 1,2``, ``--subjects 1 2`` (the values after the
+    first arrive in ``extra``) or ``--subject 1 --subject 2``, in that order, without repeats."""
+    out: List[int] = []
+    for value in [*(values or []), *extra]:
+        for item in str(value).split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                number = int(item)
+            except ValueError:
+                raise BrainreconError(f"{item!r} is not a subject number; give subjects as --subjects 1,2 or "
+                                      f"--subjects 1 2 or --subject 1 --subject 2.") from None
+            if number not in out:
+                out.append(number)
+    return out
+
+
+SUBJECTS_HELP = "--subjects 1,2 or --subjects 1 2 or --subject 1 --subject 2"
 
 
 # ---------------------------------------------------------------------------- fit / predict
@@ -188,17 +200,17 @@ def _decoder_cli_params(taken: set[str]) -> list:
     """click options for every decoder's ``cli_options``: (option, {decoder: CliOption})."""
     import click
 
-    from brainrecon.decoders import available, get_decoder_class
+    from brainrecon.decoders import available, decoder_cli_options
 
     types = {"int": click.INT, "float": click.FLOAT, "str": click.STRING, "path": click.STRING,
              "floats": click.STRING}
     by_flag: dict[str, dict] = {}
     for name in available():
         try:
-            cls = get_decoder_class(name)
+            options = decoder_cli_options(name)  # built-ins' without importing them (fit --help stays fast)
         except BrainreconError:
             continue  # a broken plugin: `brainrecon decoders` reports it
-        for opt in getattr(cls, "cli_options", ()) or ():
+        for opt in options:
             by_flag.setdefault(opt.flag, {})[name] = opt
     out = []
     for flag, owners in by_flag.items():
@@ -236,13 +248,13 @@ def fit(
     ctx: typer.Context,
     decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`)."),
     data: Optional[str] = DataOpt,
-    subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s): --subjects 1 2 5 7."),
+    subjects: Optional[List[str]] = typer.Option(None, "--subjects", "--subject", "-s", help=f"Subject(s): {SUBJECTS_HELP} (default: the data's first subject; multi-subject decoders: all; the synthetic data has NSD's subjects 1-8, by default 1, 2, 5, 7)."),
     target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter."),
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that receives the run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <decoder>-subjXX-<target>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing runs of the same name."),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the reconstructions."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (decoders that use one)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed of the fit (default: the decoder's own, 0 for the built-ins); recorded in run.json."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto."),
     nan_policy: Optional[NanPolicy] = typer.Option(None, "--nan-policy", help="error | zero: what to do with NaN voxels."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Training batch size."),
@@ -251,12 +263,13 @@ def fit(
     ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="--target ipadapter: local copy of h94/IP-Adapter (default: the Hugging Face hub)."),
     param: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Any decoder parameter as key=value (JSON values)."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named, cited preset of the decoder's parameters (see `brainrecon decoders describe DECODER`); explicit options win."),
-    engine: Engine = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon[federated])."),
+    # Help texts are rich markup: a literal "[" is written "\\[" (else "[federated]" vanishes).
+    engine: Engine = typer.Option("local", "--engine", help="brainguard: local (in-process, default) | flower (a SuperLink and one SuperNode per subject on 127.0.0.1; needs brainrecon\\[federated])."),
 ) -> None:
     """Fit a decoder, predict the test split, reconstruct, score, and write runs."""
     from brainrecon import workflows
 
-    subjects = list(subjects or []) + _extra_subjects(ctx)
+    subjects = _subjects_option(subjects, ctx.args)
     params: dict[str, Any] = {}
     named = {
         "seed": seed, "device": device, "nan_policy": nan_policy, "batch_size": batch_size,
@@ -286,13 +299,12 @@ def _print_runs(runs) -> None:
     table = Table(title="runs")
     table.add_column("run")
     table.add_column("subject", justify="right")
-    shown = [m for m in METRIC_NAMES if any((r.metrics() or {}).get("metrics", r.metrics() or {}).get(m) is not None for r in runs)]
+    reports = [r.metrics() or {} for r in runs]
+    shown = [m for m in METRIC_NAMES if any(report.get(m) is not None for report in reports)]
     for m in shown:
         table.add_column(m, justify="right")
-    for r in runs:
-        metrics = r.metrics() or {}
-        values = metrics.get("metrics", metrics)
-        table.add_row(r.name, str(r.subject), *[_fmt(values.get(m)) for m in shown])
+    for r, report in zip(runs, reports):
+        table.add_row(r.name, str(r.subject), *[_fmt(report.get(m)) for m in shown])
     console.print(table)
 
 
@@ -308,14 +320,15 @@ def _fmt(value: Any) -> str:
 def predict(
     run: str = typer.Argument(..., help="Run directory, or hf://owner/name[@revision] of a published run."),
     data: Optional[str] = DataOpt,
-    out: Path = typer.Option(..., "--out", help="Output .npy file."),
+    out: Path = typer.Option(..., "--out", help="Output .npy file; the test image ids go beside it (pred.npy -> pred_ids.npy)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Predict a dataset's test split with a run's decoder."""
     from brainrecon import workflows
 
     path = workflows.predict(run, data=data, out=out, overwrite=overwrite)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} (predictions) and {workflows.prediction_ids_path(path)} (their test image ids, "
+                  "same order)", markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- decoders / data
@@ -406,7 +419,7 @@ WeightsDirOpt = typer.Option(None, "--weights-dir", help="Folder with metric wei
 @app.command("evaluate")
 def evaluate_cmd(
     run: Path = typer.Argument(..., help="Run directory (with reconstructions.npy)."),
-    variant: Variant = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye | braindiffuser."),
+    variant: Variant = typer.Option("mindeye", "--variant", help="Preprocessing recipe: mindeye (writes metrics.json, per_image.csv) | braindiffuser (writes metrics-braindiffuser.json, per_image-braindiffuser.csv; the MindEye report stays)."),
     weights_dir: Optional[Path] = WeightsDirOpt,
     strict: bool = typer.Option(False, "--strict", help="Fail if any metric's weights are missing instead of reporting it unavailable."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -423,8 +436,12 @@ def evaluate_cmd(
     sort_by: Optional[Metric] = typer.Option(None, "--sort-by", help="Also draw the worst (or --best) images by this metric, e.g. CLIP."),
     worst: Optional[int] = typer.Option(None, "--worst", min=1, help="With --sort-by: this many images, worst first (default 8)."),
     best: Optional[int] = typer.Option(None, "--best", min=1, help="With --sort-by: this many images, best first."),
+    grid_images: int = typer.Option(8, "--grid-images", min=1, help="Test images shown in grid.png (the first ones in test order, each labelled with its id)."),
 ) -> None:
     """(Re)compute a run's metrics.json, per_image.csv and grid.png from its saved reconstructions.
+
+    Each variant keeps its own report: --variant braindiffuser writes metrics-braindiffuser.json
+    and per_image-braindiffuser.csv beside the MindEye ones.
 
     RUN may also be a folder of runs: each is evaluated in turn; a broken one is skipped with
     one warning line and the others go on.
@@ -437,9 +454,10 @@ def evaluate_cmd(
     if download:
         os.environ["BRAINRECON_ALLOW_DOWNLOADS"] = "1"
     _check_ranked_options(sort_by, worst, best)
+    _check_sort_metric_is_scored(sort_by, metric, variant, weights_dir)  # before any work is done
     kwargs = dict(variant=variant, weights_dir=weights_dir, strict=strict, device=device, metrics=metric or None,
                   batch_size=batch_size, data_source=data, ssim_mode=ssim_mode, blend=blend,
-                  cache_dir=False if no_cache else cache_dir, n_resamples=bootstrap, seed=seed)
+                  cache_dir=False if no_cache else cache_dir, n_resamples=bootstrap, seed=seed, grid_rows=grid_images)
     if (run / RUN_FILE).exists() or not run.is_dir() or not any((p / RUN_FILE).exists() for p in run.iterdir()):
         targets = [run]  # one run (or not a run at all: evaluate_run says why)
     else:
@@ -461,8 +479,10 @@ def evaluate_cmd(
             from brainrecon.viz import compare_runs
 
             which, k = ("best", best) if best else ("worst", worst or 8)
-            out = Path(target) / f"{which}-{_slug(sort_by)}.png"
-            compare_runs([target], out, max_rows=k, sort_by=sort_by, worst=which == "worst", data_source=data)
+            suffix = "" if variant == "mindeye" else f"-{variant}"
+            out = Path(target) / f"{which}-{_slug(sort_by)}{suffix}.png"
+            compare_runs([target], out, max_rows=k, sort_by=sort_by, worst=which == "worst", data_source=data,
+                         variant=variant)
             console.print(f"wrote {out} ({which} {k} by {sort_by})")
     if len(targets) > 1:
         console.print(f"evaluated {done} of {len(targets)} runs in {run}")
@@ -471,7 +491,7 @@ def evaluate_cmd(
 
 
 def _print_report(report, run: Path) -> None:
-    from brainrecon.eval.harness import TWO_WAY_METRICS
+    from brainrecon.eval.harness import PERCENT_METRICS, report_files
 
     table = Table(title=f"{report.settings.get('run', run.name)} · {report.n_images} images · variant {report.variant}")
     table.add_column("metric")
@@ -479,16 +499,25 @@ def _print_report(report, run: Path) -> None:
     table.add_column("95% interval", justify="right")
     for m, v in report.items():
         lo, hi = report.intervals.get(m, (float("nan"), float("nan")))
-        if m in TWO_WAY_METRICS:
+        if m in PERCENT_METRICS:
             score, interval = f"{100 * v:.2f}%", f"[{100 * lo:.2f}, {100 * hi:.2f}]%"
         else:
             score, interval = f"{v:.4f}", f"[{lo:.4f}, {hi:.4f}]"
         table.add_row(f"{m} {'↑' if report.directions[m] == 'higher' else '↓'}", score, interval)
     console.print(table)
-    for reason in dict.fromkeys(report.unavailable.values()):
-        names = ", ".join(m for m, r in report.unavailable.items() if r == reason)
-        console.print(f"[yellow]unavailable:[/yellow] {names}: {reason}", markup=True, highlight=False, soft_wrap=True)
-    console.print(f"wrote {Path(run) / 'metrics.json'}, {Path(run) / 'per_image.csv'} and {Path(run) / 'grid.png'}")
+    _say_unavailable(report.unavailable)
+    scores, per_image = report_files(report.variant)
+    console.print(f"wrote {Path(run) / scores}, {Path(run) / per_image} and {Path(run) / 'grid.png'}",
+                  markup=False, soft_wrap=True)
+
+
+def _say_unavailable(unavailable) -> None:
+    """One short line for every metric not scored (the reasons, per metric, are in the report)."""
+    from brainrecon.eval.harness import unavailable_summary
+
+    line = unavailable_summary(unavailable)
+    if line:
+        console.print(f"[yellow]{escape(line)}[/yellow]", highlight=False, soft_wrap=True)
 
 
 def _check_ranked_options(sort_by: Optional[str], worst: Optional[int], best: Optional[int]) -> None:
@@ -498,6 +527,25 @@ def _check_ranked_options(sort_by: Optional[str], worst: Optional[int], best: Op
         raise BrainreconError("--worst/--best choose images by a metric: add --sort-by METRIC (e.g. --sort-by CLIP).")
     if worst and best:
         raise BrainreconError("Give --worst or --best, not both.")
+
+
+def _check_sort_metric_is_scored(sort_by: Optional[str], metrics: Optional[List[str]], variant: str,
+                                 weights_dir: Optional[Path]) -> None:
+    """``evaluate --sort-by M`` needs M scored: say so before evaluating (or writing) anything."""
+    if sort_by is None:
+        return
+    if metrics and sort_by not in metrics:
+        raise BrainreconError(f"--sort-by {sort_by} needs {sort_by} scored, but -m leaves it out: add -m {sort_by}.")
+    from brainrecon.eval.weights import downloads_allowed, missing_weights
+
+    missing = missing_weights([sort_by], variant, weights_dir)
+    if missing and not downloads_allowed():
+        wf = missing[sort_by]
+        what = wf.url.removeprefix("https://huggingface.co/") if wf.source == "huggingface" else wf.filename
+        raise BrainreconError(
+            f"--sort-by {sort_by} needs the {sort_by} network's weights ({what}), which are "
+            f"missing on this machine. Run `brainrecon weights` to see where to get them (`brainrecon weights "
+            f"--download --only {sort_by}` fetches them), or add --download; then run this command again.")
 
 
 def _slug(metric: str) -> str:
@@ -527,12 +575,13 @@ def leaderboard_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write to this file instead of printing."),
     published: bool = typer.Option(True, "--published/--no-published", help="Show published reference rows beside NSD runs."),
     alpha: float = typer.Option(0.05, "--alpha", help="Significance level of the paired comparison of each run with its group's best (cells not significantly different are marked ≈)."),
+    variant: Variant = typer.Option("mindeye", "--variant", help="Which evaluation of each run to rank: mindeye (metrics.json) | braindiffuser (metrics-braindiffuser.json, from `evaluate --variant braindiffuser`)."),
 ) -> None:
     """Rank comparable runs (same data, subject, test images and metric variant), with intervals."""
     from brainrecon.io import atomic_path
     from brainrecon.leaderboard import leaderboard
 
-    text = leaderboard(runs, sort=sort, fmt=fmt, include_published=published, alpha=alpha)
+    text = leaderboard(runs, sort=sort, fmt=fmt, include_published=published, alpha=alpha, variant=variant)
     if out is None:
         typer.echo(text, nl=False)  # plain echo: rich markup would eat the "[1]" citation marks
         return
@@ -589,35 +638,70 @@ def _expand_runs(paths: List[Path]) -> List[Path]:
 
 
 def _print_paired_stats(runs: List[Path], seed: int) -> None:
-    from brainrecon.eval.harness import HIGHER_IS_BETTER, TWO_WAY_METRICS, run_scores_by_id
-    from brainrecon.eval.stats import paired_comparison
+    from brainrecon.eval.harness import ALL_METRICS, HIGHER_IS_BETTER, PERCENT_METRICS, run_scores_by_id
+    from brainrecon.eval.stats import (
+        DEFAULT_PERMUTATIONS,
+        DEFAULT_RESAMPLES,
+        EXACT_MAX_IMAGES,
+        format_p_value,
+        paired_comparison_by_id,
+    )
     from brainrecon.runs import Run
 
     if len(runs) != 2:
         raise BrainreconError(f"--stats compares exactly two runs; got {len(runs)}.")
     opened = [Run.open(r) for r in runs]
     scores = [run_scores_by_id(run) for run in opened]
+    unavailable = [dict(getattr(run.metrics(), "unavailable", None) or {}) for run in opened]
     a, b = opened
     table = Table(title=f"A = {a.name}   B = {b.name}   (paired over shared test images)")
-    for col in ("metric", "A", "B", "A − B [95% CI]", "p", "wins A / B / ties"):
+    for col in ("metric", "A", "B", "A − B [95% CI]", "p", "N", "wins A / B / ties"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for m in METRIC_NAMES:
-        if m not in scores[0] or m not in scores[1]:
+    notes = []
+    compared = 0
+    for m in ALL_METRICS:
+        have = [m in scores[0], m in scores[1]]
+        if not all(have):
+            if any(have) or m in unavailable[0] or m in unavailable[1]:
+                why = [f"unavailable in {side} ({un[m]})" if m in un else f"not scored in {side}"
+                       for side, ok, un in (("A", have[0], unavailable[0]), ("B", have[1], unavailable[1])) if not ok]
+                notes.append(f"{m}: {', '.join(why)}; not compared")
             continue
-        shared = [i for i in scores[0][m] if i in scores[1][m]]
-        if not shared:
-            raise BrainreconError(f"Runs {a.name!r} and {b.name!r} share no scored test image.")
-        c = paired_comparison([scores[0][m][i] for i in shared], [scores[1][m][i] for i in shared], metric=m,
-                              higher_is_better=HIGHER_IS_BETTER[m], seed=seed)
-        k, unit = (100, "%") if m in TWO_WAY_METRICS else (1, "")
+        try:
+            c = paired_comparison_by_id(scores[0][m], scores[1][m], metric=m, higher_is_better=HIGHER_IS_BETTER[m],
+                                        seed=seed)
+        except ValueError:
+            notes.append(f"{m}: no test image has a score in both runs; not compared")
+            continue
+        compared += 1
+        total = len(set(scores[0][m]) | set(scores[1][m]))
+        if total > c.n_images:
+            d = c.dropped
+            why = [text for count, text in ((d.get("a", 0), "without a score in A (NaN)"),
+                                            (d.get("b", 0), "without a score in B (NaN)"),
+                                            (d.get("only_a", 0), "scored only in A"),
+                                            (d.get("only_b", 0), "scored only in B")) if count
+                   for text in [f"{count} {text}"]]
+            notes.append(f"{m}: {total - c.n_images} of {total} images dropped ({', '.join(why)})")
+        k, unit = (100, "%") if m in PERCENT_METRICS else (1, "")
         table.add_row(
             f"{m} {'↑' if HIGHER_IS_BETTER[m] else '↓'}", f"{k * c.mean_a:.4g}{unit}", f"{k * c.mean_b:.4g}{unit}",
-            f"{k * c.diff:+.4g} [{k * c.diff_lo:+.4g}, {k * c.diff_hi:+.4g}]{unit}", f"{c.p_value:.3g}",
+            f"{k * c.diff:+.4g} [{k * c.diff_lo:+.4g}, {k * c.diff_hi:+.4g}]{unit}",
+            format_p_value(c.p_value, c.n_permutations, c.exact), str(c.n_images),
             f"{c.wins_a} / {c.wins_b} / {c.ties}",
         )
+    if not compared:
+        raise BrainreconError(f"Runs {a.name!r} and {b.name!r} share no scored test image on any metric.")
     console.print(table)
-    console.print("p: two-sided paired sign-flip permutation test (10000 permutations); interval: paired bootstrap "
-                  "over images (2000 resamples). Two-way scores: per-image fractions treated as independent.")
+    for note in notes:
+        console.print(note, highlight=False, soft_wrap=True)
+    console.print(f"p: two-sided paired sign-flip permutation test on the per-image differences, images in id order "
+                  f"({DEFAULT_PERMUTATIONS} random sign patterns, or all of them up to {EXACT_MAX_IMAGES} images; "
+                  f"'< 1/{DEFAULT_PERMUTATIONS + 1}' is the floor): for the same pair and --seed, the leaderboard's "
+                  f"p_vs_best. Not adjusted for testing several metrics. N: images compared (NaN: no score for that "
+                  f"image, e.g. a constant image or one outside a network_images subset). Interval: paired bootstrap "
+                  f"over images ({DEFAULT_RESAMPLES} resamples). Two-way and retrieval scores: per-image fractions "
+                  "treated as independent.", highlight=False, soft_wrap=True)
 
 
 @app.command("weights")
@@ -669,7 +753,7 @@ def embed(
     images: Optional[Path] = typer.Option(None, "--images", help="Embed every image of a .npy or HDF5 stimulus file (NSD's nsd_stimuli.hdf5; row index = image id) instead of a dataset."),
     images_key: Optional[str] = typer.Option(None, "--images-key", help="HDF5 dataset holding the images (default imgBrick)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Token cache directory; default: where `fit --target ipadapter` looks for this dataset. Required with --images."),
-    subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s) to embed: --subjects 1 2 or --subject 1 --subject 2; default: all."),
+    subjects: Optional[List[str]] = typer.Option(None, "--subjects", "--subject", "-s", help=f"Subject(s) to embed: {SUBJECTS_HELP}; default: all."),
     ipadapter_dir: Optional[Path] = IPAdapterDirOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (fp16 on CUDA)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per encoder call."),
@@ -684,7 +768,7 @@ def embed(
             raise BrainreconError("--images needs --out: the directory that receives the token cache.")
         path = embed_images_file(images, out, key=images_key, **options)
     else:
-        path = embed_dataset(data, out=out, subjects=(list(subjects or []) + _extra_subjects(ctx)) or None, **options)
+        path = embed_dataset(data, out=out, subjects=_subjects_option(subjects, ctx.args) or None, **options)
     console.print(f"IP-Adapter tokens cached in {path}")
 
 
@@ -718,9 +802,9 @@ def reconstruct(
     console.print(f"wrote {result.info.get('n_test', '')} reconstructions to {result.path / 'reconstructions'} "
                   f"and {result.path / 'reconstructions.npy'}")
     if evaluate:
-        from brainrecon.workflows import evaluate_run_safely
+        from brainrecon.workflows import evaluate_run_safely, log_unavailable
 
-        evaluate_run_safely(result, log=_log)
+        log_unavailable([evaluate_run_safely(result, log=_log)], _log)
         _print_runs([result.__class__.open(result.path)])
     else:
         console.print(f"score them with: brainrecon evaluate {run}")
@@ -814,7 +898,7 @@ def import_neuropictor_command(
     encoder: Optional[Path] = typer.Option(None, "--encoder", help="fMRI2fMRI_UKB/checkpoint_120000.pth, for a file without an fMRI encoder (control_sd21_ini.ckpt)."),
     encoder_config: Optional[Path] = typer.Option(None, "--encoder-config", help="fMRI2fMRI_UKB/fMRI_AutoEncoder.yaml (heads, dropout; sizes are checked against the tensors)."),
     base_model: Optional[str] = typer.Option(None, "--base-model", help="The frozen SD 2.1-base: local diffusers folder or repo id (default stabilityai/stable-diffusion-2-1-base)."),
-    subjects: Optional[List[int]] = typer.Option(None, "--subjects", "--subject", "-s", help="Subject(s) the model decodes: --subjects 1 2 (default: subNN in the path, else 1-8)."),
+    subjects: Optional[List[str]] = typer.Option(None, "--subjects", "--subject", "-s", help=f"Subject(s) the model decodes: {SUBJECTS_HELP} (default: subNN in the path, else 1-8)."),
     check: bool = typer.Option(False, "--check", help="Print, on one fixed input, the differences between the converted modules and the file's own tensors."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and the runs)."),
     data: Optional[str] = typer.Option(None, "--data", help="Also reconstruct this dataset's test split and write runs (for evaluate / neuropictor-sample)."),
@@ -829,7 +913,7 @@ def import_neuropictor_command(
 
     path, report = import_neuropictor(checkpoint, out, overwrite=overwrite, encoder=encoder,
                                       encoder_config=encoder_config, base_model=base_model,
-                                      subjects=(list(subjects or []) + _extra_subjects(ctx)) or None, check=check,
+                                      subjects=_subjects_option(subjects, ctx.args) or None, check=check,
                                       params={"device": device} if device else None)
     for line in report.lines():
         console.print(line, markup=False, highlight=False)

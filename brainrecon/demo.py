@@ -78,6 +78,7 @@ def _score(runs, first_subject: int, log: Callable[[str], None]) -> None:
     from brainrecon.devices import resolve_device
     from brainrecon.eval import evaluate_run
     from brainrecon.eval.extractors import NETWORK_METRICS, network_weight_file
+    from brainrecon.eval.harness import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
     from brainrecon.eval.weights import find_weights
     from brainrecon.workflows import evaluate_run_safely
 
@@ -93,8 +94,10 @@ def _score(runs, first_subject: int, log: Callable[[str], None]) -> None:
         if run.subject == first_subject:
             evaluate_run_safely(run, log=log, network_images=CPU_NETWORK_IMAGES)
             continue
-        report = evaluate_run(run, metrics=["PixCorr", "SSIM"], progress=False)
+        # Retrieval in the target space needs no network: scored for every subject.
+        report = evaluate_run(run, metrics=["PixCorr", "SSIM", *TARGET_RETRIEVAL_METRICS], progress=False)
         report.unavailable.update({m: f"the CPU demo scores them for subject {first_subject} only; "
-                                      "`brainrecon evaluate RUN` scores them here" for m in network_metrics})
+                                      "`brainrecon evaluate RUN` scores them here"
+                                   for m in network_metrics + list(CLIP_RETRIEVAL_METRICS)})
         report.save(run.path / "metrics.json")
 

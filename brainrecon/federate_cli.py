@@ -16,7 +16,7 @@ from brainrecon.errors import BrainreconError
 
 federate_app = typer.Typer(
     help="BrainGuard across sites on Flower: one server, one site per lab (subject). "
-         "Needs pip install 'brainrecon[federated]'.",
+         "Needs pip install 'brainrecon\\[federated]'.",  # "\\[": help is rich markup
     no_args_is_help=True,
 )
 

@@ -10,12 +10,20 @@ Published NSD results (:mod:`brainrecon.eval.published`) are shown as reference
 rows under groups of NSD runs only, marked as published and cited; they take no
 rank and never appear beside runs on synthetic data.
 
+Runs are also grouped by what they were scored on: the same metrics (a run scored on
+PixCorr and SSIM only is never ranked against runs scored on all eight), the same network
+subset (``network_images``) and, for target-space retrieval, the same target space.
+
 Each cell shows ``mean ± half-width`` of the run's 95 % bootstrap interval over test
-images (from its ``metrics.json``). Within a group, every run is compared with the
-group's best run on each metric by a paired sign-flip permutation test on the per-image
-differences (``per_image.csv``, matched by test image id); a cell whose difference from
-the best is not significant at ``alpha`` is marked ``≈`` (the best cell itself is the
-reference). Runs evaluated before per-image scores existed show means only.
+images (from its ``metrics.json``). Within a group, on each metric, every run is compared
+with the group's best run (chosen after looking) by a single-step max-statistic
+permutation test over all the group's runs (:func:`brainrecon.eval.stats.max_statistic_p_values`),
+which keeps the chance of marking any run as different, when all are equal, at most
+``alpha``. Marks: ``(best)`` (terminal; bold elsewhere) the reference; ``n.s.`` not
+distinguishable from it at ``alpha`` after that adjustment (not evidence of equality);
+``n.t.`` not tested, because the run or the best run has no per-image scores; no mark:
+different from the best. Values: ``n/a`` unavailable (reason below the group), ``NaN``
+undefined for some image (reason below), ``–`` not scored.
 """
 
 from __future__ import annotations
@@ -32,17 +40,36 @@ from pathlib import Path
 
 import numpy as np
 
-from brainrecon.errors import DataError
-from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, PER_IMAGE_FILE, TWO_WAY_METRICS, EvalReport
+from brainrecon.errors import BrainreconError, DataError
+from brainrecon.eval.harness import (
+    ALL_METRICS,
+    HIGHER_IS_BETTER,
+    METRICS,
+    PER_IMAGE_FILE,
+    PERCENT_METRICS,
+    RETRIEVAL_METRICS,
+    TARGET_RETRIEVAL_METRICS,
+    EvalReport,
+)
 from brainrecon.eval.published import PublishedRow, published_rows
-from brainrecon.eval.stats import paired_comparison
+from brainrecon.eval.stats import (
+    DEFAULT_PERMUTATIONS,
+    MULTIPLICITY_METHOD,
+    format_p_value,
+    max_statistic_p_values,
+    paired_comparison_by_id,
+)
 
-__all__ = ["FORMATS", "LeaderboardEntry", "collect", "compare_to_best", "leaderboard", "rank_group"]
+__all__ = ["FORMATS", "LeaderboardEntry", "cell_mark", "collect", "compare_to_best", "leaderboard", "rank_group"]
 
 FORMATS = ("table", "markdown", "csv", "html")
-NOT_SIGNIFICANT = "≈"
+#: Marks of a cell against its group's best run on that metric (see :func:`cell_mark`).
+BEST = "best"
+NOT_DISTINGUISHABLE = "n.s."
+NOT_TESTED = "n.t."
+DIFFERS = "differs"
 DEFAULT_ALPHA = 0.05
-ARROW = {m: ("↑" if HIGHER_IS_BETTER[m] else "↓") for m in METRICS}
+ARROW = {m: ("↑" if HIGHER_IS_BETTER[m] else "↓") for m in ALL_METRICS}
 
 
 @dataclass
@@ -86,38 +113,76 @@ class LeaderboardEntry:
     rank: int | None = None
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     per_image: dict[str, dict[int, float]] = field(default_factory=dict)
-    # Filled by the paired comparisons: metric -> p-value against the group's best run.
+    #: The network metrics were scored on the first this many test images only (None: all).
+    network_images: int | None = None
+    #: The target space of the target-space retrieval scores (e.g. "pixels (32, 32, 3)").
+    retrieval_space: str | None = None
+    #: Test ids shown in the run's grid.png (recorded by ``evaluate``), when known.
+    grid_ids: list[int] | None = None
+    # Filled by compare_to_best, per metric: the pair's own p-value against the group's best run
+    # (the number `compare --stats` prints), the family-wise adjusted one (used for the marks),
+    # the images compared, why a cell was not tested, and the metrics this run is the best on.
     p_vs_best: dict[str, float] = field(default_factory=dict)
+    p_adjusted: dict[str, float] = field(default_factory=dict)
+    p_exact: dict[str, bool] = field(default_factory=dict)
+    n_compared: dict[str, int] = field(default_factory=dict)
+    not_tested: dict[str, str] = field(default_factory=dict)
+    best_of: set = field(default_factory=set)
+    n_permutations: int = DEFAULT_PERMUTATIONS
+
+    @property
+    def metric_set(self) -> tuple[str, ...]:
+        """The metrics this run was scored on (NaN included; unavailable ones not)."""
+        return tuple(m for m in ALL_METRICS if m in self.scores)
 
     @property
     def group_key(self) -> tuple:
-        return (self.data_kind, self.fingerprint, self.n_test, self.ids_sha256, self.variant)
+        return (self.data_kind, self.fingerprint, self.n_test, self.ids_sha256, self.variant, self.metric_set,
+                self.network_images, self.retrieval_space)
 
     @property
     def group_label(self) -> str:
         subj = f"subject {self.subject}" if self.subject is not None else "all subjects"
         variant = f"variant {self.variant}" if self.variant else "not evaluated"
-        return f"{self.data_name} · {subj} · {self.n_test} test images · {variant}"
+        label = f"{self.data_name} · {subj} · {self.n_test} test images · {variant}"
+        if self.variant is None:
+            return label
+        eight = [m for m in METRICS if m in self.scores]
+        label += (" · all 8 metrics" if len(eight) == len(METRICS)
+                  else f" · {len(eight)} of 8 metrics ({', '.join(eight) or 'none'})")
+        if self.network_images is not None:
+            label += f" · network metrics on the first {self.network_images} test images"
+        if any(m in self.scores for m in RETRIEVAL_METRICS):
+            label += " · retrieval"
+            if self.retrieval_space:
+                label += f" (target space: {self.retrieval_space})"
+        return label
 
 
 def _ids_hash(ids) -> str:
     return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
+def collect(runs_dir: str | os.PathLike = "runs", variant: str = "mindeye") -> list[LeaderboardEntry]:
     """Read every run directly under ``runs_dir``.
 
     Parameters
     ----------
     runs_dir : path-like
+    variant : {"mindeye", "braindiffuser"}
+        Which evaluation report of each run to read (``metrics.json`` for MindEye's recipe,
+        ``metrics-braindiffuser.json`` for Brain-Diffuser's; see ``Run.metrics``).
 
     Returns
     -------
     list of LeaderboardEntry
         Runs without ``metrics.json`` are included with ``variant=None`` and a note.
     """
+    from brainrecon.eval.harness import report_files
     from brainrecon.runs import list_runs
 
+    report_file, per_image_file = report_files(variant)
+    evaluate = "`brainrecon evaluate`" if variant == "mindeye" else f"`brainrecon evaluate RUN --variant {variant}`"
     entries = []
     for run in list_runs(runs_dir):
         info = run.info
@@ -143,14 +208,14 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
         )
         raw = None
         try:
-            raw = run.metrics()
-        except ValueError:
-            entry.note = "metrics.json is not valid JSON; run `brainrecon evaluate`"
+            raw = run.metrics(variant)
+        except (ValueError, BrainreconError):
+            entry.note = f"{report_file} is damaged (not valid JSON or not a report); run {evaluate}"
         if raw is not None:
             try:
                 report = EvalReport.from_json(raw)
             except (DataError, KeyError, TypeError, ValueError):
-                entry.note = "metrics.json is not a brainrecon report; run `brainrecon evaluate`"
+                entry.note = f"{report_file} is not a brainrecon report; run {evaluate}"
             else:
                 entry.variant = report.variant
                 entry.scores = dict(report)
@@ -158,13 +223,23 @@ def collect(runs_dir: str | os.PathLike = "runs") -> list[LeaderboardEntry]:
                 entry.intervals = dict(report.intervals)
                 if report.n_images != entry.n_test:
                     entry.n_test = report.n_images
-                entry.per_image = _read_per_image(run.path / PER_IMAGE_FILE, entry, run.test_ids(), list(report))
+                entry.per_image = _read_per_image(run.path / per_image_file, entry, run.test_ids(), list(report))
                 k = report.settings.get("network_images")
-                if isinstance(k, int) and k < report.n_images and not entry.note:
-                    entry.note = (f"network metrics scored on the first {k} of {report.n_images} test images; "
-                                  f"`brainrecon evaluate {run.path}` scores them on all")
+                if (isinstance(k, int) and not isinstance(k, bool) and k < report.n_images
+                        and any(m in entry.scores for m in METRICS if m not in ("PixCorr", "SSIM"))):
+                    entry.network_images = k
+                    if not entry.note:
+                        entry.note = (f"network metrics scored on the first {k} of {report.n_images} test images; "
+                                      f"`brainrecon evaluate {run.path}` scores them on all")
+                retrieval = report.settings.get("retrieval")
+                if isinstance(retrieval, dict) and any(m in entry.scores for m in TARGET_RETRIEVAL_METRICS):
+                    entry.retrieval_space = str(retrieval.get("target_space") or "unknown")
+                grid_ids = report.settings.get("grid_ids")
+                if isinstance(grid_ids, list) and all(isinstance(i, int) for i in grid_ids):
+                    entry.grid_ids = grid_ids
         elif not entry.note:
-            entry.note = "not evaluated; run `brainrecon evaluate`"
+            entry.note = (f"not evaluated; run {evaluate}" if variant == "mindeye" or not run.variants()
+                          else f"not evaluated with --variant {variant}; run {evaluate}")
         entries.append(entry)
     return entries
 
@@ -183,39 +258,89 @@ def _read_per_image(path: Path, entry: LeaderboardEntry, ids, metrics) -> dict[s
         return {}
 
 
-def compare_to_best(members: list[LeaderboardEntry], *, seed: int = 0, n_permutations: int = 10000) -> None:
-    """Set each member's ``p_vs_best``: per metric, the paired sign-flip p-value of its per-image
-    differences from the group's best run on that metric (images matched by test id)."""
+def compare_to_best(members: list[LeaderboardEntry], *, seed: int = 0,
+                    n_permutations: int = DEFAULT_PERMUTATIONS) -> None:
+    """Compare, per metric, every run of a group with the group's best run on that metric.
+
+    Sets on each member, per metric: ``p_vs_best`` (the pair's own two-sided sign-flip p-value,
+    :func:`~brainrecon.eval.stats.paired_comparison_by_id`: the number ``compare --stats`` prints
+    for the same pair and seed), ``p_adjusted`` (family-wise adjusted over all the group's runs
+    with per-image scores, :func:`~brainrecon.eval.stats.max_statistic_p_values`; the marks use
+    it), ``n_compared`` (images in the family test), ``not_tested`` (why a cell has no test:
+    the run or the best run has no per-image scores) and ``best_of``.
+    """
     best = _best(members)
     for e in members:
-        e.p_vs_best = {}
+        e.p_vs_best, e.p_adjusted, e.p_exact, e.n_compared, e.not_tested = {}, {}, {}, {}, {}
+        e.best_of = set()
+        e.n_permutations = int(n_permutations)
     for m, value in best.items():
-        leader = next(e for e in members if _present(e, m) and e.scores[m] == value)
-        ref = leader.per_image.get(m)
-        if not ref:
+        present = [e for e in members if _present(e, m)]
+        leader = next(e for e in present if e.scores[m] == value)
+        leader.best_of.add(m)
+        others = [e for e in present if e is not leader]
+        if not leader.per_image.get(m):
+            for e in others:
+                e.not_tested[m] = f"the group's best run on {m} ({leader.name}) has no per-image scores"
             continue
-        for e in members:
-            mine = e.per_image.get(m)
-            if e is leader or not mine or not _present(e, m):
+        family = [leader]
+        for e in others:
+            if e.per_image.get(m):
+                family.append(e)
+            else:
+                e.not_tested[m] = "no per-image scores"
+        if len(family) < 2:
+            continue
+        ref = leader.per_image[m]
+        for e in family[1:]:
+            try:
+                c = paired_comparison_by_id(e.per_image[m], ref, metric=m, higher_is_better=HIGHER_IS_BETTER[m],
+                                            n_resamples=1, n_permutations=n_permutations, seed=seed)
+            except ValueError:
                 continue
-            shared = [i for i in mine if i in ref]
-            if not shared:
-                continue
-            a = np.array([mine[i] for i in shared])
-            b = np.array([ref[i] for i in shared])
-            e.p_vs_best[m] = paired_comparison(
-                a, b, metric=m, higher_is_better=HIGHER_IS_BETTER[m], n_permutations=n_permutations,
-                n_resamples=1, seed=seed,
-            ).p_value
+            e.p_vs_best[m], e.p_exact[m] = c.p_value, c.exact
+        finite = [{i for i, v in f.per_image[m].items() if not math.isnan(v)} for f in family]
+        ids = sorted(set.intersection(*finite))
+        if not ids:
+            for e in family[1:]:
+                e.not_tested[m] = f"no image has a {m} score in every run of the group"
+            continue
+        scores = np.array([[f.per_image[m][i] for f in family] for i in ids], dtype=np.float64)
+        result = max_statistic_p_values(scores, reference=0, n_permutations=n_permutations, seed=seed)
+        for j, e in enumerate(family[1:], start=1):
+            e.p_adjusted[m] = float(result.p_adjusted[j])
+            e.n_compared[m] = len(ids)
+
+
+def cell_mark(entry: LeaderboardEntry, metric: str, alpha: float = DEFAULT_ALPHA) -> str:
+    """The mark of one cell after :func:`compare_to_best`.
+
+    Returns
+    -------
+    str
+        ``"best"`` (the group's best run on the metric: the reference), ``"n.s."`` (not
+        distinguishable from the best at ``alpha``, family-wise adjusted — not evidence that
+        the two are equal), ``"differs"`` (different from the best at ``alpha``, adjusted),
+        ``"n.t."`` (not tested: this run or the best run has no per-image scores) or ``""``
+        (nothing to compare: one run, or no score).
+    """
+    if metric in entry.best_of:
+        return BEST
+    if metric in entry.not_tested:
+        return NOT_TESTED
+    p = entry.p_adjusted.get(metric)
+    if p is None:
+        return ""
+    return NOT_DISTINGUISHABLE if p >= alpha else DIFFERS
 
 
 def _check_sort(sort: str | None) -> str | None:
     if sort is None or sort == "rank":
         return None
-    if sort not in METRICS:
+    if sort not in ALL_METRICS:
         raise DataError(
             f"Unknown sort key {sort!r}. Valid: 'rank' (mean rank over metrics), "
-            f"{', '.join(map(repr, METRICS))}."
+            f"{', '.join(map(repr, ALL_METRICS))}."
         )
     return sort
 
@@ -255,7 +380,7 @@ def rank_group(entries: list[LeaderboardEntry], sort: str | None = None) -> list
         mean_rank: dict[int, float] = {}
         for e in entries:
             ranks = []
-            for m in METRICS:
+            for m in ALL_METRICS:
                 if not _present(e, m):
                     continue
                 others = [o for o in entries if _present(o, m)]
@@ -284,29 +409,73 @@ def _groups(entries: list[LeaderboardEntry], sort: str | None) -> list[tuple[str
 
 
 def _fmt(metric: str, value: float | None, interval=None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """A number as the tables print it (``–``: none; ``NaN``: undefined)."""
+    if value is None:
         return "–"
+    if isinstance(value, float) and math.isnan(value):
+        return "NaN"
     half = None
     if interval is not None and not any(math.isnan(x) for x in interval):
         half = (interval[1] - interval[0]) / 2
-    if metric in TWO_WAY_METRICS:
+    if metric in PERCENT_METRICS:
         return f"{100 * value:.2f}" + (f" ± {100 * half:.2f}" if half is not None else "") + "%"
     return f"{value:.3f}" + (f" ± {half:.3f}" if half is not None else "")
 
 
-def _cell(e: LeaderboardEntry, metric: str, alpha: float) -> str:
-    text = _fmt(metric, e.scores.get(metric), e.intervals.get(metric))
-    return text + (f" {NOT_SIGNIFICANT}" if _not_significant(e, metric, alpha) else "")
+def _value_text(e: LeaderboardEntry, metric: str) -> str:
+    """A run's cell without its mark: the score, ``n/a`` (unavailable) or ``–`` (not scored)."""
+    if metric in e.scores:
+        return _fmt(metric, e.scores[metric], e.intervals.get(metric))
+    if metric in e.unavailable:
+        return "n/a"
+    return "–"
 
 
-def _not_significant(e: LeaderboardEntry, metric: str, alpha: float) -> bool:
-    p = e.p_vs_best.get(metric)
-    return p is not None and p >= alpha
+_SUFFIX = {BEST: " (best)", NOT_DISTINGUISHABLE: f" {NOT_DISTINGUISHABLE}", NOT_TESTED: f" {NOT_TESTED}"}
+
+
+def _cell(e: LeaderboardEntry, metric: str, alpha: float, mark_best: bool = True) -> str:
+    mark = cell_mark(e, metric, alpha)
+    if mark == BEST and not mark_best:
+        return _value_text(e, metric)
+    return _value_text(e, metric) + _SUFFIX.get(mark, "")
+
+
+def _nan_reason(e: LeaderboardEntry, metric: str) -> str:
+    values = e.per_image.get(metric)
+    if values:
+        k = sum(1 for v in values.values() if math.isnan(v))
+        return (f"{k} of {len(values)} images have no score: an undefined correlation (e.g. of a constant "
+                "image) or an image the metric was not scored on")
+    return "its mean is undefined; per-image scores would say which images"
+
+
+def _status(e: LeaderboardEntry, metric: str) -> str:
+    """Why a run's cell is not a plain number, in words ("" when it is one)."""
+    if metric in e.scores:
+        return f"NaN: {_nan_reason(e, metric)}" if math.isnan(e.scores[metric]) else ""
+    if metric in e.unavailable:
+        return f"unavailable: {e.unavailable[metric]}"
+    return "not scored"
+
+
+def _tooltip(e: LeaderboardEntry, metric: str) -> str:
+    status = _status(e, metric)
+    if status and status != "not scored":
+        return status
+    if metric in e.not_tested:
+        return f"not tested: {e.not_tested[metric]}"
+    if metric in e.p_adjusted:
+        pair = format_p_value(e.p_vs_best.get(metric, float("nan")), e.n_permutations, e.p_exact.get(metric, False))
+        adj = format_p_value(e.p_adjusted[metric], e.n_permutations)
+        return (f"against the group's best: p = {pair} (this pair), adjusted p = {adj} over the group's runs, "
+                f"{e.n_compared.get(metric, 0)} images")
+    return ""
 
 
 def _best(members: list[LeaderboardEntry]) -> dict[str, float]:
     best = {}
-    for m in METRICS:
+    for m in ALL_METRICS:
         vals = [e.scores[m] for e in members if _present(e, m)]
         if len(vals) > 1:
             best[m] = max(vals) if HIGHER_IS_BETTER[m] else min(vals)
@@ -319,48 +488,61 @@ class _Row:
     rank: str
     name: str
     decoder: str
-    cells: list[str]
     raw: dict[str, float | None]
     entry: LeaderboardEntry | None = None
     published: PublishedRow | None = None
     ref: int | None = None
 
+    def cells(self, columns, alpha: float, mark_best: bool = True) -> list[str]:
+        if self.entry is not None:
+            return [_cell(self.entry, m, alpha, mark_best) for m in columns]
+        return [_fmt(m, self.published.scores.get(m)) for m in columns]
 
-def _build(entries, sort, include_published, include_ablations, alpha=DEFAULT_ALPHA):
-    """Groups with their display rows, plus the citation list."""
+
+def _columns(members, rows) -> list[str]:
+    """The eight metrics, then each retrieval metric some run (or published row) of the group scored
+    (a retrieval metric unavailable everywhere is only named in the group's notes)."""
+    cols = list(METRICS)
+    for m in RETRIEVAL_METRICS:
+        if (any(m in e.scores for e in members)
+                or any(r.published is not None and m in r.published.scores for r in rows)):
+            cols.append(m)
+    return cols
+
+
+def _build(entries, sort, include_published, include_ablations, alpha=DEFAULT_ALPHA, seed=0,
+           n_permutations=DEFAULT_PERMUTATIONS):
+    """Groups with their display rows and columns, plus the citation list."""
     citations: list[str] = []
     out = []
     for label, members in _groups(entries, sort):
-        compare_to_best(members)
-        rows = []
-        for e in members:
-            rows.append(_Row("run", str(e.rank) if e.rank else "–", e.name, e.decoder,
-                             [_cell(e, m, alpha) for m in METRICS],
-                             {m: e.scores.get(m) for m in METRICS}, entry=e))
+        compare_to_best(members, seed=seed, n_permutations=n_permutations)
+        rows = [_Row("run", str(e.rank) if e.rank else "–", e.name, e.decoder,
+                     {m: e.scores.get(m) for m in ALL_METRICS}, entry=e) for e in members]
         if include_published and members[0].is_nsd and members[0].variant is not None:
             for p in published_rows(members[0].subject, include_ablations):
                 if p.citation not in citations:
                     citations.append(p.citation)
                 ref = citations.index(p.citation) + 1
                 rows.append(_Row("published", "pub", f"{p.method} (subj {p.subjects})", "published",
-                                 [_fmt(m, p.scores.get(m)) for m in METRICS],
-                                 {m: p.scores.get(m) for m in METRICS}, published=p, ref=ref))
-        out.append((label, members, rows))
+                                 {m: p.scores.get(m) for m in ALL_METRICS}, published=p, ref=ref))
+        out.append((label, members, rows, _columns(members, rows)))
     return out, citations
 
 
-def _headers() -> list[str]:
-    return ["#", "run", "decoder"] + [f"{m} {ARROW[m]}" for m in METRICS]
+def _headers(columns) -> list[str]:
+    return ["#", "run", "decoder"] + [f"{m} {ARROW[m]}" for m in columns]
 
 
-def _unavailable_notes(members) -> list[str]:
-    """One line per set of unavailable metrics, naming the runs it applies to ("all runs")."""
+def _unavailable_notes(members, full: bool = False) -> list[str]:
+    """One line per set of unavailable metrics, naming the runs it applies to ("all runs");
+    ``full`` gives every reason in full instead of summarising missing weights."""
     by_set: dict[tuple, list[str]] = {}
     for e in members:
         if e.unavailable:
             reasons = set(e.unavailable.values())
-            why = ("weights missing: see `brainrecon weights`" if all("not found" in r for r in reasons)
-                   else "; ".join(sorted(reasons)))
+            why = ("weights missing: see `brainrecon weights`"
+                   if all("not found" in r for r in reasons) and not full else "; ".join(sorted(reasons)))
             by_set.setdefault((tuple(e.unavailable), why), []).append(e.name)
     notes = []
     for (metrics, why), names in by_set.items():
@@ -369,35 +551,99 @@ def _unavailable_notes(members) -> list[str]:
     return notes
 
 
+def _group_notes(members, full: bool = False, unavailable: bool = True) -> list[str]:
+    """What a reader must know about a group's cells: run notes, missing per-image scores,
+    undefined (NaN) scores, unavailable metrics (unless ``unavailable`` is False); one line
+    each, indented by two spaces."""
+    notes = [f"  {e.name}: {e.note}" for e in members if e.note]
+    untested = [e for e in members if e.not_tested]
+    if untested and all(not e.per_image for e in members):
+        notes.append(f"  no run of this group has per-image scores ({PER_IMAGE_FILE}), so nothing was tested "
+                     f"({NOT_TESTED}); re-run `brainrecon evaluate RUN` on each")
+        untested = []  # the per-run lines below would repeat it
+    for e in untested:
+        if not e.per_image and any(r == "no per-image scores" for r in e.not_tested.values()):
+            notes.append(f"  {e.name}: no per-image scores ({PER_IMAGE_FILE}), so its cells are not tested "
+                         f"({NOT_TESTED}); re-run `brainrecon evaluate {e.path}`")
+    leaders: dict[str, list[str]] = {}
+    for e in members if untested else []:
+        if e.best_of and not e.per_image and any(
+                o.not_tested.get(m, "").startswith("the group's best") for o in members for m in e.best_of):
+            leaders[e.name] = [m for m in ALL_METRICS if m in e.best_of]
+    for name, ms in leaders.items():
+        path = next(e.path for e in members if e.name == name)
+        notes.append(f"  the group's best run on {', '.join(ms)} ({name}) has no per-image scores ({PER_IMAGE_FILE}), "
+                     f"so no run was tested against it ({NOT_TESTED}); re-run `brainrecon evaluate {path}`")
+    for e in members:
+        for m in ALL_METRICS:
+            if m in e.scores and math.isnan(e.scores[m]):
+                notes.append(f"  {e.name}: {m} is NaN ({_nan_reason(e, m)})")
+    if unavailable:
+        notes += _unavailable_notes(members, full=full)
+    return notes
+
+
+def _html_unavailable(groups) -> list[str]:
+    """One list item per distinct reason a metric is unavailable, across the page: the metrics
+    and runs it applies to, and the full reason (file, places searched, the fix) folded below."""
+    entries = [e for g in groups for e in g[1]]
+    by_reason: dict[str, tuple[dict, dict]] = {}
+    for e in entries:
+        for m, why in e.unavailable.items():
+            metrics, names = by_reason.setdefault(why, ({}, {}))
+            metrics[m] = names[e.name] = None
+    items = []
+    for why, (metrics, names) in by_reason.items():
+        who = ("all runs" if len(names) == len(entries) and len(entries) > 1
+               else ", ".join(names) if len(names) <= 3 else f"{len(names)} runs")
+        short = "weights missing: see `brainrecon weights`" if "not found" in why else why
+        items.append(f"<li><details><summary>unavailable for {html.escape(who)}: "
+                     f"{html.escape(', '.join(metrics))} ({html.escape(short)})</summary>"
+                     f"{html.escape(why)}</details></li>")
+    return items
+
+
 def _legend(groups, alpha: float) -> list[str]:
-    """How to read ± and ≈, when any cell shows them."""
-    entries = [e for _, members, _ in groups for e in members]
+    """What every sign in the tables means (only the signs that appear)."""
+    entries = [e for g in groups for e in g[1]]
     lines = []
     if any(e.intervals for e in entries):
-        lines.append("± half-width of the 95 % bootstrap interval over test images (two-way scores: an "
+        lines.append("± half-width of the 95 % bootstrap interval over test images (two-way and retrieval scores: an "
                      "approximation, each image's distractors being the other images).")
-    if any(e.p_vs_best for e in entries):
-        lines.append(f"{NOT_SIGNIFICANT} not significantly different from the group's best run on that metric "
-                     f"(paired sign-flip test on per-image scores, alpha = {alpha:g}).")
-    elif len(entries) > 1 and any(e.scores for e in entries):
-        lines.append("No per-image scores: re-run `brainrecon evaluate RUN` for significance marks.")
+    if any(e.best_of for e in entries):
+        lines.append("(best) the group's best run on that metric (bold in Markdown and HTML): the run every other "
+                     "run of the group is compared with, on the test images both were scored on.")
+    if any(e.p_adjusted for e in entries):
+        lines.append(f"{NOT_DISTINGUISHABLE} not distinguishable from the group's best at alpha = {alpha:g}, adjusted "
+                     f"for comparing every run with a best chosen after looking: {MULTIPLICITY_METHOD}; the chance "
+                     "that any run is marked different when all are equal is at most alpha. It is not evidence "
+                     "that they are equal. A tested cell without a mark differs from the best at that level.")
+    if any(e.not_tested for e in entries):
+        lines.append(f"{NOT_TESTED} not tested: the run, or the group's best run, has no per-image scores "
+                     f"({PER_IMAGE_FILE}); re-run `brainrecon evaluate RUN`. A missing test is not a difference.")
+    if any(m in e.unavailable or (m in e.scores and math.isnan(e.scores[m])) for e in entries for m in ALL_METRICS):
+        lines.append("n/a unavailable (why: under the group); NaN undefined for some image (why: under the group); "
+                     "– not scored.")
+    if any(m in e.scores for e in entries for m in RETRIEVAL_METRICS):
+        lines.append("ImageRet: for each prediction, is its own image the most similar of min(300, N) candidates; "
+                     "BrainRet: for each image, is its own prediction (MindEye's 300-way top-1, exact mean over "
+                     "random candidate sets). (target): in the decoder's target space; (CLIP): CLIP embeddings of "
+                     "reconstructions and ground truth.")
     return lines
 
 
 def _render_table(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     lines = []
-    for label, members, rows in groups:
-        body = [[r.rank, r.name + (f" [{r.ref}]" if r.ref else ""), r.decoder] + r.cells for r in rows]
-        head = _headers()
+    for label, members, rows, cols in groups:
+        body = [[r.rank, r.name + (f" [{r.ref}]" if r.ref else ""), r.decoder] + r.cells(cols, alpha) for r in rows]
+        head = _headers(cols)
         widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
         lines.append(label)
         lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
         lines.append("  ".join("-" * w for w in widths))
         for cells in body:
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
-        notes = [f"  {e.name}: {e.note}" for e in members if e.note]
-        notes += _unavailable_notes(members)
-        lines.extend(notes)
+        lines.extend(_group_notes(members))
         lines.append("")
     lines.extend(_legend(groups, alpha))
     lines.extend(_citation_lines(citations))
@@ -415,24 +661,23 @@ def _citation_lines(citations) -> list[str]:
 
 def _render_markdown(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     lines = []
-    for label, members, rows in groups:
-        best = _best(members)
+    for label, members, rows, cols in groups:
         lines.append(f"### {label}")
         lines.append("")
-        lines.append("| " + " | ".join(_headers()) + " |")
-        lines.append("|" + "---|" * len(_headers()))
+        lines.append("| " + " | ".join(_headers(cols)) + " |")
+        lines.append("|" + "---|" * len(_headers(cols)))
         for r in rows:
-            cells = []
-            for m, c in zip(METRICS, r.cells):
-                v = r.raw[m]
-                cells.append(f"**{c}**" if r.kind == "run" and m in best and v == best[m] else c)
+            cells = r.cells(cols, alpha, mark_best=False)
+            if r.entry is not None:
+                cells = [f"**{c}**" if cell_mark(r.entry, m, alpha) == BEST else c for m, c in zip(cols, cells)]
             name = r.name.replace("|", "\\|")
             if r.kind == "published":
                 name = f"*{name}* [{r.ref}]"
             lines.append("| " + " | ".join([r.rank, name, r.decoder] + cells) + " |")
-        for e in members:
-            if e.note:
-                lines.append(f"\n{e.name}: {e.note}")
+        notes = _group_notes(members)
+        if notes:
+            lines.append("")
+            lines.extend(f"- {n.strip()}" for n in notes)
         lines.append("")
     legend = _legend(groups, alpha)
     if legend:
@@ -449,39 +694,51 @@ def _num(v) -> str:
 def _render_csv(groups, citations, alpha=DEFAULT_ALPHA) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    stats_cols = [f"{m} {part}" for m in METRICS for part in ("lo", "hi", "p_vs_best", "not_significant")]
-    w.writerow(["group", "rank", "kind", "name", "decoder", "subject", "data", "n_test", "variant", *METRICS,
-                "citation", "path", *stats_cols, "alpha"])
-    for label, members, rows in groups:
+    parts = ("lo", "hi", "status", "p_vs_best", "p_adjusted", "mark", "n_compared")
+    stats_cols = [f"{m} {part}" for m in ALL_METRICS for part in parts]
+    w.writerow(["group", "rank", "kind", "name", "decoder", "subject", "data", "n_test", "variant", *ALL_METRICS,
+                "citation", "path", *stats_cols, "alpha", "permutations", "multiplicity"])
+    for label, members, rows, cols in groups:
         for r in rows:
-            raw = [_num(r.raw[m]) for m in METRICS]
+            raw = [_num(r.raw[m]) for m in ALL_METRICS]
             if r.entry is not None:
                 e = r.entry
                 extra = []
-                for m in METRICS:
+                for m in ALL_METRICS:
                     lo, hi = e.intervals.get(m, (None, None))
-                    p = e.p_vs_best.get(m)
-                    extra += [_num(lo), _num(hi), _num(p), "" if p is None else str(p >= alpha).lower()]
+                    n = e.n_compared.get(m)
+                    extra += [_num(lo), _num(hi), _status(e, m), _num(e.p_vs_best.get(m)),
+                              _num(e.p_adjusted.get(m)), cell_mark(e, m, alpha), "" if n is None else str(n)]
                 w.writerow([label, e.rank or "", "run", e.name, e.decoder, e.subject, e.data_name, e.n_test,
-                            e.variant or "", *raw, "", str(e.path), *extra, alpha])
+                            e.variant or "", *raw, "", str(e.path), *extra, alpha, e.n_permutations,
+                            MULTIPLICITY_METHOD])
             else:
                 p = r.published
+                extra = []
+                for m in ALL_METRICS:
+                    extra += ["", "", "" if m in p.scores else "not reported", "", "", "", ""]
                 w.writerow([label, "", "published", p.method, "", p.subjects, "NSD", p.n_images or "", "",
-                            *raw, p.citation, "", *([""] * len(stats_cols)), ""])
+                            *raw, p.citation, "", *extra, "", "", ""])
     return buf.getvalue()
 
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-th,td{border-bottom:1px solid #ddd;padding:4px 10px;text-align:right;white-space:nowrap}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:0.9em}
+th,td{border-bottom:1px solid #ddd;padding:4px 8px;text-align:right}
+th{white-space:normal;vertical-align:bottom;max-width:7.5em}
 th:nth-child(-n+3),td:nth-child(-n+3){text-align:left}
+td:nth-child(2){white-space:normal;min-width:12em;max-width:20em}
 tr.published td{color:#666;font-style:italic;background:#f6f6f6}
 td.best{font-weight:bold}
 td.ns{background:#eef5ff}
-.legend{color:#555;font-size:0.9em}
+td.nt{background:#fff4e0}
+td.unavailable,td.nan{color:#a33}
+.legend{color:#444;font-size:0.9em;border-left:3px solid #ccd;padding:0.3em 1em;margin:1em 0 1.5em;max-width:70em}
+.legend li{margin:0.2em 0}
 figure{display:inline-block;margin:0 1.5em 1.5em 0;vertical-align:top}
 figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:0.85em;color:#444;max-width:40em}
 .note{color:#a33}
 """
 
@@ -493,42 +750,65 @@ def _render_html(groups, citations, title: str, alpha=DEFAULT_ALPHA) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        "<p>Runs are ranked only against runs scored on the same data, subject, test images and metric "
-        "variant. ↑ higher is better, ↓ lower is better. Two-way identification in %.</p>",
+        "<p>Runs are ranked only against runs scored on the same data, subject, test images, metric variant, "
+        "metrics, network subset and retrieval target space. ↑ higher is better, ↓ lower is better. "
+        "Two-way identification and retrieval in %.</p>",
     ]
-    for label, members, rows in groups:
-        best = _best(members)
+    legend = _legend(groups, alpha)
+    missing = _html_unavailable(groups)
+    reasons = [(label, _group_notes(members, unavailable=False)) for label, members, _, _ in groups]
+    reasons = [(label, notes) for label, notes in reasons if notes]
+    if legend or missing or reasons:
+        parts.append('<div class="legend"><strong>How to read this page</strong><ul>')
+        parts.extend(f"<li>{esc(x)}</li>" for x in legend)
+        parts.append("</ul>")
+        if missing or reasons:
+            parts.append("<strong>Why some cells show n/a, NaN or n.t.</strong><ul>")
+            parts.extend(missing)
+            for label, notes in reasons:
+                parts.append(f"<li>{esc(label)}<ul>" + "".join(f"<li>{esc(n.strip())}</li>" for n in notes)
+                             + "</ul></li>")
+            parts.append("</ul>")
+        parts.append("</div>")
+    for label, members, rows, cols in groups:
         parts.append(f"<h2>{esc(label)}</h2><table><thead><tr>")
-        parts.extend(f"<th>{esc(h)}</th>" for h in _headers())
+        parts.extend(f"<th>{esc(h).replace('(', '<wbr>(')}</th>" for h in _headers(cols))  # headers may wrap
         parts.append("</tr></thead><tbody>")
         for r in rows:
             cls = ' class="published"' if r.kind == "published" else ""
             name = esc(r.name) + (f' <sup><a href="#ref{r.ref}">[{r.ref}]</a></sup>' if r.ref else "")
             cells = [f"<td>{esc(r.rank)}</td>", f"<td>{name}</td>", f"<td>{esc(r.decoder)}</td>"]
-            for m, c in zip(METRICS, r.cells):
-                is_best = r.kind == "run" and m in best and r.raw[m] == best[m]
-                ns = r.entry is not None and _not_significant(r.entry, m, alpha)
-                klass = " ".join(k for k, on in (("best", is_best), ("ns", ns)) if on)
-                title_attr = ""
-                if r.entry is not None and m in r.entry.p_vs_best:
-                    title_attr = f' title="p = {r.entry.p_vs_best[m]:.3g} against the best run"'
-                cells.append(f'<td class="{klass}"{title_attr}>{esc(c)}</td>' if klass or title_attr
-                             else f"<td>{esc(c)}</td>")
+            for m, c in zip(cols, r.cells(cols, alpha, mark_best=False)):
+                if r.entry is None:
+                    cells.append(f"<td>{esc(c)}</td>")
+                    continue
+                mark = cell_mark(r.entry, m, alpha)
+                status = _status(r.entry, m)
+                klass = {BEST: "best", NOT_DISTINGUISHABLE: "ns", NOT_TESTED: "nt", DIFFERS: "differs"}.get(mark, "")
+                if status.startswith("NaN"):
+                    klass = (klass + " nan").strip()
+                elif status.startswith("unavailable"):
+                    klass = (klass + " unavailable").strip()
+                tip = _tooltip(r.entry, m)
+                attrs = (f' class="{klass}"' if klass else "") + (f' title="{esc(tip)}"' if tip else "")
+                # On a narrow page the half-width and the mark may go to the next lines.
+                cells.append(f"<td{attrs}>{esc(c).replace(' ± ', ' ±&nbsp;')}</td>")
             parts.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
         parts.append("</tbody></table>")
-        for e in members:
-            if e.note:
-                parts.append(f'<p class="note">{esc(e.name)}: {esc(e.note)}</p>')
+        for note in _group_notes(members):
+            parts.append(f'<p class="note">{esc(note.strip())}</p>')
         for e in members:
             if e.grid is not None:
                 data = base64.b64encode(e.grid.read_bytes()).decode("ascii")
+                if e.grid_ids:
+                    shown = (f"test images {', '.join(map(str, e.grid_ids))} ({len(e.grid_ids)} of {e.n_test}), "
+                             "the first in the run's test order, one per row: ground truth left, reconstruction right")
+                else:
+                    shown = "the first test images in the run's test order (ids not recorded: re-run evaluate)"
                 parts.append(
                     f'<figure><img alt="reconstructions of {esc(e.name)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{esc(e.name)} ({esc(e.decoder)})</figcaption></figure>"
+                    f"<figcaption><strong>{esc(e.name)}</strong> ({esc(e.decoder)}): {esc(shown)}</figcaption></figure>"
                 )
-    legend = _legend(groups, alpha)
-    if legend:
-        parts.append('<p class="legend">' + "<br>".join(esc(x) for x in legend) + "</p>")
     if citations:
         parts.append("<h2>Published reference rows</h2><p>As printed in their sources; they mix test sets, "
                      "preprocessing variants and library versions, and take no rank.</p><ol>")
@@ -548,6 +828,7 @@ def leaderboard(
     title: str = "brainrecon leaderboard",
     entries: list[LeaderboardEntry] | None = None,
     alpha: float = DEFAULT_ALPHA,
+    variant: str = "mindeye",
 ) -> str:
     """Render the runs under ``runs_dir`` as ranked groups of comparable runs.
 
@@ -570,6 +851,8 @@ def leaderboard(
         Use these instead of reading ``runs_dir``.
     alpha : float
         Significance level of the paired comparisons with each group's best run.
+    variant : {"mindeye", "braindiffuser"}
+        Which evaluation report of each run is ranked (:func:`collect`).
 
     Returns
     -------
@@ -579,7 +862,7 @@ def leaderboard(
         raise DataError(f"Unknown format {fmt!r}. Valid formats: {', '.join(map(repr, FORMATS))}.")
     _check_sort(sort)
     if entries is None:
-        entries = collect(runs_dir)
+        entries = collect(runs_dir, variant)
     if not entries and fmt != "csv":
         msg = f"No runs under {Path(runs_dir)}. Fit one with `brainrecon fit` or `brainrecon demo`."
         return f"<!DOCTYPE html><html><body><p>{html.escape(msg)}</p></body></html>\n" if fmt == "html" else msg + "\n"

@@ -26,7 +26,9 @@ __all__ = ["HF_PREFIX", "is_hub_address", "model_card", "push", "resolve_hub_add
 HF_PREFIX = "hf://"
 # What a published run holds (predictions and reconstructions stay local: large, and
 # re-creatable from the decoder).
-_FILES = ("run.json", "test_ids.npy", "metrics.json", "per_image.csv", "grid.png")
+# metrics-<variant>.json / per_image-<variant>.csv: the reports of other evaluation variants, when present.
+_FILES = ("run.json", "test_ids.npy", "metrics.json", "per_image.csv", "metrics-braindiffuser.json",
+          "per_image-braindiffuser.csv", "grid.png")
 
 _CITATIONS = {
     "ridge": "Ridge regression to IP-Adapter Plus image tokens or pixels, fitted with himalaya "
@@ -77,11 +79,11 @@ def resolve_hub_address(address: str) -> Path:
 
 
 def _fmt_score(metric: str, report) -> str:
-    from brainrecon.eval.harness import TWO_WAY_METRICS
+    from brainrecon.eval.harness import PERCENT_METRICS
 
     value = report[metric]
     lo, hi = report.intervals.get(metric, (float("nan"), float("nan")))
-    k, unit = (100, " %") if metric in TWO_WAY_METRICS else (1, "")
+    k, unit = (100, " %") if metric in PERCENT_METRICS else (1, "")
     interval = "" if lo != lo else f" [{k * lo:.4g}, {k * hi:.4g}]{unit}"
     return f"{k * value:.4g}{unit}{interval}"
 
@@ -90,7 +92,7 @@ def model_card(run, repo_id: str | None = None) -> str:
     """A model card for ``run``: what it is, how it was made, how it scored, what to cite."""
     from brainrecon import __version__
     from brainrecon.eval import EvalReport
-    from brainrecon.eval.harness import METRICS
+    from brainrecon.eval.harness import ALL_METRICS
 
     info = run.info
     repo = repo_id or "OWNER/NAME"
@@ -133,7 +135,7 @@ def model_card(run, repo_id: str | None = None) -> str:
         lines.append(f"Variant `{report.variant}`, {report.n_images} test images; mean and 95 % bootstrap "
                      "interval over images (per-image scores in `per_image.csv`).")
         lines += ["", "| metric | score |", "|---|---|"]
-        lines += [f"| {m} | {_fmt_score(m, report)} |" for m in METRICS if m in report]
+        lines += [f"| {m} | {_fmt_score(m, report)} |" for m in ALL_METRICS if m in report]
         for m in report.unavailable:
             lines.append(f"| {m} | not computed (reason in `metrics.json`) |")
     else:

@@ -8,7 +8,10 @@
         test_ids.npy        int64 image ids of the test rows, in order
         predictions.npy     decoder output in its target space (decoders that predict targets)
         reconstructions.npy uint8 (N, H, W, 3) images aligned with test_ids, when they exist
-        metrics.json        written by the evaluation harness
+        metrics.json        the evaluation report (MindEye's recipe, the default variant)
+        per_image.csv       its per-image scores
+        metrics-<variant>.json, per_image-<variant>.csv
+                            the report of another variant (``evaluate --variant braindiffuser``)
         grid.png            ground truth beside reconstructions
 
 A run directory is built under a temporary name and renamed when complete, so a crash never
@@ -23,7 +26,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +48,9 @@ RUN_FIELDS = ("decoder", "subject")
 _REFIT = "the run is damaged: fit it again (`brainrecon fit ... --overwrite`)"
 _REEVAL = "re-run `brainrecon evaluate RUN` to write it again"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+if TYPE_CHECKING:  # the evaluation harness imports torch: only when a report is read
+    from brainrecon.eval.harness import EvalReport
 
 __all__ = [
     "Run",
@@ -123,20 +129,40 @@ class Run:
             )
         return arr
 
-    def metrics(self) -> dict[str, Any] | None:
-        """``metrics.json`` as written by ``evaluate`` (checked to be a brainrecon evaluation
-        report), or None if the run was not evaluated."""
-        from brainrecon.eval.harness import EvalReport
+    def metrics(self, variant: str = "mindeye") -> EvalReport | None:
+        """The run's evaluation report with ``variant``, or None if the run was not evaluated so.
 
-        f = self.path / "metrics.json"
+        Parameters
+        ----------
+        variant : {"mindeye", "braindiffuser"}
+            Which report: ``metrics.json`` (MindEye's recipe, the default) or
+            ``metrics-<variant>.json`` (:func:`brainrecon.eval.harness.report_files`).
+
+        Returns
+        -------
+        brainrecon.eval.EvalReport or None
+            A mapping metric name -> mean over the test images (``run.metrics()["PixCorr"]``),
+            with ``intervals``, ``unavailable`` (metric -> why it was not scored), ``settings``
+            and ``n_images``. Per-image scores are not read here:
+            ``EvalReport.load(path)`` reads them too.
+        """
+        from brainrecon.eval.harness import EvalReport, report_files
+
+        f = self.path / report_files(variant)[0]
         if not f.exists():
             return None
-        data = read_json(f, fix=_REEVAL, types={"metrics": dict})
+        data = read_json(f, fix=_REEVAL.replace("RUN", f"RUN --variant {variant}") if variant != "mindeye" else _REEVAL,
+                         types={"metrics": dict})
         try:
-            EvalReport.from_json(data)
+            return EvalReport.from_json(data)
         except BrainreconError as exc:
             raise BrainreconError(f"{f}: {exc}") from None
-        return data
+
+    def variants(self) -> list[str]:
+        """The evaluation variants this run has a report of (``metrics.json`` is ``"mindeye"``)."""
+        from brainrecon.eval.harness import VARIANTS, report_files
+
+        return [v for v in VARIANTS if (self.path / report_files(v)[0]).is_file()]
 
     def dataset(self, source: str | os.PathLike | None = None):
         """The run's dataset (re-opened from its spec, or from ``source`` if the data moved)."""
@@ -199,6 +225,7 @@ def write_run(
     reconstructions: np.ndarray | None = None,
     overwrite: bool = False,
     extra: dict[str, Any] | None = None,
+    seed: int | None = None,
 ) -> Run:
     """Write a complete run directory atomically and return it.
 
@@ -209,6 +236,9 @@ def write_run(
         (n_test, *target_shape) or uint8 images (n_test, H, W, 3).
     reconstructions : uint8 array (n_test, H, W, 3) or None
         Images to evaluate (for image decoders these are the predictions).
+    seed : int, optional
+        The seed the fit used (:func:`brainrecon.workflows.fit`), recorded in the provenance;
+        default: the decoder's ``seed`` parameter.
     """
     check_run_name(name)
     path = Path(out_dir) / name
@@ -232,7 +262,7 @@ def write_run(
         "n_test": int(len(test_ids)),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "brainrecon_version": __version__,
-        "provenance": provenance(decoder),
+        "provenance": provenance(decoder, seed=seed),
     }
     if extra:
         info.update(extra)
@@ -251,9 +281,10 @@ def write_run(
     return Run(path, info)
 
 
-def provenance(decoder=None) -> dict[str, Any]:
+def provenance(decoder=None, seed: int | None = None) -> dict[str, Any]:
     """What made a run: package versions, the git commit of a brainrecon checkout (when
-    there is one), the exact command line, the decoder's seed and device."""
+    there is one), the exact command line, the seed used (``seed``, else the decoder's ``seed``
+    parameter) and the device."""
     import platform
     import subprocess
     import sys
@@ -287,7 +318,7 @@ def provenance(decoder=None) -> dict[str, Any]:
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "seed": params.get("seed"),
+        "seed": seed if seed is not None else params.get("seed"),
         "device": params.get("device"),
     }
 

@@ -154,6 +154,7 @@ def compare_runs(
     data_source=None,
     sort_by: str | None = None,
     worst: bool = True,
+    variant: str = "mindeye",
 ) -> Path:
     """Several runs side by side on the test images they share.
 
@@ -175,6 +176,8 @@ def compare_runs(
         or best on it, from its per-image scores, each row labelled with its score.
     worst : bool
         With ``sort_by``: worst first (failure cases) or best first.
+    variant : str
+        With ``sort_by``: the evaluation variant whose per-image scores rank the images.
 
     Returns
     -------
@@ -209,7 +212,7 @@ def compare_runs(
     chosen = [int(v) for v in id_lists[0] if int(v) in shared]
     labels = None
     if sort_by is not None:
-        chosen, labels = _ranked(first, chosen, sort_by, worst)
+        chosen, labels = _ranked(first, chosen, sort_by, worst, variant)
     chosen = chosen[:max_rows]
     if not chosen:
         raise BrainreconError(f"The runs {[r.name for r in runs]} share no test image.")
@@ -238,13 +241,13 @@ def _data_source(info: dict) -> dict:
     return {k: v for k, v in data.items() if k not in ("subjects", "path", "n_voxels", "subject_info")}
 
 
-def _ranked(run, ids: list[int], metric: str, worst: bool) -> tuple[list[int], list[str]]:
+def _ranked(run, ids: list[int], metric: str, worst: bool, variant: str = "mindeye") -> tuple[list[int], list[str]]:
     """``ids`` ordered by ``run``'s per-image score on ``metric`` (worst or best first), with labels."""
     from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, TWO_WAY_METRICS, run_scores_by_id
 
     if metric not in METRICS:
         raise BrainreconError(f"Unknown metric {metric!r} to sort by. Valid: {', '.join(map(repr, METRICS))}.")
-    scores = run_scores_by_id(run)
+    scores = run_scores_by_id(run, variant)
     if metric not in scores:
         raise BrainreconError(f"Run {run.name!r} was not scored on {metric}; evaluate it with that metric.")
     score = scores[metric]

@@ -2,11 +2,12 @@
 
 >>> from brainrecon.workflows import fit
 >>> runs = fit("ridge", target="pixels", subjects=[1], out="runs")   # synthetic data
->>> runs[0].metrics()["PixCorr"]
+>>> runs[0].metrics()["PixCorr"]            # mean over the test images (an EvalReport)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -20,6 +21,11 @@ from brainrecon.io import jsonable, write_array_atomic
 from brainrecon.runs import Run, check_run_name, default_run_name, write_run
 
 Log = Callable[[str], None]
+
+#: The seed of a fit when none is given. A decoder with a ``seed`` parameter keeps its own
+#: default (0 for the built-ins; this one if its default is None); numpy's, Python's and torch's
+#: global generators are seeded with the fit's seed while it fits and predicts.
+DEFAULT_SEED = 0
 
 
 def _quiet(message: str) -> None:
@@ -72,7 +78,10 @@ def fit(
         Runs are written to ``out/name`` (one per subject; default names
         ``<decoder>-subjXX-<target>``). Existing runs are refused unless ``overwrite``.
     params : dict
-        Further decoder parameters.
+        Further decoder parameters. ``seed`` is taken by every decoder: one with a ``seed``
+        parameter gets it; for every decoder the global random generators are seeded with it
+        during the fit (default: the decoder's own default seed, else :data:`DEFAULT_SEED`).
+        ``run.json`` records the seed used under ``provenance.seed``.
     recipe : str, optional
         A named recipe of the decoder (:mod:`brainrecon.recipes`); explicitly given
         ``params`` win over its values. The run records the recipe's name.
@@ -100,6 +109,7 @@ def fit(
         if s not in ds.subjects:
             raise BrainreconError(f"Subject {s} is not in the data; available subjects: {ds.subjects}.")
     accepted = cls._param_names()
+    seed = _fit_seed(cls, params, accepted)
     if cls.predicts == "target":
         if target is None:
             raise BrainreconError(f"Decoder {decoder!r} predicts a target space; give --target.")
@@ -143,38 +153,95 @@ def fit(
         return [Run.open(p) for p in paths]
     if cls.multi_subject:
         fitted = [get_decoder(decoder, **{**params, "subjects": subjects})]
-        fitted[0].fit(ds.train)
+        with seeded(seed):
+            fitted[0].fit(ds.train)
         per_subject = {s: fitted[0].for_subject(s) for s in subjects}
     else:
         per_subject = {}
         for s in subjects:
             log(f"fitting {decoder} on subject {s}")
-            per_subject[s] = get_decoder(decoder, **{**params, "subject": s}).fit(ds.train)
+            with seeded(seed):
+                per_subject[s] = get_decoder(decoder, **{**params, "subject": s}).fit(ds.train)
 
     if not _is_main_process():
         # Under `accelerate launch` every process trains; one writes and scores the runs.
         return []
     runs = []
+    reports = []
     for s, dec in per_subject.items():
         if s in kept:
             run = Run.open(Path(out) / names[s])
             log(f"kept run {run.path}: this fit wrote it before it was interrupted")
             if evaluate and run.metrics() is None and (run.path / "reconstructions.npy").exists():
-                evaluate_run_safely(run, log=log)
+                reports.append(evaluate_run_safely(run, log=log))
             runs.append(Run.open(run.path))
             continue
         # A NeuroPictor encoder-stage decoder only calibrates the fMRI encoder: no images yet.
-        pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
+        with seeded(seed):
+            pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
         recon = make_reconstructions(dec, pred, ds, s, log=log)
         own = _own_data(ds, s) if decoder == "brainguard" else ds  # privacy: one subject per run
         run = write_run(out, names[s], decoder=dec, dataset=own, subject=s, predictions=pred,
                         reconstructions=recon, overwrite=overwrite,
-                        extra={"recipe": recipe})
+                        extra={"recipe": recipe}, seed=seed)
         log(f"wrote run {run.path}")
         if evaluate and recon is not None:
-            evaluate_run_safely(run, log=log)
+            reports.append(evaluate_run_safely(run, log=log))
         runs.append(Run.open(run.path))
+    log_unavailable(reports, log)
     return runs
+
+
+def _fit_seed(cls, params: dict[str, Any], accepted: Sequence[str]) -> int:
+    """The seed of a fit (the given one, else the decoder's default, else :data:`DEFAULT_SEED`);
+    a decoder with a ``seed`` parameter gets it in ``params``, one without loses the key."""
+    given = params.get("seed") if "seed" in accepted else params.pop("seed", None)
+    if given is None and "seed" in accepted:
+        given = cls.default_params().get("seed")
+    seed = DEFAULT_SEED if given is None else given
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise BrainreconError(f"seed must be an integer, got {seed!r}.")
+    if "seed" in accepted:
+        params["seed"] = int(seed)
+    return int(seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Within the block, numpy's legacy global generator, Python's ``random`` and (when torch is
+    loaded) torch's CPU generator start from ``seed``; each is restored afterwards, so a decoder
+    that draws from them is reproducible and the caller's generators are left as they were."""
+    import random
+    import sys
+
+    torch = sys.modules.get("torch")
+    states = (np.random.get_state(), random.getstate(),
+              torch.default_generator.get_state() if torch is not None else None)
+    np.random.seed(seed)
+    random.seed(seed)
+    if torch is not None:
+        torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+        if torch is not None:
+            torch.default_generator.set_state(states[2])
+
+
+def log_unavailable(reports, log: Log = _quiet) -> None:
+    """Say once, in one short line, which metrics the ``reports`` could not score (and the one
+    command that helps); the reasons per metric stay in each run's ``metrics.json``."""
+    from brainrecon.eval.harness import unavailable_summary
+
+    unavailable: dict[str, str] = {}
+    for report in reports:
+        for metric, why in (getattr(report, "unavailable", None) or {}).items():
+            unavailable.setdefault(metric, why)
+    line = unavailable_summary(unavailable)
+    if line:
+        log(line)
 
 
 def _written_by_this_fit(path: Path, cls, params: dict, subject: int) -> bool:
@@ -234,15 +301,14 @@ def make_reconstructions(decoder, predictions: np.ndarray | None, dataset, subje
 
 def evaluate_run_safely(run: Run, log: Log = _quiet, **options: Any):
     """Score a run with :func:`brainrecon.eval.evaluate_run`; metrics whose weights are missing
-    are reported unavailable rather than failing the fit."""
+    are reported unavailable (in the run's ``metrics.json``) rather than failing the fit.
+
+    Nothing is said here about them (``log`` is kept for callers): a caller scoring several
+    runs says it once for all with :func:`log_unavailable`.
+    """
     from brainrecon.eval import evaluate_run
 
-    report = evaluate_run(run, **options)
-    unavailable = getattr(report, "unavailable", {}) or {}
-    if unavailable:
-        log(f"{len(unavailable)} metric(s) unavailable (weights missing): {', '.join(unavailable)}; "
-            f"see `brainrecon weights`.")
-    return report
+    return evaluate_run(run, **options)
 
 
 def predict(run: str | os.PathLike, *, data: str | os.PathLike | None = None,
@@ -250,7 +316,7 @@ def predict(run: str | os.PathLike, *, data: str | os.PathLike | None = None,
     """Predict the test split of ``data`` (default: the run's own data) with a run's decoder.
 
     Writes an ``.npy`` of the predictions for the run's subject, aligned with the test ids
-    (written beside it as ``<out stem>_ids.npy``).
+    (written beside it as ``<out stem>_ids.npy``, :func:`prediction_ids_path`). Returns ``out``.
     """
     r = Run.open(run)
     out = Path(out)
@@ -262,5 +328,11 @@ def predict(run: str | os.PathLike, *, data: str | os.PathLike | None = None,
     decoder = r.load_decoder()
     pred = decoder.predict(ds.test)[r.subject]
     write_array_atomic(out, pred)
-    write_array_atomic(out.with_name(out.stem + "_ids.npy"), ds.test.ids(r.subject))
+    write_array_atomic(prediction_ids_path(out), ds.test.ids(r.subject))
     return out
+
+
+def prediction_ids_path(out: str | os.PathLike) -> Path:
+    """The test ids file :func:`predict` writes beside ``out``: ``pred.npy`` -> ``pred_ids.npy``."""
+    out = Path(out)
+    return out.with_name(out.stem + "_ids.npy")

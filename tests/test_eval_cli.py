@@ -40,7 +40,9 @@ def test_fit_wrote_metrics_and_grid_through_the_harness(fitted):
     run = list_runs(fitted)[0]
     metrics = json.loads((run.path / "metrics.json").read_text())
     assert metrics["format"] == "brainrecon.eval.report/1"
-    assert set(metrics["metrics"]) == {"PixCorr", "SSIM"}  # no network weights offline
+    # No network weights offline; retrieval in the ridge's pixel target space needs none.
+    assert set(metrics["metrics"]) == {"PixCorr", "SSIM", "ImageRet(target)", "BrainRet(target)"}
+    assert metrics["settings"]["retrieval"]["target_space"] == "pixels (32, 32, 3)"
     assert "alexnet-owt-7be5be79.pth" in metrics["unavailable"]["AlexNet(2)"]
     assert Image.open(run.path / "grid.png").size[1] > 128
 
@@ -56,7 +58,8 @@ def test_evaluate_command(fitted):
 
     result = invoke("evaluate", run.path, "-m", "PixCorr", "-m", "CLIP")
     assert result.exit_code == 0
-    assert "unavailable:" in result.output and "clip-vit-large-patch14" in result.output
+    assert "CLIP not scored (weights missing)" in result.output and "`brainrecon weights`" in result.output
+    assert "clip-vit-large-patch14" in json.loads((run.path / "metrics.json").read_text())["unavailable"]["CLIP"]
 
 
 def test_evaluate_command_errors(fitted, tmp_path):

@@ -68,7 +68,7 @@ def run_eval(gt, rec, **kw):
 def test_all_eight_metrics_and_json_round_trip():
     gt, rec = images(0)
     report = run_eval(gt, rec, batch_size=4)
-    assert list(report) == list(METRICS)
+    assert list(report) == list(METRICS) + ["ImageRet(CLIP)", "BrainRet(CLIP)"]  # + retrieval in CLIP space
     assert report.unavailable == {}
     assert report.n_images == 6 and report.variant == "mindeye"
     assert report.settings["ssim_mode"] == "2d" and report.settings["effnet_weights"] == "IMAGENET1K_V2"

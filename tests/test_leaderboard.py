@@ -88,10 +88,10 @@ def _mean_rank_loop(entries, higher):
 
 
 def test_default_ranking_is_mean_rank_and_sort_respects_direction(runs):
-    from brainrecon.eval import HIGHER_IS_BETTER
+    from brainrecon.eval import HIGHER_IS_BETTER, METRICS
 
     group = [e for e in collect(runs) if e.name in {"ridge-a", "brainguard-b", "neuropictor-c"}]
-    expected = _mean_rank_loop(group, HIGHER_IS_BETTER)
+    expected = _mean_rank_loop(group, {m: HIGHER_IS_BETTER[m] for m in METRICS})  # the runs' eight metrics
     ordered = rank_group(group)
     assert [e.name for e in ordered] == sorted(expected, key=lambda n: (expected[n], n))
     assert [e.rank for e in ordered] == [1, 2, 3]

@@ -15,7 +15,8 @@ Supported sources (detected from what the directory or file holds):
     ``brainrecon-data.json`` manifest and ``subjXX/{split}_{voxels,ids,images,captions,
     surfaces}.npy`` (memory-mapped), with NSD 73k ids.
 ``synthetic``
-    The built-in synthetic dataset; ``synthetic:n_train=200,n_test=16`` sets its options.
+    The built-in synthetic dataset: NSD's eight subjects, 1 to 8, subjects 1, 2, 5 and 7
+    unless ``subjects`` chooses others; ``synthetic:n_train=200,n_test=16`` sets its options.
 ``arrays``
     One ``.h5`` / ``.hdf5`` file with datasets ``subjXX/{train,test}_{voxels,images,ids,
     captions,surfaces}`` (images and ids optional), or a directory of such ``.npy`` files

@@ -1,8 +1,10 @@
 """Decoders behind one interface, and the registry that names them.
 
 The registry is the single source of truth for ``--decoder`` choices, ``brainrecon
-decoders`` and loading a saved decoder. Entries are import paths, so listing decoders
-does not import torch or diffusers.
+decoders`` and loading a saved decoder. Entries are import paths, and what ``brainrecon
+decoders`` and ``brainrecon fit --help`` show of the built-ins is kept here
+(:data:`_BUILTIN_INFO`, checked against the classes by the tests), so listing decoders does
+not import torch, scikit-learn or diffusers; plugins are imported to be listed.
 
 Other packages add decoders through the ``brainrecon.decoders`` entry-point group
 (``name = "module:Class"`` in their ``pyproject.toml`` under
@@ -22,7 +24,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from brainrecon.decoders.base import Decoder
+from brainrecon.decoders.base import CliOption, Decoder
 from brainrecon.errors import BrainreconError
 
 # name -> "module:ClassName"
@@ -34,6 +36,47 @@ _REGISTRY: dict[str, str] = {
 
 
 _BUILTIN = frozenset(_REGISTRY)
+_BUILTIN_PATHS = dict(_REGISTRY)  # a built-in re-registered elsewhere (register()) is imported to be listed
+
+# What the listing shows of each built-in, without importing it (ridge imports scikit-learn,
+# BrainGuard and NeuroPictor torch: seconds). Must equal the classes' own attributes
+# (tests/test_first_use.py::test_the_decoder_listing_says_what_the_classes_say).
+_BUILTIN_INFO: dict[str, dict] = {
+    "brainguard": {
+        "predicts": "target",
+        "multi_subject": True,
+        "summary": "Per-subject MLP decoders trained by federated learning "
+                   "(subject input layers stay private; shared layers fused by DFL).",
+        "params": {"target": "pixels", "hidden": 2048, "rounds": 600, "local_iterations": 1, "sync_layers": 4,
+                   "batch_size": 50, "lr": 0.0003, "seed": 0},
+        "cli_options": (
+            CliOption("rounds", "--rounds", "int", "federated rounds"),
+            CliOption("local_iterations", "--local-iterations", "int", "local epochs per round"),
+            CliOption("sync_layers", "--sync-layers", "int", "trailing layers (of blocks, head, projector) fused "
+                      "adaptively; raw tensor count: --param sync_tensors=N"),
+            CliOption("hidden", "--hidden", "int", "hidden width"),
+        ),
+    },
+    "neuropictor": {
+        "predicts": "images",
+        "multi_subject": True,
+        "summary": "NeuroPictor: fMRI surface maps control Stable Diffusion 2.1 (ControlNet + semantic context)",
+        "params": {"stage": "pretrain", "base_model": "stabilityai/stable-diffusion-2-1-base", "init_from": None,
+                   "image_size": 512, "batch_size": 16, "steps": None, "control_scale": 1.0, "guidance_scale": 5.0},
+        "cli_options": (
+            CliOption("stage", "--stage", "str", "training stage", ("encoder", "pretrain", "finetune", "cfg")),
+            CliOption("init_from", "--init-from", "path", "saved decoder (run/decoder) of the previous stage"),
+        ),
+    },
+    "ridge": {
+        "predicts": "target",
+        "multi_subject": False,
+        "summary": "Closed-form ridge from z-scored voxels to a target space; alpha per target by "
+                   "exact leave-one-out (CPU or CUDA).",
+        "params": {"target": "pixels", "alphas": None, "granularity": "target", "rescale": "train", "device": "auto"},
+        "cli_options": (CliOption("alphas", "--alphas", "floats", "comma-separated alpha grid, e.g. 1e3,1e4,1e5"),),
+    },
+}
 ENTRY_POINT_GROUP = "brainrecon.decoders"
 # name -> distribution that declared it (plugins only), and problems found while scanning.
 _PLUGIN_DIST: dict[str, str] = {}
@@ -138,9 +181,18 @@ def load_decoder(directory: str | Path) -> Decoder:
 
 
 def describe() -> list[dict]:
-    """One row per decoder: name, what it predicts, summary and main parameters with defaults."""
+    """One row per decoder: name, what it predicts, summary and main parameters with defaults.
+
+    Built-ins are described without being imported; plugins are imported (a broken one is
+    listed with its problem).
+    """
     rows = []
     for name in available():
+        if name in _BUILTIN and _REGISTRY[name] == _BUILTIN_PATHS[name]:
+            info = _BUILTIN_INFO[name]
+            rows.append({"name": name, "predicts": info["predicts"], "summary": info["summary"],
+                         "params": dict(info["params"])})
+            continue
         try:
             cls = get_decoder_class(name)
         except BrainreconError as exc:  # a broken plugin: listed with its problem, others unaffected
@@ -158,9 +210,18 @@ def describe() -> list[dict]:
     return rows
 
 
+def decoder_cli_options(name: str) -> tuple[CliOption, ...]:
+    """The decoder's own ``brainrecon fit`` options (``Decoder.cli_options``); a built-in's are
+    read without importing it."""
+    if name in _BUILTIN and _REGISTRY.get(name) == _BUILTIN_PATHS[name]:
+        return _BUILTIN_INFO[name]["cli_options"]
+    return tuple(getattr(get_decoder_class(name), "cli_options", ()) or ())
+
+
 __all__ = [
     "Decoder",
     "available",
+    "decoder_cli_options",
     "describe",
     "get_decoder",
     "get_decoder_class",

@@ -5,7 +5,9 @@
 >>> report["CLIP"], report.unavailable                      # doctest: +SKIP
 
 - :mod:`brainrecon.eval.metrics` — pure functions (PixCorr, SSIM, two-way
-  identification, correlation distance), no weights.
+  identification, correlation distance, 300-way retrieval), no weights.
+- :mod:`brainrecon.eval.stats` — bootstrap intervals, paired tests, the leaderboard's
+  family-wise (max-statistic) adjustment.
 - :mod:`brainrecon.eval.extractors` — the feature networks.
 - :mod:`brainrecon.eval.weights` — where weight files are found and fetched.
 - :mod:`brainrecon.eval.harness` — :func:`evaluate`, :class:`EvalReport`, :func:`evaluate_run`.
@@ -15,10 +17,12 @@ This package knows nothing of decoders; :func:`evaluate_run` reads run directori
 """
 
 from brainrecon.eval.harness import (
+    ALL_METRICS,
     DISTANCE_METRICS,
     HIGHER_IS_BETTER,
     LOW_LEVEL_METRICS,
     METRICS,
+    RETRIEVAL_METRICS,
     TWO_WAY_METRICS,
     VARIANTS,
     EvalReport,
@@ -34,10 +38,12 @@ from brainrecon.eval.metrics import (
 from brainrecon.eval.weights import WEIGHT_FILES, weights_status
 
 __all__ = [
+    "ALL_METRICS",
     "DISTANCE_METRICS",
     "HIGHER_IS_BETTER",
     "LOW_LEVEL_METRICS",
     "METRICS",
+    "RETRIEVAL_METRICS",
     "TWO_WAY_METRICS",
     "VARIANTS",
     "WEIGHT_FILES",

@@ -51,10 +51,15 @@ from brainrecon.eval.extractors import NETWORK_METRICS, FeatureNetwork, build_ne
 from brainrecon.progress import bar_disabled
 
 __all__ = [
+    "ALL_METRICS",
+    "CLIP_RETRIEVAL_METRICS",
     "DISTANCE_METRICS",
     "HIGHER_IS_BETTER",
     "LOW_LEVEL_METRICS",
     "METRICS",
+    "PERCENT_METRICS",
+    "RETRIEVAL_METRICS",
+    "TARGET_RETRIEVAL_METRICS",
     "TWO_WAY_METRICS",
     "VARIANTS",
     "EvalReport",
@@ -66,7 +71,17 @@ METRICS: tuple[str, ...] = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Ince
 LOW_LEVEL_METRICS = ("PixCorr", "SSIM")
 TWO_WAY_METRICS = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP")
 DISTANCE_METRICS = ("EffNet-B", "SwAV")
-HIGHER_IS_BETTER: dict[str, bool] = {m: m not in DISTANCE_METRICS for m in METRICS}
+# Brain <-> image retrieval (MindEye's 300-way top-1), in both directions: "ImageRet" asks, for
+# each prediction, whether its own image is the most similar of the candidates (which image did
+# the brain see?); "BrainRet" asks, for each image, whether its own prediction is.
+TARGET_RETRIEVAL_METRICS = ("ImageRet(target)", "BrainRet(target)")  # in the decoder's target space
+CLIP_RETRIEVAL_METRICS = ("ImageRet(CLIP)", "BrainRet(CLIP)")  # CLIP image space, reconstructions vs GT
+RETRIEVAL_METRICS = TARGET_RETRIEVAL_METRICS + CLIP_RETRIEVAL_METRICS
+#: The eight NSD metrics, then the retrieval metrics: every column a report can have.
+ALL_METRICS: tuple[str, ...] = METRICS + RETRIEVAL_METRICS
+#: Fractions printed as percentages (chance: 50 % for two-way, 1/min(300, N) for retrieval).
+PERCENT_METRICS = TWO_WAY_METRICS + RETRIEVAL_METRICS
+HIGHER_IS_BETTER: dict[str, bool] = {m: m not in DISTANCE_METRICS for m in ALL_METRICS}
 VARIANTS = ("mindeye", "braindiffuser")
 REPORT_FORMAT = "brainrecon.eval.report/1"
 # Bump when a preprocessing change would alter cached ground-truth features.
@@ -121,7 +136,7 @@ class EvalReport(Mapping):
         ``method``, ``n_resamples``, ``confidence``, ``seed``, ``two_way_note``.
     """
 
-    directions = {m: ("higher" if HIGHER_IS_BETTER[m] else "lower") for m in METRICS}
+    directions = {m: ("higher" if HIGHER_IS_BETTER[m] else "lower") for m in ALL_METRICS}
 
     def __init__(
         self,
@@ -139,7 +154,7 @@ class EvalReport(Mapping):
         intervals: Mapping[str, Any] | None = None,
         bootstrap: Mapping[str, Any] | None = None,
     ):
-        self._scores = {m: float(scores[m]) for m in METRICS if m in scores}
+        self._scores = {m: float(scores[m]) for m in ALL_METRICS if m in scores}
         self.n_images = int(n_images)
         self.variant = variant
         self.unavailable = dict(unavailable or {})
@@ -204,6 +219,8 @@ class EvalReport(Mapping):
         DataError
             If the content is not a brainrecon evaluation report.
         """
+        if isinstance(data, EvalReport):
+            return data  # already a report (what ``Run.metrics()`` returns)
         if isinstance(data, (str, bytes)):
             data = json.loads(data)
         if not isinstance(data, Mapping) or data.get("format") != REPORT_FORMAT:
@@ -219,7 +236,7 @@ class EvalReport(Mapping):
                 raise DataError(f"The evaluation report is missing field {key!r}; {fix}.")
             if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
                 raise DataError(f"The evaluation report's field {key!r} is {data[key]!r:.60}, not {kind}; {fix}.")
-        unknown = [m for m in data["metrics"] if m not in METRICS]
+        unknown = [m for m in data["metrics"] if m not in ALL_METRICS]
         if unknown:
             raise DataError(f"The evaluation report names unknown metric(s) {unknown}; {fix}.")
         try:
@@ -255,7 +272,7 @@ class EvalReport(Mapping):
             report = cls.from_json(read_json(path, fix="recompute it with `brainrecon evaluate RUN`"))
         except DataError as exc:
             raise DataError(f"{path}: {exc}") from None
-        csv_path = path.with_name(PER_IMAGE_FILE)
+        csv_path = per_image_path(path)
         if csv_path.is_file():
             report.ids, report.per_image = read_per_image(csv_path, metrics=list(report))
             if len(report.ids) != report.n_images:
@@ -265,16 +282,70 @@ class EvalReport(Mapping):
 
     def save(self, path) -> Path:
         """Write :meth:`to_json` to ``path`` atomically, and the per-image scores beside it
-        (``per_image.csv``: one row per test image id, one column per metric)."""
+        (:func:`per_image_path`: ``per_image.csv`` beside ``metrics.json``,
+        ``per_image-<variant>.csv`` beside ``metrics-<variant>.json``; one row per test image
+        id, one column per metric)."""
         from brainrecon.io import write_json_atomic
 
         path = Path(path)
+        data = self.to_dict()
         if self.per_image:
-            write_per_image(path.with_name(PER_IMAGE_FILE), self.per_image, self.ids)
-        return write_json_atomic(path, self.to_dict())
+            csv_path = write_per_image(per_image_path(path), self.per_image, self.ids)
+            data["per_image_file"] = csv_path.name
+        return write_json_atomic(path, data)
 
 
+METRICS_FILE = "metrics.json"
 PER_IMAGE_FILE = "per_image.csv"
+
+
+def report_files(variant: str = "mindeye") -> tuple[str, str]:
+    """File names of a run's evaluation report with ``variant``: (scores, per-image scores).
+
+    The default variant (MindEye's recipe) keeps ``metrics.json`` and ``per_image.csv``; every
+    other variant has its own pair, ``metrics-<variant>.json`` and ``per_image-<variant>.csv``
+    (``metrics-braindiffuser.json``), so scoring a run with another recipe never replaces the
+    default report.
+    """
+    variant = _check_variant(variant)
+    if variant == VARIANTS[0]:
+        return METRICS_FILE, PER_IMAGE_FILE
+    return f"metrics-{variant}.json", f"per_image-{variant}.csv"
+
+
+def per_image_path(metrics_path) -> Path:
+    """Where the per-image scores of the report at ``metrics_path`` are: ``per_image-<variant>.csv``
+    beside ``metrics-<variant>.json``, else ``per_image.csv``."""
+    metrics_path = Path(metrics_path)
+    name = metrics_path.name
+    if name.startswith("metrics-") and name.endswith(".json"):
+        return metrics_path.with_name(f"per_image-{name[len('metrics-'):-len('.json')]}.csv")
+    return metrics_path.with_name(PER_IMAGE_FILE)
+
+
+def unavailable_summary(unavailable: Mapping[str, str]) -> str | None:
+    """One short line saying which metrics were not scored and the one command that helps, or
+    None when every metric was scored. The per-metric reasons (file names, places searched)
+    stay in the report's ``unavailable``.
+
+    >>> unavailable_summary({"CLIP": "weights openai/clip-vit-large-patch14 not found (...)"})
+    'CLIP not scored (weights missing): run `brainrecon weights` to see which files to fetch'
+    """
+    if not unavailable:
+        return None
+
+    def names(ms: list[str]) -> str:
+        return ", ".join(ms) if len(ms) <= 2 else f"{len(ms)} metrics"
+
+    weights = [m for m, why in unavailable.items() if "not found" in why]
+    parts = []
+    if weights:
+        parts.append(f"{names(weights)} not scored (weights missing): run `brainrecon weights` "
+                     "to see which files to fetch")
+    others = {m: why for m, why in unavailable.items() if m not in weights}
+    for why in dict.fromkeys(others.values()):
+        parts.append(f"{names([m for m, w in others.items() if w == why])} not scored: {why}")
+    return "; ".join(parts)
 
 
 def write_per_image(path, per_image: Mapping[str, Any], ids=None) -> Path:
@@ -287,7 +358,7 @@ def write_per_image(path, per_image: Mapping[str, Any], ids=None) -> Path:
 
     from brainrecon.io import atomic_path
 
-    metrics = [m for m in METRICS if m in per_image]
+    metrics = [m for m in ALL_METRICS if m in per_image]
     n = len(next(iter(per_image.values())))
     ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
     if len(ids) != n or any(len(per_image[m]) != n for m in metrics):
@@ -309,16 +380,17 @@ def scores_by_id(path, *, expected_ids=None, metrics=None) -> dict[str, dict[int
     return {m: dict(zip(map(int, ids), map(float, v))) for m, v in cols.items()}
 
 
-def run_scores_by_id(run) -> dict[str, dict[int, float]]:
-    """A run's per-image scores by id, checked against the run's test ids and ``metrics.json``;
-    a run never evaluated with them is a clear error."""
-    path = run.path / PER_IMAGE_FILE
+def run_scores_by_id(run, variant: str = "mindeye") -> dict[str, dict[int, float]]:
+    """A run's per-image scores by id for ``variant`` (:func:`report_files`), checked against the
+    run's test ids and its report; a run never evaluated with them is a clear error."""
+    path = run.path / report_files(variant)[1]
     if not path.is_file():
+        option = "" if variant == VARIANTS[0] else f" --variant {variant}"
         raise BrainreconError(
-            f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}` first."
+            f"Run {run.name!r} has no per-image scores ({path}); run `brainrecon evaluate {run.path}{option}` first."
         )
-    report = run.metrics()
-    return scores_by_id(path, expected_ids=run.test_ids(), metrics=None if report is None else report["metrics"])
+    report = run.metrics(variant)
+    return scores_by_id(path, expected_ids=run.test_ids(), metrics=None if report is None else list(report))
 
 
 def read_per_image(path, *, expected_ids=None, metrics=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -347,7 +419,7 @@ def read_per_image(path, *, expected_ids=None, metrics=None) -> tuple[np.ndarray
     if text and not text.endswith("\n"):
         raise DataError(f"{path} ends in the middle of a row (truncated); {fix}.")
     rows = list(csv.reader(text.splitlines()))
-    if not rows or not rows[0] or rows[0][0] != "image_id" or any(m not in METRICS for m in rows[0][1:]):
+    if not rows or not rows[0] or rows[0][0] != "image_id" or any(m not in ALL_METRICS for m in rows[0][1:]):
         raise DataError(f"{path} is not a brainrecon per-image score file (bad header); {fix}.")
     head = rows[0]
     body = [r for r in rows[1:] if r]
@@ -374,7 +446,7 @@ def read_per_image(path, *, expected_ids=None, metrics=None) -> tuple[np.ndarray
 
 
 def _format_score(metric: str, value: float) -> str:
-    if metric in TWO_WAY_METRICS:
+    if metric in PERCENT_METRICS:
         return f"{100 * value:.2f}%"
     return f"{value:.4f}"
 
@@ -400,19 +472,19 @@ def _versions() -> dict[str, str]:
 
 def _check_metrics(metrics) -> list[str]:
     if metrics is None:
-        return list(METRICS)
+        return list(ALL_METRICS)
     if isinstance(metrics, str):
         metrics = [metrics]
     out = []
     for m in metrics:
-        if m not in METRICS:
-            lower = {name.lower(): name for name in METRICS}
+        if m not in ALL_METRICS:
+            lower = {name.lower(): name for name in ALL_METRICS}
             close = difflib.get_close_matches(str(m).lower(), list(lower), n=1, cutoff=0.5)
             hint = f" Did you mean {lower[close[0]]!r}?" if close else ""
-            raise DataError(f"Unknown metric {m!r}.{hint} Valid metrics: {', '.join(map(repr, METRICS))}.")
+            raise DataError(f"Unknown metric {m!r}.{hint} Valid metrics: {', '.join(map(repr, ALL_METRICS))}.")
         if m not in out:
             out.append(m)
-    return [m for m in METRICS if m in out]
+    return [m for m in ALL_METRICS if m in out]
 
 
 def _check_variant(variant: str) -> str:
@@ -754,8 +826,12 @@ def evaluate(
     confidence: float = stats.DEFAULT_CONFIDENCE,
     seed: int = stats.DEFAULT_SEED,
     network_images: int | None = None,
+    predictions=None,
+    targets=None,
+    target_space: str | None = None,
+    retrieval_way: int = M.RETRIEVAL_WAY,
 ) -> EvalReport:
-    """Score reconstructions against ground truth with the eight NSD metrics.
+    """Score reconstructions against ground truth with the eight NSD metrics and retrieval.
 
     Parameters
     ----------
@@ -800,6 +876,16 @@ def evaluate(
         Score the six network metrics on the first ``network_images`` images only (in
         ground-truth order; PixCorr and SSIM still use all): a quick look on a CPU, recorded
         in ``settings["network_images"]``; their per-image rows beyond it are empty.
+    predictions, targets : array of shape (n_images, ...), optional
+        The decoder's predictions in its target space (in ``rec`` order, like the
+        reconstructions) and the true targets of the ground-truth images (in ``gt`` order):
+        with both, ``ImageRet(target)`` and ``BrainRet(target)`` are scored (cosine similarity of
+        the flattened vectors; no weights needed). ``ImageRet(CLIP)`` and ``BrainRet(CLIP)``
+        use the CLIP metric's embeddings of reconstructions and ground truth.
+    target_space : str, optional
+        Names the target space (recorded; runs are compared on retrieval only within one space).
+    retrieval_way : int
+        Candidates per retrieval set (MindEye: 300); ``min(retrieval_way, N)`` are used.
 
     Returns
     -------
@@ -839,11 +925,36 @@ def evaluate(
     n = gt_src.n
     if n < 2 and any(m in TWO_WAY_METRICS for m in wanted):
         raise DataError(f"Two-way identification needs at least 2 images; got {n}.")
+    target_ret = [m for m in wanted if m in TARGET_RETRIEVAL_METRICS]
+    if target_ret and (predictions is None or targets is None):
+        if metrics is None:  # by default scored only where the caller has the target space
+            wanted = [m for m in wanted if m not in TARGET_RETRIEVAL_METRICS]
+        target_ret = []
+    pred_arr = true_arr = None
+    if target_ret:
+        pred_arr = np.asarray(predictions)
+        true_arr = np.asarray(targets)
+        if len(pred_arr) != n or len(true_arr) != n:
+            raise DataError(f"Retrieval needs one prediction and one true target per test image: got "
+                            f"{len(pred_arr)} predictions and {len(true_arr)} targets for {n} images.")
+        if n < 2:
+            raise DataError(f"Retrieval needs at least 2 images; got {n}.")
+        pred_arr = pred_arr[rec_order]
+    clip_ret = [m for m in wanted if m in CLIP_RETRIEVAL_METRICS]
+    # The CLIP-space retrieval needs the CLIP metric's embeddings, wanted or not.
+    net_wanted = [m for m in wanted if m in METRICS] + (["CLIP"] if clip_ret and "CLIP" not in wanted else [])
     if network_images is not None and int(network_images) < 2:
         raise DataError(f"network_images must be at least 2 (two-way identification), got {network_images}.")
     n_net = n if network_images is None else min(n, int(network_images))
 
-    nets, unavailable = _build_networks(wanted, variant, extractors, weights_dir, strict, allow_download)
+    nets, unavailable = _build_networks(net_wanted, variant, extractors, weights_dir, strict, allow_download)
+    if "CLIP" in unavailable:
+        unavailable.update({m: unavailable["CLIP"] for m in clip_ret})
+        if "CLIP" not in wanted:
+            del unavailable["CLIP"]
+    missing_targets = [m for m in wanted if m in TARGET_RETRIEVAL_METRICS and m not in target_ret]
+    unavailable.update({m: "no predictions and true targets in the decoder's target space were given"
+                        for m in missing_targets})
     for net in nets:
         net.to(dev)
 
@@ -942,12 +1053,29 @@ def evaluate(
     if "SSIM" in wanted:
         per_image["SSIM"] = np.concatenate(ssim_scores)
     t0 = time.perf_counter()
+    way = int(retrieval_way)
+    sampled: dict[str, float] = {}
+    if target_ret:
+        # Image retrieval: each prediction among the true targets; brain retrieval: the reverse.
+        pairs = {"ImageRet(target)": (pred_arr, true_arr), "BrainRet(target)": (true_arr, pred_arr)}
+        for m in target_ret:
+            per_image[m] = M.retrieval_per_image(*pairs[m], way=way)
+            sampled[m] = M.retrieval_sampled(*pairs[m], way=way, seed=seed)
     for net in nets:
         if net.name not in cached_nets:
             if net.name in cache_files:
                 _save_cached(*cache_files[net.name], {m: gt_feats[m] for m in net.metrics})
         for m in net.metrics:
             fr = rec_feats.pop(m)
+            if m == "CLIP" and clip_ret:
+                pairs = {"ImageRet(CLIP)": (fr, gt_feats[m]), "BrainRet(CLIP)": (gt_feats[m], fr)}
+                for r in clip_ret:
+                    per_image[r] = M.retrieval_per_image(*pairs[r], way=way)
+                    sampled[r] = M.retrieval_sampled(*pairs[r], way=way, seed=seed)
+                if "CLIP" not in wanted:
+                    del fr
+                    gt_feats.pop(m)
+                    continue
             if m in TWO_WAY_METRICS:
                 per_image[m] = M.two_way_per_reconstruction(gt_feats[m], fr)
             else:
@@ -955,6 +1083,7 @@ def evaluate(
             del fr
             gt_feats.pop(m)
     tick("scores", t0)
+    per_image = {m: per_image[m] for m in ALL_METRICS if m in per_image}
     scores = {m: float(np.mean(v)) for m, v in per_image.items()}
     t0 = time.perf_counter()
     intervals = {
@@ -983,6 +1112,16 @@ def evaluate(
         "rec_size": list(rec_src.size),
         "device": str(dev),
     }
+    if sampled:
+        settings["retrieval"] = {
+            "way": way,
+            "effective_way": {m: min(way, n if m in TARGET_RETRIEVAL_METRICS else n_net) for m in sampled},
+            "similarity": "cosine of the flattened, L2-normalised vectors",
+            "per_image": "exact mean over all random sets of min(way, N) test images containing the image",
+            "target_space": target_space if target_ret else None,
+            "clip_space": "the CLIP metric's image embeddings, reconstruction vs ground truth" if clip_ret else None,
+            "mindeye_sampled": {"repeats": M.RETRIEVAL_REPEATS, "seed": int(seed), "scores": sampled},
+        }
     bootstrap = {
         "method": stats.BOOTSTRAP_METHOD, "n_resamples": int(n_resamples), "confidence": float(confidence),
         "seed": int(seed), "two_way_note": stats.TWO_WAY_APPROXIMATION,
@@ -1030,7 +1169,11 @@ def evaluate_run(
     seed: int = stats.DEFAULT_SEED,
     network_images: int | None = None,
 ) -> EvalReport:
-    """(Re)compute a run's ``metrics.json`` and ``grid.png`` from its saved reconstructions.
+    """(Re)compute a run's evaluation report and ``grid.png`` from its saved reconstructions.
+
+    The report goes to the variant's own files (:func:`report_files`): ``metrics.json`` and
+    ``per_image.csv`` for MindEye's recipe (the default), ``metrics-braindiffuser.json`` and
+    ``per_image-braindiffuser.csv`` for Brain-Diffuser's, so one variant never replaces another.
 
     Parameters
     ----------
@@ -1045,11 +1188,12 @@ def evaluate_run(
     n_resamples, seed, network_images
         As in :func:`evaluate`.
     write : bool
-        Write ``metrics.json``, ``per_image.csv`` (atomically) and ``grid.png`` into the run.
+        Write the report (:func:`report_files`, atomically) and ``grid.png`` into the run.
     data_source : path-like, optional
         Where the run's dataset is now, if it moved since the fit.
     grid_rows : int
-        Test images shown in ``grid.png``.
+        Test images shown in ``grid.png`` (the first ones in test order, each row labelled with
+        its id; the ids are recorded in ``settings["grid_ids"]``).
 
     Returns
     -------
@@ -1084,23 +1228,63 @@ def evaluate_run(
     index = np.array([pos[int(v)] for v in rec_ids], dtype=np.int64)
     gt = ds.test.images(subject, index=index)
     blend_images, blend_source = _blend_images(blend, rec_ids)
+    wanted = _check_metrics(metrics)
+    predictions = targets = space = None
+    why_not = None
+    if any(m in TARGET_RETRIEVAL_METRICS for m in wanted):
+        predictions, targets, space, why_not = _target_space_inputs(run, ds, subject, index)
     report = evaluate(
         gt, recs, metrics=metrics, variant=variant, device=device, gt_ids=rec_ids, rec_ids=rec_ids,
         weights_dir=weights_dir, extractors=extractors, strict=strict, batch_size=batch_size,
         cache_dir=cache_dir, progress=progress, ssim_mode=ssim_mode, blend=blend_images,
         n_resamples=n_resamples, seed=seed, network_images=network_images,
+        predictions=predictions, targets=targets, target_space=space,
     )
+    if why_not is not None:
+        report.unavailable.update({m: why_not for m in wanted if m in TARGET_RETRIEVAL_METRICS})
     report.settings["run"] = run.name
     report.settings["subject"] = subject
     if blend_source is not None:
         report.settings["blend_source"] = blend_source
+    rows = min(int(grid_rows), len(rec_ids))
+    if write and rows > 0:
+        report.settings["grid_ids"] = [int(v) for v in rec_ids[:rows]]
     if write:
         from brainrecon.viz import image_grid
 
-        report.save(run.path / "metrics.json")
-        rows = min(grid_rows, len(rec_ids))
-        image_grid(gt[:rows], {run.name: np.asarray(recs[:rows])}, path=run.path / "grid.png", max_rows=rows)
+        report.save(run.path / report_files(variant)[0])
+        if rows > 0:
+            image_grid(gt[:rows], {run.name: np.asarray(recs[:rows])}, path=run.path / "grid.png", max_rows=rows,
+                       row_labels=[f"id {int(v)}" for v in rec_ids[:rows]])
     return report
+
+
+def _target_space_inputs(run, ds, subject: int, index: np.ndarray):
+    """A run's predictions and the true targets of its test images (both in the run's test
+    order) with the target space's name, or (None, None, None, why not)."""
+    info = run.info
+    if info.get("predicts") != "target" or not info.get("target"):
+        return None, None, None, ("the decoder predicts images, not a target space (retrieval in CLIP space "
+                                  "still applies)")
+    try:
+        predictions = run.predictions()
+    except BrainreconError as exc:
+        return None, None, None, str(exc)
+    if predictions is None:
+        return None, None, None, f"the run has no predictions.npy in its {info['target']!r} target space"
+    from brainrecon.targets import get_target
+
+    options = (info.get("params") or {}).get("target_options") or {}
+    try:
+        target = get_target(str(info["target"]), **options)
+        targets = np.asarray(target.load(ds.test, subject, progress=False))[index]
+    except (BrainreconError, OSError, ImportError, TypeError) as exc:
+        return None, None, None, f"the true {info['target']!r} targets could not be loaded ({exc})"
+    predictions = np.asarray(predictions)
+    if predictions.reshape(len(predictions), -1).shape[1] != targets.reshape(len(targets), -1).shape[1]:
+        return None, None, None, (f"predictions.npy has shape {predictions.shape}, the {info['target']!r} "
+                                  f"targets {targets.shape}")
+    return predictions, targets, f"{info['target']} {tuple(targets.shape[1:])}", None
 
 
 def _blend_images(blend, rec_ids: np.ndarray):

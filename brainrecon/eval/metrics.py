@@ -14,6 +14,10 @@ only score. The recipe is the one of MindEye's and Brain-Diffuser's evaluation c
 - :func:`two_way_identification` — for each reconstruction, the fraction of the
   other ground-truth images it correlates with *strictly* less than with its own.
 - :func:`correlation_distance` — mean over pairs of ``1 - r``.
+- :func:`retrieval_per_image` — MindEye's 300-way top-1 retrieval: for each query (a
+  prediction, or a true target), the chance that its own counterpart is the most
+  cosine-similar one in a random set of ``min(300, N)`` candidates containing it;
+  :func:`retrieval_sampled` is MindEye's loop over 30 seeded random subsets.
 
 Each function accepts numpy arrays or torch tensors. Numpy input is computed on
 the CPU (SSIM through :func:`scipy.ndimage.correlate1d`, fastest there); a torch
@@ -32,8 +36,12 @@ __all__ = [
     "GRAY_WEIGHTS",
     "correlation_distance",
     "correlation_distance_per_pair",
+    "RETRIEVAL_REPEATS",
+    "RETRIEVAL_WAY",
     "pixcorr",
     "pixcorr_per_image",
+    "retrieval_per_image",
+    "retrieval_sampled",
     "ssim",
     "ssim_per_image",
     "two_way_identification",
@@ -52,6 +60,11 @@ SSIM_MODES = ("2d", "columnwise")
 # features this took the scoring's peak from 2.97 GB to 2.23 GB (features alone: 1.91 GB),
 # at no cost in time (benchmarks/eval.py).
 _BLOCK_ELEMENTS = 2**23
+
+# MindEye1 (src/Retrievals.py @6b30ea53) and MindEye2 (src/final_evaluations.ipynb @c1847188):
+# top-1 among 300 candidates, averaged over 30 random subsets of the test set.
+RETRIEVAL_WAY = 300
+RETRIEVAL_REPEATS = 30
 
 
 def _is_torch(*arrays) -> bool:
@@ -367,3 +380,95 @@ def correlation_distance(gt_feats, rec_feats) -> float:
     float
     """
     return float(np.mean(correlation_distance_per_pair(gt_feats, rec_feats)))
+
+
+# ---------------------------------------------------------------------------- retrieval
+
+
+def _cosine_matrix(queries, candidates) -> np.ndarray:
+    """``sim[i, j] = cos(query_i, candidate_j)`` of flattened vectors (float64); a zero vector's
+    similarities are NaN."""
+    q = np.asarray(queries.detach().cpu() if isinstance(queries, torch.Tensor) else queries, dtype=np.float64)
+    c = np.asarray(candidates.detach().cpu() if isinstance(candidates, torch.Tensor) else candidates,
+                   dtype=np.float64)
+    q, c = q.reshape(len(q), -1), c.reshape(len(c), -1)
+    if q.shape != c.shape:
+        raise ValueError(
+            f"retrieval: queries have shape {q.shape} but candidates have shape {c.shape} (flattened); "
+            "they must match, one candidate per query."
+        )
+    with np.errstate(invalid="ignore", divide="ignore"):
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    return qn @ cn.T
+
+
+def retrieval_per_image(queries, candidates, way: int = RETRIEVAL_WAY) -> np.ndarray:
+    """Per-query top-1 retrieval among ``way`` candidates (MindEye's 300-way retrieval).
+
+    Query ``i`` succeeds in a candidate set that contains its own candidate ``i`` when
+    ``cos(q_i, c_i)`` is *strictly* larger than ``cos(q_i, c_j)`` for every other ``j`` in the
+    set (ties and NaN fail, as in two-way identification). MindEye draws 30 random sets of
+    300 and averages; here each query's score is the exact average over *all* sets of
+    ``k = min(way, N)`` test images that contain it: with ``r_i`` other candidates at least as
+    similar as its own, ``C(N - 1 - r_i, k - 1) / C(N - 1, k - 1)``. The mean of these scores is
+    the expected value of MindEye's subset average (each image is in a random set with the same
+    probability), without its sampling noise; with N <= ``way`` it is plain N-way top-1.
+
+    Parameters
+    ----------
+    queries, candidates : array of shape (n_images, ...)
+        E.g. predictions and true targets (image retrieval: which image did the brain see?) or
+        the reverse (brain retrieval); flattened and compared by cosine similarity.
+    way : int
+        Size of the candidate sets (MindEye: 300); at most N is used.
+
+    Returns
+    -------
+    float64 array of shape (n_images,)
+    """
+    sim = _cosine_matrix(queries, candidates)
+    n = sim.shape[0]
+    if n < 2:
+        raise ValueError(f"retrieval needs at least 2 images, got {n}.")
+    k = min(int(way), n)
+    if k < 2:
+        raise ValueError(f"retrieval needs sets of at least 2 candidates, got way={way}.")
+    own = np.diagonal(sim)
+    # Candidates that beat or tie the query's own (NaN compares as not-less: a failure).
+    competitors = (~(sim < own[:, None])).sum(axis=1) - 1
+    competitors[np.isnan(own)] = n - 1
+    from scipy.special import gammaln
+
+    def log_comb(a, b):
+        return gammaln(a + 1) - gammaln(b + 1) - gammaln(a - b + 1)
+
+    free = (n - 1 - competitors).astype(np.float64)
+    ok = free >= k - 1
+    out = np.zeros(n, dtype=np.float64)
+    out[ok] = np.exp(log_comb(free[ok], k - 1) - log_comb(float(n - 1), k - 1))
+    out[ok & (competitors == 0)] = 1.0  # exactly, not exp(0) up to rounding
+    return out
+
+
+def retrieval_sampled(queries, candidates, way: int = RETRIEVAL_WAY, repeats: int = RETRIEVAL_REPEATS,
+                      seed: int = 0) -> float:
+    """MindEye's retrieval loop: ``repeats`` random sets of ``min(way, N)`` test images (drawn
+    without replacement, seeded), top-1 accuracy of the queries within each set, averaged.
+
+    A noisy estimate of the mean of :func:`retrieval_per_image`; recorded beside it for
+    comparison with MindEye's printed numbers (their loop: ``np.random.choice(N, 300,
+    replace=False)`` x 30, ``topk(sim, labels, k=1)``).
+    """
+    sim = _cosine_matrix(queries, candidates)
+    n = sim.shape[0]
+    k = min(int(way), n)
+    rng = np.random.default_rng(seed)
+    accs = []
+    for _ in range(int(repeats)):
+        subset = rng.choice(n, size=k, replace=False)
+        block = sim[np.ix_(subset, subset)]
+        own = np.diagonal(block)
+        wins = ~((~(block < own[:, None])).sum(axis=1) > 1) & ~np.isnan(own)
+        accs.append(float(wins.mean()))
+    return float(np.mean(accs))

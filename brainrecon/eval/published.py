@@ -6,7 +6,10 @@ sets (982 vs 1000 images), preprocessing variants and library versions
 so they are context for NSD runs, never a ranking target,
 and they are never shown beside runs on synthetic data.
 
-Two-way identification scores are stored as fractions (papers print percentages).
+Two-way identification and retrieval scores are stored as fractions (papers print
+percentages). The retrieval rows (MindEye1, MindEye2) were measured between each model's own
+brain embeddings and CLIP image embeddings, not between reconstructions and ground truth:
+comparable to brainrecon's ``ImageRet(CLIP)`` / ``BrainRet(CLIP)`` only in kind.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ __all__ = ["PUBLISHED", "PublishedRow", "published_rows"]
 
 _COLUMNS = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV")
 _TWO_WAY = {"AlexNet(2)", "AlexNet(5)", "Inception", "CLIP"}
+_RETRIEVAL = ("ImageRet(CLIP)", "BrainRet(CLIP)")
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class PublishedRow:
         Test-set size when the source states it.
     citation : str
         Paper / repository and the spec section the numbers were taken from.
-    kind : {"main", "ablation"}
+    kind : {"main", "ablation", "retrieval"}
     """
 
     method: str
@@ -57,6 +61,12 @@ def _row(method, values, subjects, n_images, citation, kind="main", notes=""):
     return PublishedRow(method, scores, subjects, n_images, citation, kind, notes)
 
 
+def _retrieval_row(method, image_ret, brain_ret, subjects, n_images, citation):
+    """Retrieval figures as printed (fractions), by what the code computes (see ``_ME_RET_NOTE``)."""
+    return PublishedRow(method, dict(zip(_RETRIEVAL, (image_ret, brain_ret))), subjects, n_images, citation,
+                        "retrieval", _ME_RET_NOTE)
+
+
 _ME1 = ("MindEye (Scotti et al., NeurIPS 2023) notebook output, MedARC-AI/fMRI-reconstruction-NSD @6b30ea53 "
         "src/Reconstruction_Metrics.ipynb")
 _ME2 = ("MindEye2 (Scotti et al., ICML 2024) notebook output, MedARC-AI/MindEyeV2 @c1847188 "
@@ -66,12 +76,34 @@ _NP2 = "NeuroPictor (Huo et al., ECCV 2024), Table 2 (ablations, subject 1)"
 _WEADL = ("WeADL 2025 (IoanaGabor/bachelor-thesis, ridge and BrainGuard adaptation to IP-Adapter Plus tokens); "
           "average of subjects 1, 2, 5, 7")
 _WEADL_SUBJ = "WeADL 2025, ridge per subject (IoanaGabor/bachelor-thesis)"
+# Retrieval: 300-way top-1, mean over 30 random sets of 300 test images. The code names the
+# figures fwd/bwd; its utils.batchwise_cosine_similarity(Z, B) returns the *transposed* matrix
+# (rows: B), so the row-wise top-1 of fwd_sim = f(brain, image) asks, per image, whether its own
+# brain embedding is the most similar (BrainRet), and bwd per brain embedding (ImageRet) —
+# checked by running the helper on constructed data (tests/test_retrieval.py).
+_ME_RET_NOTE = (
+    "retrieval between the model's own brain embeddings (its retrieval head) and CLIP image embeddings, "
+    "not between reconstructions and ground truth: comparable to ImageRet(CLIP)/BrainRet(CLIP) only in kind; "
+    "the code's fwd is BrainRet and its bwd ImageRet (its similarity helper returns the transposed matrix)"
+)
+_ME1_RET = ("MindEye (Scotti et al., NeurIPS 2023), retrieval printed in MedARC-AI/fMRI-reconstruction-NSD "
+            "@6b30ea53 src/Retrievals.py (fwd/bwd percent_correct, 982 test images, 30 webdataset batches of 300; "
+            "CLIP ViT-L/14 last hidden states, 257x768, vs the voxel2clip output). " + _ME_RET_NOTE)
+_ME2_RET = ("MindEye2 (Scotti et al., ICML 2024), retrieval cell output of MedARC-AI/MindEyeV2 @c1847188 "
+            "src/final_evaluations.ipynb (1000 test images, 30 x np.random.choice(1000, 300), seed 42; OpenCLIP "
+            "ViT-bigG/14 image tokens, 256x1664, vs the retrieval submodule's output). " + _ME_RET_NOTE)
 
 PUBLISHED: tuple[PublishedRow, ...] = (
     # metrics.md §6.1 — scores stored in the reference notebooks (subject 1).
     _row("MindEye (notebook, 16 samples)", (.3925, .3467, 97.38, 98.65, 94.53, 94.34, .6345, .3578), "1", 982, _ME1),
     _row("MindEye2 (notebook, enhanced + blend)", (.3740, .4395, 97.91, 99.11, 96.00, 93.69, .6075, .3363),
          "1", 1000, _ME2),
+    # Retrieval (ImageRet = the code's bwd, BrainRet = its fwd), MindEye1 per subject, MindEye2 subject 1.
+    _retrieval_row("MindEye (retrieval)", .9468, .9718, "1", 982, _ME1_RET),
+    _retrieval_row("MindEye (retrieval)", .9386, .9710, "2", 982, _ME1_RET),
+    _retrieval_row("MindEye (retrieval)", .8573, .9067, "5", 982, _ME1_RET),
+    _retrieval_row("MindEye (retrieval)", .8582, .8941, "7", 982, _ME1_RET),
+    _retrieval_row("MindEye2 (retrieval)", .9987, .9996, "1", 1000, _ME2_RET),
     # metrics.md §6.2 / neuropictor.md §11.1 — NeuroPictor Table 1, average of subjects 1, 2, 5, 7.
     _row("NeuroPictor", (.229, .375, 96.5, 98.4, 94.5, 93.3, .639, .350), "avg 1,2,5,7", 982, _NP1),
     _row("NeuroPictor (Pretrain)", (.140, .366, 89.5, 94.6, 88.5, 89.5, .718, .418), "avg 1,2,5,7", 982, _NP1),
@@ -130,7 +162,7 @@ def published_rows(subject: int | None = None, include_ablations: bool = False) 
     -------
     list of PublishedRow
     """
-    rows = [r for r in PUBLISHED if include_ablations or r.kind == "main"]
+    rows = [r for r in PUBLISHED if include_ablations or r.kind != "ablation"]
     if subject is not None:
         rows = [r for r in rows if r.subjects.startswith("avg") or r.subjects == str(int(subject))]
     return rows

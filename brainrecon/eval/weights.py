@@ -39,10 +39,13 @@ __all__ = [
     "WEIGHT_FILES",
     "WeightFile",
     "downloads_allowed",
+    "download_destination",
     "file_digest",
     "find_weights",
+    "missing_weights",
     "resolve_weights",
     "search_places",
+    "weight_file_for",
     "weights_status",
 ]
 
@@ -374,6 +377,36 @@ def resolve_weights(wf: WeightFile | str, weights_dir=None, allow_download: bool
         raise WeightsNotFoundError(_missing_message(wf, weights_dir, f"download failed: {exc}")) from exc
 
 
+def weight_file_for(metric: str, variant: str = "mindeye") -> WeightFile | None:
+    """The weight file ``metric`` needs in ``variant`` (None for PixCorr and SSIM, which need none).
+
+    Only EfficientNet-B1 differs between variants: ImageNet V2 weights for MindEye, V1 for
+    Brain-Diffuser.
+    """
+    if metric == "EffNet-B":
+        return WEIGHT_FILES["effnet_v2" if variant == "mindeye" else "effnet_v1"]
+    return next((wf for wf in WEIGHT_FILES.values() if metric in wf.metrics), None)
+
+
+def missing_weights(metrics, variant: str = "mindeye", weights_dir=None) -> dict[str, WeightFile]:
+    """Metric -> its weight file, for each of ``metrics`` whose file is not on this machine
+    (searched as :func:`find_weights` does; nothing is downloaded or loaded)."""
+    out = {}
+    for m in metrics:
+        wf = weight_file_for(m, variant)
+        if wf is not None and find_weights(wf, weights_dir) is None:
+            out[m] = wf
+    return out
+
+
+def download_destination(wf: WeightFile, to=None) -> Path:
+    """Where ``brainrecon weights --download`` puts ``wf`` (``to``, else ``$BRAINRECON_WEIGHTS``,
+    else the torch hub / Hugging Face cache), as :func:`brainrecon.fetch.plan` decides."""
+    from brainrecon.fetch import plan
+
+    return next(item.dest for item in plan(to=to, only=wf.key) if item.dest.name == wf.filename)
+
+
 def weights_status(weights_dir=None) -> list[dict]:
     """One row per weight file: which metrics use it and whether it is present.
 
@@ -385,18 +418,21 @@ def weights_status(weights_dir=None) -> list[dict]:
     -------
     list of dict
         Keys ``metrics`` (str), ``file``, ``status`` (``"present"`` / ``"missing"``),
-        ``path`` (where found, else the cache a download would go to), ``url``, ``note``.
+        ``path`` (where found, else where ``brainrecon weights --download`` puts it: the same
+        file name as ``file``), ``url``, ``note``.
     """
     rows = []
     for wf in WEIGHT_FILES.values():
         found = find_weights(wf, weights_dir)
-        places = search_places(wf, weights_dir)
+        name = f"{CLIP_REPO_ID}/{wf.filename}" if wf.source == "huggingface" else wf.filename
+        if found is not None and found.name == OPENAI_CLIP_FILENAME:
+            name = f"{OPENAI_CLIP_FILENAME} (OpenAI's CLIP ViT-L/14)"  # what was found, not the hub file
         rows.append(
             {
                 "metrics": ", ".join(wf.metrics),
-                "file": f"{CLIP_REPO_ID}/{wf.filename}" if wf.source == "huggingface" else wf.filename,
+                "file": name,
                 "status": "present" if found is not None else "missing",
-                "path": str(found if found is not None else places[-1]),
+                "path": str(found if found is not None else download_destination(wf, weights_dir)),
                 "url": wf.url,
                 "note": wf.note,
             }

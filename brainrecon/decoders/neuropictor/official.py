@@ -830,7 +830,7 @@ def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "ru
     """
     from brainrecon.data import load_dataset
     from brainrecon.runs import Run, write_run
-    from brainrecon.workflows import _own_data, evaluate_run_safely
+    from brainrecon.workflows import _own_data, evaluate_run_safely, log_unavailable
 
     log = log or (lambda message: None)
     ds = dataset if dataset is not None else load_dataset(data, subjects=decoder.subjects_)
@@ -840,7 +840,7 @@ def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "ru
             f"The data has subject(s) {ds.subjects}, the imported model decodes {decoder.subjects_}; "
             f"give data of those subjects (or --subject)."
         )
-    runs = []
+    runs, reports = [], []
     for s in subjects:
         view = decoder.for_subject(s)
         images = view.predict(ds.test)[s]
@@ -850,8 +850,9 @@ def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "ru
                         extra={"recipe": None, "imported_from": decoder.imported_.get("file")})
         log(f"wrote run {run.path}")
         if evaluate:
-            evaluate_run_safely(run, log=log)
+            reports.append(evaluate_run_safely(run, log=log))
         runs.append(Run.open(run.path))
+    log_unavailable(reports, log)
     return runs
 
 
