@@ -63,7 +63,7 @@ def run_demo(out: str | os.PathLike = "brainrecon-demo", *, overwrite: bool = Fa
     log(f"scored {len(runs)} run(s) in {time.perf_counter() - t0:.1f} s")
 
     from brainrecon.leaderboard import leaderboard
-    from brainrecon.viz import compare_runs
+    from brainrecon.workflows.figures import compare_runs
 
     table = leaderboard(runs_dir, fmt="table")
     first = ds.subjects[0]
@@ -76,16 +76,16 @@ def _score(runs, first_subject: int, log: Callable[[str], None]) -> None:
     are present (those metrics are then listed unavailable); on a CPU with weights present, the
     network metrics for the first subject's runs on :data:`CPU_NETWORK_IMAGES` images."""
     from brainrecon.devices import resolve_device
-    from brainrecon.eval import evaluate_run
     from brainrecon.eval.extractors import NETWORK_METRICS, network_weight_file
-    from brainrecon.eval.harness import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
+    from brainrecon.eval.report import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
     from brainrecon.eval.weights import find_weights
-    from brainrecon.workflows import evaluate_run_safely
+    from brainrecon.workflows import evaluate_run_safely, log_unavailable
+    from brainrecon.workflows.evaluate import evaluate_run
 
     present = [name for name in NETWORK_METRICS if find_weights(network_weight_file(name, "mindeye"))]
     if not present or resolve_device("auto").type == "cuda":
-        for run in runs:
-            evaluate_run_safely(run, log=log)
+        # What could not be scored (weights missing) is said once, for all runs.
+        log_unavailable([evaluate_run_safely(run, log=log) for run in runs], log)
         return
     log(f"CPU with metric weights present: network metrics for subject {first_subject} on its first "
         f"{CPU_NETWORK_IMAGES} test images; PixCorr and SSIM on all (`brainrecon evaluate RUN` scores everything)")

@@ -2,11 +2,26 @@
 
 The CLI prints a :class:`BrainreconError` as one red line and exits with code 1;
 anything else is a bug and shows its traceback.
+
+Library messages speak of function parameters (``pass overwrite=True``), never of command-line
+flags: an error names the parameters it refers to in ``parameters``, and the CLI adds the
+flag that sets each one (``--overwrite``), so the same error reads right from Python and from
+the shell.
 """
+
+from __future__ import annotations
 
 
 class BrainreconError(Exception):
-    """A problem with the user's input, data, weights or files; the message says how to fix it."""
+    """A problem with the user's input, data, weights or files; the message says how to fix it.
+
+    ``parameters``: names of the function parameters the message refers to (the CLI adds the
+    flag of each).
+    """
+
+    def __init__(self, *args, parameters: tuple[str, ...] | list[str] = ()):
+        super().__init__(*args)
+        self.parameters = tuple(parameters)
 
 
 class DataError(BrainreconError, ValueError):

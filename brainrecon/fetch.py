@@ -78,13 +78,6 @@ def _hf_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def _hf_cache_snapshot(repo_id: str) -> Path:
-    """A snapshot folder in the Hugging Face cache layout (``refs/main`` is written on fetch)."""
-    from brainrecon.hub import hf_hub_cache
-
-    return hf_hub_cache() / ("models--" + repo_id.replace("/", "--")) / "snapshots" / "main"
-
-
 def _split(names) -> list[str]:
     if names is None:
         return []
@@ -118,7 +111,8 @@ def plan(to=None, only=None, with_=None, mirror=None) -> list[FetchItem]:
     BrainreconError
         For an unknown ``only`` or ``with_`` name.
     """
-    from brainrecon.eval.weights import CLIP_LOCAL_DIRNAME, CLIP_REPO_ID, WEIGHT_FILES, _torch_hub_checkpoints
+    from brainrecon.eval.weights import CLIP_REPO_ID, WEIGHT_FILES, download_destination
+    from brainrecon.hub import hf_cache_snapshot
 
     mirror = (mirror or os.environ.get("BRAINRECON_MIRROR") or "").rstrip("/") or None
     if to is None and os.environ.get("BRAINRECON_WEIGHTS"):
@@ -145,22 +139,20 @@ def plan(to=None, only=None, with_=None, mirror=None) -> list[FetchItem]:
 
     items: list[FetchItem] = []
     for wf in files:
+        dest = download_destination(wf, to)  # eval.weights decides where a metric file goes
         if wf.source == "huggingface":
-            folder = to / CLIP_LOCAL_DIRNAME if to is not None else _hf_cache_snapshot(CLIP_REPO_ID)
             for f in ("config.json", wf.filename):
                 mname = f"{CLIP_REPO_ID}/{f}"
                 items.append(FetchItem(mname, url_for(f"{_hf_endpoint()}/{CLIP_REPO_ID}/resolve/main/{f}", mname),
-                                       folder / f, None, mname))
+                                       dest.parent / f, None, mname))
         else:
-            folder = to if to is not None else _torch_hub_checkpoints()
-            items.append(FetchItem(wf.filename, url_for(wf.url, wf.filename), folder / wf.filename,
-                                   wf.sha256_prefix, wf.filename))
+            items.append(FetchItem(wf.filename, url_for(wf.url, wf.filename), dest, wf.sha256_prefix, wf.filename))
     for extra in _split(with_):
         if extra not in EXTRA_REPOS:
             raise BrainreconError(f"--with: unknown repository set {extra!r}. To fix: choose from "
                                   f"{', '.join(EXTRA_REPOS)}.")
         repo, local, paths = EXTRA_REPOS[extra]
-        folder = to / local if to is not None else _hf_cache_snapshot(repo)
+        folder = to / local if to is not None else hf_cache_snapshot(repo)
         for p in paths:
             mname = f"{repo}/{p}"
             items.append(FetchItem(mname, url_for(f"{_hf_endpoint()}/{repo}/resolve/main/{p}", mname),

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError
-from brainrecon.eval.harness import (
+from brainrecon.eval.report import (
     ALL_METRICS,
     HIGHER_IS_BETTER,
     METRICS,
@@ -178,7 +178,7 @@ def collect(runs_dir: str | os.PathLike = "runs", variant: str = "mindeye") -> l
     list of LeaderboardEntry
         Runs without ``metrics.json`` are included with ``variant=None`` and a note.
     """
-    from brainrecon.eval.harness import report_files
+    from brainrecon.eval.report import report_files
     from brainrecon.runs import list_runs
 
     report_file, per_image_file = report_files(variant)
@@ -247,7 +247,7 @@ def collect(runs_dir: str | os.PathLike = "runs", variant: str = "mindeye") -> l
 def _read_per_image(path: Path, entry: LeaderboardEntry, ids, metrics) -> dict[str, dict[int, float]]:
     """A run's per-image scores as metric -> {test id: score}, checked against the run's test
     ids and metric names; a damaged file becomes a note."""
-    from brainrecon.eval.harness import scores_by_id
+    from brainrecon.eval.report import scores_by_id
 
     if not path.exists():
         return {}

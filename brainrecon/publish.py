@@ -6,80 +6,32 @@ grid and a generated model card (``README.md``). ``--dry-run DIR`` writes exactl
 and uploads nothing.
 
 ``hf://owner/name`` or ``hf://owner/name@revision`` is accepted wherever a run or a saved
-decoder is (``load_decoder``, ``Run.open``, ``brainrecon predict`` …). It resolves through the
-Hugging Face cache as the hub does (``refs/<revision>``); once cached it works offline, and
-offline (``HF_HUB_OFFLINE=1``, or downloads not allowed) only the cache is used.
+decoder is (``load_decoder``, ``Run.open``, ``brainrecon predict`` …); :mod:`brainrecon.hub`
+resolves it through the Hugging Face cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from brainrecon.errors import BrainreconError
+from brainrecon.hub import HF_PREFIX, is_hub_address, resolve_hub_address
 
 __all__ = ["HF_PREFIX", "is_hub_address", "model_card", "push", "resolve_hub_address", "stage"]
 
-HF_PREFIX = "hf://"
 # What a published run holds (predictions and reconstructions stay local: large, and
 # re-creatable from the decoder).
 # metrics-<variant>.json / per_image-<variant>.csv: the reports of other evaluation variants, when present.
 _FILES = ("run.json", "test_ids.npy", "metrics.json", "per_image.csv", "metrics-braindiffuser.json",
           "per_image-braindiffuser.csv", "grid.png")
 
-_CITATIONS = {
-    "ridge": "Ridge regression to IP-Adapter Plus image tokens or pixels, fitted with himalaya "
-             "(Dupré la Tour et al., NeuroImage 2022); the NSD recipe follows Brain-Diffuser "
-             "(Ozcelik & VanRullen, Scientific Reports 2023).",
-    "brainguard": "BrainGuard: privacy-preserving multisubject image reconstructions from brain activities "
-                  "(Tian, Quan, Ma, Zhan, Yang; AAAI 2025; doi:10.1609/aaai.v39i13.33579).",
-    "neuropictor": "NeuroPictor: refining fMRI-to-image reconstruction via multi-individual pretraining and "
-                   "multi-level modulation (Huo et al., ECCV 2024).",
-}
 _NSD = ("Natural Scenes Dataset (Allen et al., Nature Neuroscience 2022).")
 
 
-def is_hub_address(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith(HF_PREFIX)
-
-
-def _parse(address: str) -> tuple[str, str | None]:
-    body = address[len(HF_PREFIX):]
-    repo, _, revision = body.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise BrainreconError(f"{address!r} is not a hub address; write hf://owner/name or hf://owner/name@revision.")
-    return repo, revision or None
-
-
-def resolve_hub_address(address: str) -> Path:
-    """The local snapshot folder of ``hf://owner/name[@revision]``, from the Hugging Face cache
-    (downloaded into it first only when downloads are allowed and the hub is not offline)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    from brainrecon.hub import downloads_allowed, hf_hub_cache, hub_offline_unless_allowed
-
-    repo, revision = _parse(address)
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or not downloads_allowed()
-    try:
-        with hub_offline_unless_allowed():
-            path = snapshot_download(repo, revision=revision, local_files_only=offline, cache_dir=hf_hub_cache())
-    except LocalEntryNotFoundError:
-        raise BrainreconError(
-            f"{address} is not in the Hugging Face cache ({hf_hub_cache()}) and downloads are off. "
-            "Allow them for this command (BRAINRECON_ALLOW_DOWNLOADS=1, HF_HUB_OFFLINE unset), or fetch it "
-            f"elsewhere with `huggingface-cli download {repo}` and copy the cache."
-        ) from None
-    except Exception as exc:  # noqa: BLE001 - hub errors of many kinds become one line
-        raise BrainreconError(f"could not fetch {address}: {type(exc).__name__}: {exc}") from exc
-    return Path(path)
-
-
 def _fmt_score(metric: str, report) -> str:
-    from brainrecon.eval.harness import PERCENT_METRICS
+    from brainrecon.eval.report import PERCENT_METRICS
 
     value = report[metric]
     lo, hi = report.intervals.get(metric, (float("nan"), float("nan")))
@@ -91,8 +43,7 @@ def _fmt_score(metric: str, report) -> str:
 def model_card(run, repo_id: str | None = None) -> str:
     """A model card for ``run``: what it is, how it was made, how it scored, what to cite."""
     from brainrecon import __version__
-    from brainrecon.eval import EvalReport
-    from brainrecon.eval.harness import ALL_METRICS
+    from brainrecon.eval.report import ALL_METRICS, EvalReport
 
     info = run.info
     repo = repo_id or "OWNER/NAME"
@@ -145,10 +96,10 @@ def model_card(run, repo_id: str | None = None) -> str:
     try:
         from brainrecon.decoders import get_decoder_class
 
-        cls_citation = getattr(get_decoder_class(decoder), "citation", "") or ""
+        cls_citation = get_decoder_class(decoder).citation
     except BrainreconError:
         pass
-    lines.append(f"- {_CITATIONS.get(decoder, cls_citation) or 'the method of decoder ' + repr(decoder)}")
+    lines.append(f"- {cls_citation or 'the method of decoder ' + repr(decoder)}")
     if info.get("ids_are_nsd"):
         lines.append(f"- {_NSD}")
     lines.append("- brainrecon " + str(info.get("brainrecon_version", __version__)))

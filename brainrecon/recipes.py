@@ -7,8 +7,10 @@ records the recipe it used. ``brainrecon decoders describe NAME`` lists each rec
 decoder with its source and every value it sets.
 
 Decoders declare their recipes in the class attribute ``recipes`` (a tuple of
-:class:`Recipe`); :func:`recipes_for` reads it, so third-party decoders get the same
-mechanism.
+:class:`Recipe`); :func:`recipes_of` reads it, so third-party decoders get the same
+mechanism. Looking recipes up by decoder name goes through the registry:
+:func:`brainrecon.decoders.recipes_for`, :func:`~brainrecon.decoders.get_recipe` and
+:func:`~brainrecon.decoders.apply_recipe`.
 
 >>> from brainrecon.recipes import Recipe
 >>> r = Recipe("demo", decoder="ridge", source="nowhere", values={"alphas": [1.0]})
@@ -54,11 +56,10 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def recipes_for(decoder: str) -> dict[str, Recipe]:
-    """The recipes a decoder declares, by name (empty for decoders without any)."""
-    from brainrecon.decoders import get_decoder_class
-
-    cls = get_decoder_class(decoder)
+def recipes_of(cls: type) -> dict[str, Recipe]:
+    """The recipes a decoder class declares (its ``recipes`` attribute), by name, each checked
+    against the class's parameters; empty for a decoder without any. By decoder name:
+    :func:`brainrecon.decoders.recipes_for`."""
     recipes = getattr(cls, "recipes", ()) or ()
     out: dict[str, Recipe] = {}
     valid = set(cls._param_names())
@@ -66,15 +67,14 @@ def recipes_for(decoder: str) -> dict[str, Recipe]:
         unknown = sorted(set(recipe.values) - valid)
         if unknown:
             raise TypeError(
-                f"recipe {recipe.name!r} of decoder {decoder!r} sets unknown parameter(s) {unknown}"
+                f"recipe {recipe.name!r} of decoder {recipe.decoder!r} sets unknown parameter(s) {unknown}"
             )
         out[recipe.name] = recipe
     return out
 
 
-def get_recipe(decoder: str, name: str) -> Recipe:
-    """The recipe ``name`` of ``decoder``; a clear error lists the valid names."""
-    recipes = recipes_for(decoder)
+def pick_recipe(recipes: Mapping[str, Recipe], decoder: str, name: str) -> Recipe:
+    """The recipe ``name`` among ``recipes`` of ``decoder``; a clear error lists the valid names."""
     if name not in recipes:
         valid = ", ".join(repr(n) for n in sorted(recipes)) or "none"
         raise BrainreconError(
@@ -84,15 +84,4 @@ def get_recipe(decoder: str, name: str) -> Recipe:
     return recipes[name]
 
 
-def apply_recipe(decoder: str, name: str | None, params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` with recipe ``name`` applied underneath (explicit ``params`` win).
-
-    With ``name=None`` the params are returned unchanged (a copy). Recording the recipe's
-    name in the run is the caller's job (:func:`brainrecon.workflows.fit` does it).
-    """
-    if name is None:
-        return dict(params)
-    return get_recipe(decoder, name).apply(params)
-
-
-__all__ = ["Recipe", "apply_recipe", "get_recipe", "recipes_for"]
+__all__ = ["Recipe", "pick_recipe", "recipes_of"]

@@ -49,11 +49,12 @@ _REFIT = "the run is damaged: fit it again (`brainrecon fit ... --overwrite`)"
 _REEVAL = "re-run `brainrecon evaluate RUN` to write it again"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-if TYPE_CHECKING:  # the evaluation harness imports torch: only when a report is read
-    from brainrecon.eval.harness import EvalReport
+if TYPE_CHECKING:  # brainrecon.eval imports torch: only when a report is read
+    from brainrecon.eval.report import EvalReport
 
 __all__ = [
     "Run",
+    "expand_runs",
     "list_runs",
     "write_array_atomic",
     "write_json_atomic",
@@ -70,7 +71,7 @@ class Run:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
-        from brainrecon.publish import is_hub_address, resolve_hub_address
+        from brainrecon.hub import is_hub_address, resolve_hub_address
 
         path = resolve_hub_address(path) if is_hub_address(path) else Path(path)
         restore_directory(path)  # an --overwrite killed mid-swap left the previous run aside
@@ -136,7 +137,7 @@ class Run:
         ----------
         variant : {"mindeye", "braindiffuser"}
             Which report: ``metrics.json`` (MindEye's recipe, the default) or
-            ``metrics-<variant>.json`` (:func:`brainrecon.eval.harness.report_files`).
+            ``metrics-<variant>.json`` (:func:`brainrecon.eval.report.report_files`).
 
         Returns
         -------
@@ -146,7 +147,7 @@ class Run:
             and ``n_images``. Per-image scores are not read here:
             ``EvalReport.load(path)`` reads them too.
         """
-        from brainrecon.eval.harness import EvalReport, report_files
+        from brainrecon.eval.report import EvalReport, report_files
 
         f = self.path / report_files(variant)[0]
         if not f.exists():
@@ -160,7 +161,7 @@ class Run:
 
     def variants(self) -> list[str]:
         """The evaluation variants this run has a report of (``metrics.json`` is ``"mindeye"``)."""
-        from brainrecon.eval.harness import VARIANTS, report_files
+        from brainrecon.eval.report import VARIANTS, report_files
 
         return [v for v in VARIANTS if (self.path / report_files(v)[0]).is_file()]
 
@@ -253,7 +254,7 @@ def write_run(
         "decoder": decoder.name,
         "params": jsonable(decoder.get_params()),
         "subject": subject,
-        "target": getattr(decoder, "target", None) if decoder.predicts == "target" else None,
+        "target": (decoder.target_space() or (None,))[0],
         "predicts": decoder.predicts,
         "data": dataset.spec,
         "data_name": dataset.name,
@@ -346,6 +347,21 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
             continue
         runs.append(run)
     return runs
+
+
+def expand_runs(paths) -> list[Path]:
+    """Run directories as given, with each folder of runs replaced by its readable runs (a
+    broken one is skipped with a :class:`BrokenRunWarning`); a folder holding none is an error."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / RUN_FILE).exists() or not p.is_dir():
+            out.append(p)
+        else:
+            found = [r.path for r in list_runs(p)]
+            if not found:
+                raise BrainreconError(f"{p} is neither a run nor a folder holding readable runs.")
+            out.extend(found)
+    return out
 
 
 class BrokenRunWarning(UserWarning):

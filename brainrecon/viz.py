@@ -1,8 +1,8 @@
 """Pictures: ground truth beside reconstructions, one row per test image.
 
 :func:`image_grid` lays out any image sets (first column ground truth, then one
-column per run or decoder, each labelled); :func:`compare_runs` builds that grid
-from run directories, aligning their reconstructions by image id.
+column per run or decoder, each labelled). Images in, picture out: drawing runs
+(:func:`brainrecon.workflows.figures.compare_runs`) is application work.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from brainrecon.errors import BrainreconError, DataError
+from brainrecon.errors import DataError
 
-__all__ = ["compare_runs", "image_grid", "to_uint8_hwc"]
+__all__ = ["image_grid", "to_uint8_hwc"]
 
 _PAD = 4
 _HEADER = 22
@@ -143,117 +143,3 @@ def image_grid(
     if path is not None:
         _save_png_atomic(canvas, path)
     return canvas
-
-
-def compare_runs(
-    run_paths: Sequence,
-    out: str | os.PathLike,
-    *,
-    max_rows: int = 8,
-    cell_size: int = 128,
-    data_source=None,
-    sort_by: str | None = None,
-    worst: bool = True,
-    variant: str = "mindeye",
-) -> Path:
-    """Several runs side by side on the test images they share.
-
-    Parameters
-    ----------
-    run_paths : sequence of path-like or brainrecon.runs.Run
-        Runs with reconstructions. Their test images are matched by id; ground truth
-        comes from the first run's dataset.
-    out : path-like
-        PNG to write (atomically).
-    max_rows : int
-        Number of test images shown (the first shared ones, in the first run's order).
-    cell_size : int
-        Side of each cell in pixels.
-    data_source : path-like, optional
-        Where the first run's dataset is now, if it moved.
-    sort_by : str, optional
-        A metric: show the ``max_rows`` images the first run scores worst (``worst=True``)
-        or best on it, from its per-image scores, each row labelled with its score.
-    worst : bool
-        With ``sort_by``: worst first (failure cases) or best first.
-    variant : str
-        With ``sort_by``: the evaluation variant whose per-image scores rank the images.
-
-    Returns
-    -------
-    Path
-        ``out``.
-
-    Raises
-    ------
-    BrainreconError
-        A run without reconstructions, runs on different data, or no shared test image.
-    """
-    from brainrecon.runs import Run
-
-    runs = [r if isinstance(r, Run) else Run.open(r) for r in run_paths]
-    if not runs:
-        raise BrainreconError("compare needs at least one run directory.")
-    first = runs[0]
-    for run in runs:
-        if run.reconstructions() is None:
-            raise BrainreconError(f"Run {run.name!r} ({run.path}) has no reconstructions.npy to show.")
-        # Ids name the same picture across datasets only when they are NSD ids.
-        same_data = _data_source(run.info) == _data_source(first.info)
-        if not same_data and not (run.info.get("ids_are_nsd") and first.info.get("ids_are_nsd")):
-            raise BrainreconError(
-                f"Runs {first.name!r} and {run.name!r} were fitted on different data; "
-                "their test images cannot be matched. Compare runs of the same dataset."
-            )
-    id_lists = [np.asarray(r.test_ids(), dtype=np.int64) for r in runs]
-    shared = set(map(int, id_lists[0]))
-    for ids in id_lists[1:]:
-        shared &= set(map(int, ids))
-    chosen = [int(v) for v in id_lists[0] if int(v) in shared]
-    labels = None
-    if sort_by is not None:
-        chosen, labels = _ranked(first, chosen, sort_by, worst, variant)
-    chosen = chosen[:max_rows]
-    if not chosen:
-        raise BrainreconError(f"The runs {[r.name for r in runs]} share no test image.")
-    labels = labels[: len(chosen)] if labels else [str(v) for v in chosen]
-    ds = first.dataset(data_source)
-    ds_ids = np.asarray(ds.test.ids(first.subject), dtype=np.int64)
-    ds_pos = {int(v): i for i, v in enumerate(ds_ids)}
-    gt = ds.test.images(first.subject, index=np.array([ds_pos[v] for v in chosen]))
-    columns: dict[str, np.ndarray] = {}
-    for run, ids in zip(runs, id_lists):
-        pos = {int(v): i for i, v in enumerate(ids)}
-        label = run.name
-        k = 2
-        while label in columns:  # two runs may share a name (different parent folders)
-            label = f"{run.name} ({k})"
-            k += 1
-        columns[label] = np.asarray(run.reconstructions()[np.array([pos[v] for v in chosen])])
-    image_grid(gt, columns, path=out, max_rows=max_rows, cell_size=cell_size, row_labels=labels)
-    return Path(out)
-
-
-def _data_source(info: dict) -> dict:
-    """A run's data spec without what names the subjects loaded beside its own (a per-subject
-    federated run records only its own subject)."""
-    data = info.get("data") or {}
-    return {k: v for k, v in data.items() if k not in ("subjects", "path", "n_voxels", "subject_info")}
-
-
-def _ranked(run, ids: list[int], metric: str, worst: bool, variant: str = "mindeye") -> tuple[list[int], list[str]]:
-    """``ids`` ordered by ``run``'s per-image score on ``metric`` (worst or best first), with labels."""
-    from brainrecon.eval.harness import HIGHER_IS_BETTER, METRICS, TWO_WAY_METRICS, run_scores_by_id
-
-    if metric not in METRICS:
-        raise BrainreconError(f"Unknown metric {metric!r} to sort by. Valid: {', '.join(map(repr, METRICS))}.")
-    scores = run_scores_by_id(run, variant)
-    if metric not in scores:
-        raise BrainreconError(f"Run {run.name!r} was not scored on {metric}; evaluate it with that metric.")
-    score = scores[metric]
-    have = [i for i in ids if i in score and not np.isnan(score[i])]
-    # Worst first: the lowest of a higher-is-better metric, the highest of a distance.
-    descending = HIGHER_IS_BETTER[metric] != worst
-    have.sort(key=lambda i: score[i], reverse=descending)
-    fmt = (lambda v: f"{100 * v:.1f}%") if metric in TWO_WAY_METRICS else (lambda v: f"{v:.3f}")
-    return have, [f"{i} {metric} {fmt(score[i])}" for i in have]

@@ -28,14 +28,14 @@ def cli_page() -> str:
 
 
 def _builtin_decoders() -> list[str]:
-    from brainrecon.decoders import _BUILTIN
+    from brainrecon.decoders import DECODERS
 
-    return sorted(_BUILTIN)
+    return sorted(DECODERS.builtin_paths)
 
 
 def decoders_page() -> str:
     from brainrecon.decoders import get_decoder_class
-    from brainrecon.recipes import recipes_for
+    from brainrecon.decoders import recipes_for
 
     lines = ["# Decoders", "",
              "Generated from the decoder registry by `python docs/generate.py`. Every decoder has `fit`, "

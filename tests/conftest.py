@@ -91,6 +91,44 @@ def small_data():
     return make_synthetic(seed=0, n_train=120, n_test=12, image_size=32, surface_size=32)
 
 
+SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
+
+
+@pytest.fixture(scope="session")
+def evaluated_ridge_runs(tmp_path_factory):
+    """`brainrecon fit --decoder ridge --data SMALL --subjects 1 2 --alphas 100,10000`, scored at the
+    end of the fit (PixCorr, SSIM and target-space retrieval: no weights needed), made once per
+    session: ``(runs folder, CliRunner result)``. Modules take copies (:func:`copy_runs`), never
+    the folder itself."""
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+
+    out = tmp_path_factory.mktemp("evaluated-ridge-runs")
+    with pytest.MonkeyPatch.context() as patch:  # the autouse fixtures are not active yet
+        patch.setenv("BRAINRECON_CACHE", str(tmp_path_factory.mktemp("session-cache")))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(socket, "getaddrinfo", _blocked)
+        patch.setattr(socket.socket, "connect", _blocked)
+        result = CliRunner().invoke(app, ["fit", "--decoder", "ridge", "--data", SMALL, "--subjects", "1", "2",
+                                          "--out", str(out), "--alphas", "100,10000"])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def copy_runs(source, destination, names=None):
+    """Copy the runs of folder ``source`` (all, or those in ``names``) into ``destination``."""
+    import shutil
+    from pathlib import Path
+
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for run in sorted(Path(source).iterdir()):
+        if (run / "run.json").is_file() and (names is None or run.name in names):
+            shutil.copytree(run, destination / run.name)
+    return destination
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """Tiny random IP-Adapter, image encoder and SD 1.5-style pipeline folders (built once)."""

@@ -312,6 +312,7 @@ def _mean_sample_correlation(pred: np.ndarray, target: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))).mean())
 
 
+@pytest.mark.slow
 def test_federated_training_helps_subject_1():
     """Four synthetic subjects share structure: federating them helps subject 1 on average.
 

@@ -37,10 +37,12 @@ from brainrecon import workflows
 from brainrecon.decoders.brainguard import (
     BrainGuardNet,
     federated,
-    flower_app,
 )
 from brainrecon.errors import BrainreconError
+from brainrecon.federation import loopback, server, site, supervise
 from brainrecon.runs import Run
+
+pytestmark = pytest.mark.slow
 
 DATA = "synthetic:n_train=60,n_test=6,image_size=32,surface_size=32"
 PARAMS = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
@@ -124,38 +126,38 @@ def _find(value, field):
 # --------------------------------------------------------------------------- what a site sends
 def test_site_upload_is_shared_tensors_and_sample_count(tmp_path, task_identity, one_thread):
     context = _site_context(tmp_path, 2)
-    reply = flower_app.site_train(_instruction(ArrayRecord(), 1), context)
+    reply = site.site_train(_instruction(ArrayRecord(), 1), context)
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     arrays, metrics = reply.content.array_records["arrays"], reply.content.metric_records["metrics"]
     shared = BrainGuardNet(5, 16, 2, 8, 24, 0.0).shared_names()
     assert list(arrays.keys()) == shared and not any(k.startswith("ridge.") for k in arrays)
     assert dict(metrics) == {"num-examples": 60}
     # The site's state stayed on its disk: model (ridge included), optimiser, RNG, flags.
-    state = load_file(str(tmp_path / "site-2" / flower_app.SITE_STATE.format(1)))
+    state = load_file(str(tmp_path / "site-2" / site.SITE_STATE.format(1)))
     assert "model.ridge.weight" in state and "rng.shuffle" in state
-    meta = json.loads((tmp_path / "site-2" / flower_app.SITE_META.format(1)).read_text())
+    meta = json.loads((tmp_path / "site-2" / site.SITE_META.format(1)).read_text())
     assert meta["rounds_completed"] == 1 and meta["client"]["dfl_start_phase"] is True
 
     # Round 2 (the last) fuses a global model (here: the upload shifted, as if averaged with
     # another site's), trains, uploads again and writes the site's own run.
     shifted = ArrayRecord.from_torch_state_dict({k: v + 0.01 for k, v in arrays.to_torch_state_dict().items()})
-    reply2 = flower_app.site_train(_instruction(shifted, 2), context)
+    reply2 = site.site_train(_instruction(shifted, 2), context)
     assert dict(reply2.content.metric_records["metrics"]) == {"num-examples": 60}
-    meta = json.loads((tmp_path / "site-2" / flower_app.SITE_META.format(2)).read_text())
+    meta = json.loads((tmp_path / "site-2" / site.SITE_META.format(2)).read_text())
     assert meta["rounds_completed"] == 2 and meta["client"]["dfl_start_phase"] is False
     run = tmp_path / "runs" / "brainguard-subj02-pixels"
     assert Run.open(run).info["engine"] == "flower"
     assert_run_is_private(run, 2, 1, workflows.load_dataset(DATA, subjects=[1]).n_voxels(1))
     # A server restarted before averaging round 2 asks for it again: the site redoes it from its
     # state after round 1 and sends the same upload (it keeps the last two states).
-    again = flower_app.site_train(_instruction(shifted, 2), Context(
+    again = site.site_train(_instruction(shifted, 2), Context(
         run_id=2, node_id=7, node_config=context.node_config, state=RecordDict(), run_config=context.run_config))
     first, second = (r.content.array_records["arrays"].to_torch_state_dict() for r in (reply2, again))
     for k in first:
         torch.testing.assert_close(first[k], second[k], rtol=0, atol=0)
     # Asked for a round it has no state for: refused with what it has.
     with pytest.raises(BrainreconError, match=r"no saved state after round 4 \(it has: \[1, 2\]\)"):
-        flower_app.site_train(_instruction(arrays, 5, rounds=6), context)
+        site.site_train(_instruction(arrays, 5, rounds=6), context)
 
 
 def _reply(arrays: dict, metrics: dict) -> Message:
@@ -165,7 +167,7 @@ def _reply(arrays: dict, metrics: dict) -> Message:
 
 
 def test_server_refuses_private_keys_and_extra_metrics(task_identity):
-    strategy = flower_app.make_strategy(2)
+    strategy = server.make_strategy(2)
     ok = {"head.weight": torch.ones(2, 2)}
     with pytest.raises(BrainreconError, match=r"subject-specific tensor\(s\) \['ridge.weight'\]"):
         strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3}),
@@ -184,14 +186,14 @@ def test_server_refuses_private_keys_and_extra_metrics(task_identity):
 # --------------------------------------------------------------------------- end to end
 def _recording(monkeypatch):
     started = []
-    real = flower_app.start_process
+    real = loopback.start_process
 
     def start(*args, **kwargs):
         process = real(*args, **kwargs)
         started.append(process)
         return process
 
-    monkeypatch.setattr(flower_app, "start_process", start)
+    monkeypatch.setattr(loopback, "start_process", start)
     return started
 
 
@@ -241,7 +243,7 @@ def test_flower_engine_equals_local_engine(tmp_path, monkeypatch, one_thread, al
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     started = _recording(monkeypatch)
-    monkeypatch.setattr(flower_app, "fit_on_flower", functools.partial(flower_app.fit_on_flower, timeout=400))
+    monkeypatch.setattr(loopback, "fit_on_flower", functools.partial(loopback.fit_on_flower, timeout=400))
     # With a validation split, so the best-by-validation selection is compared too.
     params = {**PARAMS, "validation_fraction": 0.2}
     local = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
@@ -280,13 +282,13 @@ def test_interrupt_stops_every_process(tmp_path, monkeypatch, allow_loopback):
     def pause(seconds):
         if sites_started:
             raise KeyboardInterrupt  # as a Ctrl-C while waiting for the federation
-        flower_app.time.sleep(seconds)
+        time.sleep(seconds)
 
-    monkeypatch.setattr(flower_app, "_pause", pause)
+    monkeypatch.setattr(loopback, "_pause", pause)
     with pytest.raises(KeyboardInterrupt):
-        flower_app.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
-                                 names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=120,
-                                 log=lambda message: sites_started.append(message))
+        loopback.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
+                               names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=120,
+                               log=lambda message: sites_started.append(message))
     assert len(started) == 3
     _assert_all_gone(started)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
@@ -295,7 +297,7 @@ def test_interrupt_stops_every_process(tmp_path, monkeypatch, allow_loopback):
 def test_a_failing_site_fails_the_federation_and_stops_every_process(tmp_path, monkeypatch, allow_loopback):
     """Site 2 cannot read its data: the round fails with its error, nothing is left running."""
     started = _recording(monkeypatch)
-    real_start = flower_app.start_process
+    real_start = loopback.start_process
 
     def start(args, **kwargs):
         args = list(args)
@@ -303,11 +305,11 @@ def test_a_failing_site_fails_the_federation_and_stops_every_process(tmp_path, m
             args[args.index("--data") + 1] = str(tmp_path / "no-such-data")
         return real_start(args, **kwargs)
 
-    monkeypatch.setattr(flower_app, "start_process", start)
+    monkeypatch.setattr(loopback, "start_process", start)
     with pytest.raises(BrainreconError, match="federation failed"):
-        flower_app.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
-                                 names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=300,
-                                 log=lambda message: None)
+        loopback.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
+                               names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=300,
+                               log=lambda message: None)
     _assert_all_gone(started)
     assert "Data not found" in (tmp_path / "state" / "server" / "run.log").read_text()
     assert not (tmp_path / "runs").exists()
@@ -317,7 +319,7 @@ def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
     from typer.testing import CliRunner
 
     from brainrecon.cli import app
-    from brainrecon.federate_cli import _decoder_params
+    from brainrecon.cli.federate import _decoder_params
 
     params = _decoder_params(None, ["hidden=8"], "weadl", "ipadapter", 3)
     assert params["rounds"] == 3 and params["hidden"] == 8 and params["sync_tensors"] == 24
@@ -333,7 +335,7 @@ def test_federate_server_params_and_fit_engine_option(monkeypatch, tmp_path):
         seen.update(params=params, **kwargs)
         raise BrainreconError("stopped here")
 
-    monkeypatch.setattr(flower_app, "fit_on_flower", fake)
+    monkeypatch.setattr(loopback, "fit_on_flower", fake)
     result = CliRunner().invoke(app, ["fit", "--decoder", "brainguard", "--engine", "flower", "--subjects", "1", "2",
                                       "--data", DATA, "--rounds", "2", "--out", str(tmp_path)])
     assert result.exit_code == 1 and "stopped here" in result.output
@@ -352,23 +354,23 @@ def test_leftover_flower_processes_are_found_by_flwr_home_and_stopped(tmp_path):
             "if sys.argv[1] == 'stubborn':\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('ready', flush=True)\ntime.sleep(120)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, kind], start_new_session=True, stdout=subprocess.PIPE,
-                              env=flower_app.flower_env(flwr_home=h), text=True)
+                              env=supervise.flower_env(flwr_home=h), text=True)
              for kind, h in (("polite", home), ("stubborn", home), ("polite", other))]
     try:
         assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 3
-        assert flower_app.flower_processes(home) == sorted(p.pid for p in procs[:2])
-        assert flower_app.stop_flower_processes(home, grace=1.0) == sorted(p.pid for p in procs[:2])
+        assert supervise.flower_processes(home) == sorted(p.pid for p in procs[:2])
+        assert supervise.stop_flower_processes(home, grace=1.0) == sorted(p.pid for p in procs[:2])
         assert [p.wait(timeout=10) for p in procs[:2]] == [-signal.SIGTERM, -signal.SIGKILL]
-        assert flower_app.flower_processes(home) == [] and procs[2].poll() is None
+        assert supervise.flower_processes(home) == [] and procs[2].poll() is None
     finally:
         for p in procs:
             p.kill()
             p.wait()
             p.stdout.close()
-    lock = flower_app._DirectoryLock(tmp_path, "brainrecon federate server")
+    lock = supervise.DirectoryLock(tmp_path, "brainrecon federate server")
     try:
         with pytest.raises(BrainreconError, match=rf"Another brainrecon federate server is running in .* \(pid {os.getpid()}\)"):
-            flower_app.serve(params={}, rounds=1, min_sites=1, server_dir=tmp_path, port=flower_app.free_port())
+            server.serve(params={}, rounds=1, min_sites=1, server_dir=tmp_path, port=supervise.free_port())
     finally:
         lock.release()
 
@@ -381,22 +383,22 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
     params = {**PARAMS, "rounds": 3, "target": "pixels"}
     reference = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
                               params={k: v for k, v in params.items() if k != "target"})
-    port = flower_app.free_port()
-    cli = [flower_app.sys.executable, "-m", "brainrecon.cli", "federate"]
+    port = supervise.free_port()
+    cli = [sys.executable, "-m", "brainrecon.cli", "federate"]
     server_args = cli + ["server", "--rounds", "3", "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
                          "--server-dir", str(tmp_path / "server"), "--params", json.dumps(params),
                          "--round-timeout", "240"]
-    env = flower_app.flower_env()
+    env = supervise.flower_env()
     homes = [tmp_path / "server" / "flwr-home", tmp_path / "site-1" / "flwr-home", tmp_path / "site-2" / "flwr-home"]
     started = []
     try:
-        started.append(flower_app.start_process(server_args, env=env, log=tmp_path / "server-1.log"))
+        started.append(supervise.start_process(server_args, env=env, log=tmp_path / "server-1.log"))
         for s in (1, 2):
-            started.append(flower_app.start_process(
+            started.append(supervise.start_process(
                 cli + ["site", "--subject", str(s), "--data", DATA, "--server", f"127.0.0.1:{port}",
                        "--state-dir", str(tmp_path / f"site-{s}"), "--out", str(tmp_path / "flower"), "--no-evaluate"],
                 env=env, log=tmp_path / f"site-{s}.log"))
-        status = tmp_path / "server" / flower_app.SERVER_STATUS
+        status = tmp_path / "server" / server.SERVER_STATUS
         deadline = time.monotonic() + 300
         while not (status.is_file() and json.loads(status.read_text())["rounds_completed"] >= 1):
             assert time.monotonic() < deadline and started[0].poll() is None, "round 1 never finished"
@@ -404,15 +406,15 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
         # The server machine hangs, then dies: Flower's detached processes (the SuperLink's
         # SuperExec, the ServerApp) are frozen so they cannot notice their parent's death, as
         # happens where orphans are not reaped; the restarted server must stop them.
-        detached = flower_app.flower_processes(homes[0])
+        detached = supervise.flower_processes(homes[0])
         assert detached, "the server's Flower processes were not found by FLWR_HOME"
         for pid in detached:
             os.kill(pid, signal.SIGSTOP)
         os.killpg(started[0].pid, signal.SIGKILL)
         started[0].wait(timeout=30)
         assert json.loads(status.read_text())["finished"] is False
-        leftovers = flower_app.flower_processes(homes[0])
-        resumed = flower_app.start_process(server_args + ["--resume"], env=env, log=tmp_path / "server-2.log")
+        leftovers = supervise.flower_processes(homes[0])
+        resumed = supervise.start_process(server_args + ["--resume"], env=env, log=tmp_path / "server-2.log")
         started.append(resumed)
         try:
             code = resumed.wait(timeout=400)
@@ -420,9 +422,9 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
             code = "no exit after 400 s"
         assert code == 0, _log_tails(tmp_path)
     finally:
-        flower_app.stop_all(started)
+        supervise.stop_all(started)
     _assert_all_gone(started)
-    assert not any(flower_app.flower_processes(h) for h in homes)
+    assert not any(supervise.flower_processes(h) for h in homes)
     if leftovers:  # not the case where the frozen processes were SIGKILLed with the group
         assert f"Flower process(es) an earlier server left running: pids {leftovers}" in \
             (tmp_path / "server-2.log").read_text()

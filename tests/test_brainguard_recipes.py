@@ -10,7 +10,7 @@ from brainrecon.data.synthetic import make_synthetic
 from brainrecon.decoders.brainguard import BrainGuardDecoder, BrainGuardNet, federated
 from brainrecon.decoders.brainguard.model import decay_groups
 from brainrecon.errors import DataError
-from brainrecon.recipes import apply_recipe, recipes_for
+from brainrecon.decoders import apply_recipe, recipes_for
 
 TINY = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
         "progress": False, "target_options": {"size": 4}, "dfl_num_pre_loss": 2}

@@ -12,6 +12,8 @@ import pytest
 
 from brainrecon.extras import MODULE_EXTRA, missing_extra_message
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Makes every optional package unimportable, as in a venv with `pip install brainrecon` only.

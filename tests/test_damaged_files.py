@@ -63,6 +63,23 @@ def test_wrong_shaped_ridge_weights_are_refused(run_copy):
         Run.open(run_copy).load_decoder()
 
 
+@pytest.mark.parametrize("name, cut, found, expected", [
+    ("alpha_grid", lambda a: a[:1], r"float64 \(1,\)", r"float64 \(2,\)"),
+    ("alphas", lambda a: a[:-1], r"float64 \(3071,\)", r"float64 \(3072,\)"),
+    ("cv_scores", lambda a: a[:1], r"float32 \(1, 3072\)", r"float32 \(2, 3072\)"),
+    ("alpha_grid", lambda a: a.astype(np.float32), r"float32 \(2,\)", r"float64 \(2,\)"),
+])
+def test_every_saved_ridge_array_is_checked_against_the_config(run_copy, name, cut, found, expected):
+    # The fixture's brainrecon.json says alphas=[1.0, 100.0]: a grid of 2, scored for 3072 targets.
+    npz = next((run_copy / "decoder").glob("*.npz"))
+    with np.load(npz) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays[name] = cut(arrays[name])
+    np.savez(npz, **arrays)
+    with pytest.raises(BrainreconError, match=f"'{name}' is {found}, expected {expected}.*2 alphas"):
+        Run.open(run_copy).load_decoder()
+
+
 def test_run_json_missing_fields(run_copy):
     info = json.loads((run_copy / "run.json").read_text())
     del info["data"]
@@ -157,6 +174,7 @@ def test_damaged_target_cache_is_recomputed_with_a_warning(tmp_path, damage):
     np.testing.assert_array_equal(IdKeyedCache(tmp_path / "c", (3, 4)).get(ids), compute(ids))
 
 
+@pytest.mark.slow
 def test_fit_killed_between_writing_its_runs_resumes_without_overwrite(tmp_path):
     """A BrainGuard fit of two subjects is cut after writing subject 1's run (the state a
     SIGKILL there leaves: run 1 complete, run 2 absent, checkpoint finished). The same command

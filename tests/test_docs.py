@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_docs_build_strictly(tmp_path):
     pytest.importorskip("mkdocs")
     result = subprocess.run(

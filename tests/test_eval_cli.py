@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from brainrecon.cli import app
 from brainrecon.runs import list_runs
+from conftest import copy_runs
 
 SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
 runner = CliRunner()
@@ -27,13 +28,10 @@ def invoke(*args):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """A real ridge run written by `brainrecon fit`, scored by the harness at the end of the fit."""
-    out = tmp_path_factory.mktemp("runs")
-    result = invoke("fit", "--decoder", "ridge", "--data", SMALL, "--subjects", 1, "--out", out,
-                    "--alphas", "100,10000")
-    assert result.exit_code == 0, result.output
-    return out
+def fitted(tmp_path_factory, evaluated_ridge_runs):
+    """A real ridge run written by `brainrecon fit`, scored by the harness at the end of the fit
+    (subject 1's run of the session's `fit --decoder ridge --alphas 100,10000`, copied)."""
+    return copy_runs(evaluated_ridge_runs[0], tmp_path_factory.mktemp("runs"), ["ridge-subj01-pixels"])
 
 
 def test_fit_wrote_metrics_and_grid_through_the_harness(fitted):
@@ -126,7 +124,7 @@ def test_evaluate_options_intervals_and_worst_images(fitted, tmp_path):
     ssim = {int(r.split(",")[0]): float(r.split(",")[2]) for r in rows[1:]}
     img = np.asarray(Image.open(run.path / "worst-ssim.png"))
     assert img.shape[0] > 3 * 64
-    from brainrecon.viz import _ranked
+    from brainrecon.workflows.figures import _ranked
 
     chosen, labels = _ranked(run, list(ssim), "SSIM", worst=True)
     assert chosen[:3] == sorted(ssim, key=ssim.get)[:3] and labels[0].startswith(f"{chosen[0]} SSIM ")

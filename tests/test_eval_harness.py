@@ -16,10 +16,11 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
-from brainrecon.eval import METRICS, EvalReport, evaluate, evaluate_run, weights_status
+from brainrecon.eval import METRICS, EvalReport, evaluate, weights_status
 from brainrecon.eval import metrics as M
 from brainrecon.eval import weights as W
 from brainrecon.eval.extractors import build_network
+from brainrecon.workflows.evaluate import evaluate_run
 
 NET_METRICS = ("AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV")
 IMAGENET = (np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225]))

@@ -13,7 +13,7 @@ from torch import nn
 from brainrecon.eval import EvalReport, evaluate
 from brainrecon.eval import weights as W
 from brainrecon.eval.extractors import build_network
-from brainrecon.eval.harness import CLIP_RETRIEVAL_METRICS, METRICS, read_per_image
+from brainrecon.eval.report import CLIP_RETRIEVAL_METRICS, METRICS, read_per_image
 from brainrecon.eval.stats import bootstrap_interval, paired_comparison
 
 from test_eval_harness import images, run_eval

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from brainrecon.cli import app
 from brainrecon.errors import DataError
 from brainrecon.runs import Run
+from conftest import copy_runs
 
 SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
 HEAVY = ("torch", "sklearn", "diffusers", "transformers")
@@ -40,13 +41,11 @@ def _no_weights(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    """Two ridge runs written (and scored, PixCorr and SSIM only: no weights) by `brainrecon fit`."""
-    out = tmp_path_factory.mktemp("runs")
-    result = invoke("fit", "--decoder", "ridge", "--data", SMALL, "--subjects", 1, 2, "--out", out,
-                    "--alphas", "100,10000")
-    assert result.exit_code == 0, result.output
-    return out, result
+def fitted(tmp_path_factory, evaluated_ridge_runs):
+    """Two ridge runs written (and scored, PixCorr and SSIM only: no weights) by `brainrecon fit`
+    (a copy of the session's `fit --decoder ridge --subjects 1 2 --alphas 100,10000`)."""
+    source, result = evaluated_ridge_runs
+    return copy_runs(source, tmp_path_factory.mktemp("runs")), result
 
 
 @pytest.fixture
@@ -244,7 +243,7 @@ def test_the_decoder_listing_says_what_the_classes_say():
     """The built-ins' listing is kept without importing them; it must not drift from the classes."""
     import brainrecon.decoders as D
 
-    for name in sorted(D._BUILTIN):
+    for name in sorted(D.DECODERS.builtin_paths):
         cls = D.get_decoder_class(name)
         info = D._BUILTIN_INFO[name]
         defaults = cls.default_params()

@@ -21,6 +21,8 @@ from brainrecon.errors import DamagedCacheWarning
 from brainrecon.eval.harness import evaluate
 from brainrecon.targets.cache import IdKeyedCache
 
+pytestmark = pytest.mark.slow
+
 IDS = np.arange(10, 30)
 SHAPE = (3, 4)
 

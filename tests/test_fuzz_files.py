@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from brainrecon.errors import BrainreconError
 
+pytestmark = pytest.mark.slow
+
 DATA = "synthetic:n_train=80,n_test=8,image_size=32,surface_size=32"
 KINDS = {
     "ridge": {"device": "cpu", "alphas": [1.0, 100.0]},
@@ -56,7 +58,8 @@ def runs(tmp_path_factory):
 
 def _use(path: Path) -> dict:
     """Everything a user reads from a run, as plain values to compare."""
-    from brainrecon.eval.harness import EvalReport, run_scores_by_id
+    from brainrecon.eval.report import EvalReport
+    from brainrecon.workflows.evaluate import run_scores_by_id
     from brainrecon.runs import Run
 
     run = Run.open(path)

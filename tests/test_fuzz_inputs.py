@@ -35,12 +35,15 @@ import scipy.io
 
 from brainrecon.data import load_dataset
 from brainrecon.data import nsd
+from brainrecon.data.nsd import prepare as nsd_prepare  # where the preparation looks its helpers up
 from brainrecon.data.nsd import prepare_nsd
 from brainrecon.errors import BrainreconError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_nsd_prepare import build_release  # noqa: E402
 from test_surfaces import make_mask, write_brainrecon, write_per_sample  # noqa: E402
+
+pytestmark = pytest.mark.slow
 
 CAPTIONS = "COCO_73k_annots_curated.npy"
 _MASK = "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz"
@@ -288,7 +291,7 @@ def world(tmp_path_factory):
     # prepare-nsd killed while copying training images: a staged session, a state file, and
     # half of images_train.npy written.
     killed = top / "killed"
-    real = nsd._read_image
+    real = nsd_prepare._read_image
     calls = []
 
     def stop(*a):
@@ -297,13 +300,13 @@ def world(tmp_path_factory):
             raise KeyboardInterrupt
         return real(*a)
 
-    saved = nsd._read_image, nsd.IMAGE_CHECKPOINT
-    nsd._read_image, nsd.IMAGE_CHECKPOINT = stop, 4
+    saved = nsd_prepare._read_image, nsd_prepare.IMAGE_CHECKPOINT
+    nsd_prepare._read_image, nsd_prepare.IMAGE_CHECKPOINT = stop, 4
     try:
         with pytest.raises(KeyboardInterrupt), contextlib.redirect_stderr(io.StringIO()):
             prepare_nsd(root, 1, killed, sessions=1, captions=root / CAPTIONS, ncsnr_threshold=0.0, progress=False)
     finally:
-        nsd._read_image, nsd.IMAGE_CHECKPOINT = saved
+        nsd_prepare._read_image, nsd_prepare.IMAGE_CHECKPOINT = saved
     assert json.loads((killed / PARTIAL / "state.json").read_text())["images"]["train"]["done"] == 8
 
     per_sample = top / "per-sample"
@@ -425,12 +428,12 @@ def test_prepare_nsd_killed_after_its_manifest_cleans_the_leftover_partial(world
             raise KeyboardInterrupt  # what SIGKILL leaves: the manifest written, the work folder not removed
         return real(path, *a, **kw)
 
-    nsd.shutil.rmtree = killed
+    nsd_prepare.shutil.rmtree = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             prepare_nsd(root, 1, out, sessions=1, captions=root / CAPTIONS, ncsnr_threshold=0.0, progress=False)
     finally:
-        nsd.shutil.rmtree = real
+        nsd_prepare.shutil.rmtree = real
     assert (out / PARTIAL).is_dir() and (out / "brainrecon-data.json").is_file()
     before = {p: p.stat().st_mtime_ns for p in (out / "subj01").iterdir()}
     capsys.readouterr()
@@ -442,13 +445,13 @@ def test_prepare_nsd_killed_after_its_manifest_cleans_the_leftover_partial(world
     assert _same(_use(out), intact)
     # And the after-swap leftover (subject folder in place, manifest not yet written) is finished too.
     (out / "brainrecon-data.json").unlink()
-    nsd.shutil.rmtree = killed
+    nsd_prepare.shutil.rmtree = killed
     try:
         with pytest.raises(KeyboardInterrupt):
             prepare_nsd(root, 1, out, sessions=1, captions=root / CAPTIONS, ncsnr_threshold=0.0, progress=False,
                         overwrite=True)
     finally:
-        nsd.shutil.rmtree = real
+        nsd_prepare.shutil.rmtree = real
     manifest = (out / "brainrecon-data.json").read_text()
     (out / "brainrecon-data.json").unlink()
     prepare_nsd(root, 1, out, sessions=1, captions=root / CAPTIONS, ncsnr_threshold=0.0, progress=False)

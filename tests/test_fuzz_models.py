@@ -31,7 +31,7 @@ from test_neuropictor import TINY
 
 from brainrecon.errors import BrainreconError
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 NP = {**TINY, "base_model": "tiny", "stage": "pretrain", "subjects": [1], "seed": 3, "lr": 1e-3}
 NP_DECODER = {"brainrecon.json": "json", "fmri_encoder.safetensors": "safetensors",

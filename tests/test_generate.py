@@ -217,7 +217,7 @@ def make_run(path, n=3, target="ipadapter", seed=0):
 def test_reconstruct_run_writes_pngs_array_settings_and_resumes(generator, tmp_path, monkeypatch):
     from PIL import Image
 
-    from brainrecon.generate import reconstruct_run
+    from brainrecon.workflows.reconstruct import reconstruct_run
     from brainrecon.runs import Run
 
     ids = make_run(tmp_path / "r")
@@ -257,7 +257,7 @@ def test_reconstruct_run_writes_pngs_array_settings_and_resumes(generator, tmp_p
 
 
 def test_reconstruct_run_rejects_other_runs(tmp_path, generator):
-    from brainrecon.generate import reconstruct_run
+    from brainrecon.workflows.reconstruct import reconstruct_run
 
     make_run(tmp_path / "pix", target="pixels")
     with pytest.raises(BrainreconError, match="predicts 'pixels', not IP-Adapter tokens"):
@@ -270,8 +270,8 @@ def test_end_to_end_embed_fit_reconstruct_evaluate(tiny_weights, small_data, tmp
     """embed -> ridge on IP-Adapter tokens -> reconstruct -> evaluate (PixCorr, SSIM)."""
     import brainrecon.targets.ipadapter as ipa
     from brainrecon import workflows
-    from brainrecon.eval import evaluate_run
-    from brainrecon.generate import reconstruct_run
+    from brainrecon.workflows.evaluate import evaluate_run
+    from brainrecon.workflows.reconstruct import reconstruct_run
 
     # `fit --target ipadapter` builds the target with default options; point them at the tiny weights.
     monkeypatch.setattr(ipa, "IPAdapterTarget", functools.partial(

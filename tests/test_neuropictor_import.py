@@ -334,7 +334,7 @@ def released_like(sd_dir, tmp_path_factory):
 
 
 def _import(path, sd_dir, **kw):
-    from brainrecon.decoders.neuropictor.official import import_official_checkpoint
+    from brainrecon.workflows.importers import import_official_checkpoint
 
     kw.setdefault("encoder_config", {"Model": {"num_heads": 4}})
     return import_official_checkpoint(path, base_model=sd_dir,
@@ -362,7 +362,7 @@ def test_imported_modules_equal_the_modules_the_file_was_built_from(released_lik
 
 
 def test_saved_import_loads_identically_and_fine_tunes(released_like, sd_dir, tmp_path):
-    from brainrecon.decoders.neuropictor.official import import_neuropictor
+    from brainrecon.workflows.importers import import_neuropictor
 
     _, path, _, ds = released_like
     out, _ = import_neuropictor(path, tmp_path / "sub01", base_model=sd_dir,
@@ -446,7 +446,7 @@ def test_imported_model_reconstructs_evaluates_and_samples(released_like, sd_dir
     from typer.testing import CliRunner
 
     from brainrecon.cli import app
-    from brainrecon.decoders.neuropictor.official import write_runs
+    from brainrecon.workflows.importers import write_runs
 
     _, path, _, ds = released_like
     imported, _ = _import(path, sd_dir)

@@ -66,7 +66,7 @@ TINY = {"surface_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_depth":
 
 
 # The workers run one thread each; the same here keeps the float reductions alike.
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ from brainrecon.decoders.neuropictor import NeuroPictorDecoder
 from brainrecon.decoders.neuropictor import train as train_module
 from brainrecon.decoders.neuropictor.recipes import PAPER, RELEASED
 from brainrecon.errors import BrainreconError
-from brainrecon.recipes import apply_recipe
+from brainrecon.decoders import apply_recipe
 
 TINY_SIZES = {
     "surface_size": 16, "patch_size": 4, "encoder_dim": 32, "encoder_depth": 2, "encoder_heads": 4,

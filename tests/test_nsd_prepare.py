@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from brainrecon.cli import app
 from brainrecon.data import load_dataset
 from brainrecon.data import nsd
+from brainrecon.data.nsd import prepare as nsd_prepare  # where the preparation looks its helpers up
 from brainrecon.data.nsd import plan_trials, prepare_nsd, read_design, resolve_sessions
 from brainrecon.errors import DataError
 
@@ -296,7 +297,7 @@ class Interrupt(KeyboardInterrupt):
 def test_resume_after_interruption_during_images(release, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     reads, calls = [], {"n": 0}
-    real_read_betas, real_read_image = nsd.read_session_betas, nsd._read_image
+    real_read_betas, real_read_image = nsd_prepare.read_session_betas, nsd_prepare._read_image
 
     def counting_betas(path, *a, **k):
         reads.append(Path(path).name)
@@ -308,9 +309,9 @@ def test_resume_after_interruption_during_images(release, tmp_path, monkeypatch)
             raise Interrupt
         return real_read_image(*a)
 
-    monkeypatch.setattr(nsd, "read_session_betas", counting_betas)
-    monkeypatch.setattr(nsd, "_read_image", failing_image)
-    monkeypatch.setattr(nsd, "IMAGE_CHECKPOINT", 4)
+    monkeypatch.setattr(nsd_prepare, "read_session_betas", counting_betas)
+    monkeypatch.setattr(nsd_prepare, "_read_image", failing_image)
+    monkeypatch.setattr(nsd_prepare, "IMAGE_CHECKPOINT", 4)
     with pytest.raises(Interrupt):
         _prepare(release, out)
     assert len(reads) == 3
@@ -323,7 +324,7 @@ def test_resume_after_interruption_during_images(release, tmp_path, monkeypatch)
         calls["n"] += 1
         return real_read_image(*a)
 
-    monkeypatch.setattr(nsd, "_read_image", counting_image)
+    monkeypatch.setattr(nsd_prepare, "_read_image", counting_image)
     calls["n"] = 0
     summary = _prepare(release, out)
     assert len(reads) == 3  # no session read again
@@ -340,7 +341,7 @@ def test_resume_after_interruption_during_images(release, tmp_path, monkeypatch)
 def test_resume_after_interruption_during_sessions(release, tmp_path, monkeypatch):
     out = tmp_path / "resume2"
     reads = []
-    real = nsd.read_session_betas
+    real = nsd_prepare.read_session_betas
 
     def flaky(path, *a, **k):
         reads.append(Path(path).name)
@@ -348,7 +349,7 @@ def test_resume_after_interruption_during_sessions(release, tmp_path, monkeypatc
             raise Interrupt
         return real(path, *a, **k)
 
-    monkeypatch.setattr(nsd, "read_session_betas", flaky)
+    monkeypatch.setattr(nsd_prepare, "read_session_betas", flaky)
     with pytest.raises(Interrupt):
         _prepare(release, out, zscore="session")
     assert reads == ["betas_session01.nii.gz", "betas_session02.nii.gz"]

@@ -19,12 +19,11 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def fitted_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["fit", "--decoder", "ridge", "--data", SMALL, "--subjects", "1", "--out", str(out),
-                                 "--alphas", "100,10000"])
-    assert result.exit_code == 0, result.output
-    return list_runs(out)[0]
+def fitted_run(tmp_path_factory, evaluated_ridge_runs):
+    """Subject 1's run of the session's `fit --decoder ridge --alphas 100,10000`, copied."""
+    from conftest import copy_runs
+
+    return list_runs(copy_runs(evaluated_ridge_runs[0], tmp_path_factory.mktemp("runs"), ["ridge-subj01-pixels"]))[0]
 
 
 def test_model_card_and_dry_run_folder(fitted_run, tmp_path):

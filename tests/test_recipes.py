@@ -3,7 +3,8 @@
 import pytest
 
 from brainrecon.errors import BrainreconError
-from brainrecon.recipes import Recipe, apply_recipe, get_recipe, recipes_for
+from brainrecon.decoders import apply_recipe, get_recipe, recipes_for
+from brainrecon.recipes import Recipe
 
 
 def test_explicit_params_win_and_values_are_copied():

@@ -26,6 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The driver: apply the slow-downs / settings given as JSON, then run the CLI with the rest.
@@ -293,7 +295,7 @@ def release(tmp_path_factory):
     return root
 
 
-NSD = "brainrecon.data.nsd"
+NSD = "brainrecon.data.nsd.prepare"
 
 
 @pytest.mark.parametrize("moment", ["staging-sessions", "copying-images", "after-swap"])

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from brainrecon.eval import metrics as M
-from brainrecon.eval.harness import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
+from brainrecon.eval.report import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
 
 from test_eval_harness import images
 from test_eval_stats import _tiny_clip_folder
@@ -128,18 +128,16 @@ SMALL = "synthetic:n_train=120,n_test=12,image_size=32,surface_size=32"
 
 
 @pytest.fixture(scope="module")
-def ridge_run(tmp_path_factory):
-    from brainrecon.cli import app
+def ridge_run(tmp_path_factory, evaluated_ridge_runs):
+    """Subject 1's run of the session's `fit --decoder ridge --alphas 100,10000`, copied."""
+    from conftest import copy_runs
 
-    out = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["fit", "--decoder", "ridge", "--data", SMALL, "--subjects", "1", "--out", str(out),
-                                 "--alphas", "100,10000"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    out = copy_runs(evaluated_ridge_runs[0], tmp_path_factory.mktemp("runs"), ["ridge-subj01-pixels"])
     return next(p for p in out.iterdir() if (p / "run.json").exists())
 
 
 def test_target_space_retrieval_needs_no_weights_and_reaches_per_image_csv(ridge_run):
-    from brainrecon.eval.harness import read_per_image
+    from brainrecon.eval.report import read_per_image
     from brainrecon.runs import Run
     from brainrecon.targets import get_target
 
@@ -193,7 +191,7 @@ def test_retrieval_is_on_the_leaderboard_and_compared_like_the_others(ridge_run,
 def test_image_decoders_have_no_target_space_and_say_so(ridge_run, tmp_path):
     import shutil
 
-    from brainrecon.eval import evaluate_run
+    from brainrecon.workflows.evaluate import evaluate_run
 
     path = tmp_path / "images-run"
     shutil.copytree(ridge_run, path)
@@ -206,7 +204,7 @@ def test_image_decoders_have_no_target_space_and_say_so(ridge_run, tmp_path):
 
 
 def _clip_inputs(x_uint8):
-    from brainrecon.eval import harness as H
+    from brainrecon.eval import preprocess as H
 
     t = torch.from_numpy(x_uint8).permute(0, 3, 1, 2).float() / 255.0
     return H._normalise(H._resize(H._resize(t, 256), 224), "clip")

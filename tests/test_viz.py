@@ -8,7 +8,8 @@ from PIL import Image
 
 from brainrecon.errors import BrainreconError, DataError
 from brainrecon.io import write_array_atomic, write_json_atomic
-from brainrecon.viz import _HEADER, _PAD, compare_runs, image_grid, to_uint8_hwc
+from brainrecon.viz import _HEADER, _PAD, image_grid, to_uint8_hwc
+from brainrecon.workflows.figures import compare_runs
 
 
 def _imgs(seed, n=5, size=16):

@@ -37,18 +37,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays
+from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST
 from brainrecon.errors import DataError
 from brainrecon.io import load_array, read_json
 
 ENV_VAR = "BRAINRECON_DATA"
-MANIFEST = "brainrecon-data.json"
 SYNTHETIC = "synthetic"
-
-_BD_VOXELS = "nsd_{split}_fmriavg_nsdgeneral_sub{n}.npy"
-_BD_STIM = "nsd_{split}_stim_sub{n}.npy"
-_BD_CAP = "nsd_{split}_cap_sub{n}.npy"
-# Written beside Brain-Diffuser's files by `brainrecon prepare-nsd --format brain-diffuser`.
-_BD_IDS = "nsd_{split}_ids_sub{n}.npy"
 
 
 def load_dataset(
@@ -108,7 +102,7 @@ def load_dataset(
         raise DataError(
             f"{path} holds no recognised data layout. Expected one of: a {MANIFEST} manifest "
             f"(brainrecon prepare-nsd), Brain-Diffuser files "
-            f"(subjXX/{_BD_VOXELS.format(split='train', n='N')}), or an .h5 file with "
+            f"(subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}), or an .h5 file with "
             f"subjXX/train_voxels datasets. Places tried: {'; '.join(tried)}."
         )
     return ds
@@ -151,7 +145,7 @@ def _brain_diffuser_subjects(path: Path) -> list[int]:
         return found
     for d in sorted(root.glob("subj[0-9][0-9]")):
         n = int(d.name[4:])
-        if (d / _BD_VOXELS.format(split="train", n=n)).exists():
+        if (d / BRAIN_DIFFUSER_FILES["voxels"].format(split="train", n=n)).exists():
             found.append(n)
     return found
 
@@ -221,7 +215,7 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
     if missing or not wanted:
         raise DataError(
             f"Brain-Diffuser data for subject(s) {missing or wanted} not found under {root}; "
-            f"expected {root}/subjXX/{_BD_VOXELS.format(split='train', n='N')}. "
+            f"expected {root}/subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}. "
             f"Subjects present: {present}."
         )
     data = {}
@@ -230,14 +224,13 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
         d = root / f"subj{s:02d}"
         splits, voxel_files = {}, {}
         for split in SPLITS:
-            vox_file = d / _BD_VOXELS.format(split=split, n=s)
+            vox_file = d / BRAIN_DIFFUSER_FILES["voxels"].format(split=split, n=s)
             if not vox_file.exists():
                 raise DataError(f"Missing {vox_file} (Brain-Diffuser {split} voxels of subject {s}); {_FIX_BD}.")
             voxels = _checked(vox_file, "voxels", load_array(vox_file, mmap=True, fix=_FIX_BD), _FIX_BD)
             n = voxels.shape[0]
-            stim = d / _BD_STIM.format(split=split, n=s)
-            cap = d / _BD_CAP.format(split=split, n=s)
-            ids_file = d / _BD_IDS.format(split=split, n=s)
+            stim, cap, ids_file = (d / BRAIN_DIFFUSER_FILES[k].format(split=split, n=s)
+                                   for k in ("images", "captions", "ids"))
             files: dict[str, tuple[Path, Any]] = {"voxels": (vox_file, voxels)}
             if ids_file.exists():
                 ids = _checked(ids_file, "ids", load_array(ids_file, fix=_FIX_BD), _FIX_BD)
@@ -280,8 +273,8 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
         splits, voxel_files = {}, {}
         for split in SPLITS:
             files: dict[str, tuple[Path, Any]] = {}
-            for name in ("voxels", "ids", "images", "captions", "surfaces"):
-                f = d / f"{split}_{name}.npy"
+            for name in ARRAYS:
+                f = d / BRAINRECON_FILES[name].format(split=split)
                 if not f.exists():
                     if name in ("voxels", "ids"):
                         raise DataError(f"Missing {f} (subject {s} is listed in {path / MANIFEST}); {_FIX_BR}.")

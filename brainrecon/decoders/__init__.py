@@ -21,22 +21,24 @@ tests a plugin's own test suite can inherit.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from brainrecon.decoders.base import CliOption, Decoder
 from brainrecon.errors import BrainreconError
+from brainrecon.plugins import Registry
+from brainrecon.recipes import Recipe, pick_recipe, recipes_of
 
-# name -> "module:ClassName"
-_REGISTRY: dict[str, str] = {
+#: The decoder registry (:mod:`brainrecon.plugins`): name -> "module:ClassName".
+DECODERS = Registry("brainrecon.decoders", {
     "ridge": "brainrecon.decoders.ridge:RidgeDecoder",
     "brainguard": "brainrecon.decoders.brainguard:BrainGuardDecoder",
     "neuropictor": "brainrecon.decoders.neuropictor:NeuroPictorDecoder",
-}
-
-
-_BUILTIN = frozenset(_REGISTRY)
-_BUILTIN_PATHS = dict(_REGISTRY)  # a built-in re-registered elsewhere (register()) is imported to be listed
+}, kind="decoder")
+ENTRY_POINT_GROUP = DECODERS.group
+# The registry's own tables, by their older names (tests and plugins' tests reach them).
+_REGISTRY = DECODERS.paths
+_PLUGIN_DIST = DECODERS.dists
+plugin_problems = DECODERS.problems
 
 # What the listing shows of each built-in, without importing it (ridge imports scikit-learn,
 # BrainGuard and NeuroPictor torch: seconds). Must equal the classes' own attributes
@@ -77,41 +79,16 @@ _BUILTIN_INFO: dict[str, dict] = {
         "cli_options": (CliOption("alphas", "--alphas", "floats", "comma-separated alpha grid, e.g. 1e3,1e4,1e5"),),
     },
 }
-ENTRY_POINT_GROUP = "brainrecon.decoders"
-# name -> distribution that declared it (plugins only), and problems found while scanning.
-_PLUGIN_DIST: dict[str, str] = {}
-plugin_problems: dict[str, str] = {}
 
 
 def register(name: str, path: str) -> None:
     """Register a decoder class under ``name`` by its import path ``"module:Class"``."""
-    _REGISTRY[name] = path
-
-
-def _scan_plugins(registry: dict[str, str], dists: dict[str, str], group: str, builtin: frozenset) -> None:
-    """Add the entry points of ``group`` to ``registry`` (re-read each call: cheap, and a package
-    installed meanwhile shows up); a clash with a built-in name is recorded, not applied."""
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=group):
-        dist = getattr(ep.dist, "name", None) or "unknown distribution"
-        if ep.name in builtin:
-            plugin_problems[ep.name] = (f"plugin {ep.name!r} from {dist} is ignored: {ep.name!r} is a built-in "
-                                        f"{group.rsplit('.', 1)[-1][:-1]}; rename its entry point")
-            continue
-        registry[ep.name] = ep.value
-        dists[ep.name] = dist
+    DECODERS.register(name, path)
 
 
 def available() -> list[str]:
     """Names of the registered decoders (built-in and plugins), sorted."""
-    _scan_plugins(_REGISTRY, _PLUGIN_DIST, ENTRY_POINT_GROUP, _BUILTIN)
-    return sorted(_REGISTRY)
-
-
-def _unknown(name: str) -> BrainreconError:
-    choices = ", ".join(repr(n) for n in available())
-    return BrainreconError(f"Unknown decoder {name!r}. Available decoders: {choices}.")
+    return DECODERS.available()
 
 
 def get_decoder_class(name: str) -> type[Decoder]:
@@ -123,34 +100,26 @@ def get_decoder_class(name: str) -> type[Decoder]:
         Unknown name (listing the valid ones), or a plugin that cannot be imported or is not
         a :class:`Decoder` (naming the plugin and its distribution).
     """
-    if name not in _REGISTRY:
-        _scan_plugins(_REGISTRY, _PLUGIN_DIST, ENTRY_POINT_GROUP, _BUILTIN)
-    if name not in _REGISTRY:
-        raise _unknown(name)
-    return _import_class(name, _REGISTRY[name], _PLUGIN_DIST.get(name), Decoder, "decoder")
+    return DECODERS.load(name, Decoder)
 
 
-def _import_class(name: str, path: str, dist: str | None, base: type | None, kind: str):
-    module_name, _, class_name = path.partition(":")
-    where = f"plugin {kind} {name!r} ({path}, from {dist})" if dist else f"{kind} {name!r} ({path})"
-    try:
-        module = importlib.import_module(module_name)
-        cls = getattr(module, class_name)
-    except Exception as exc:  # noqa: BLE001 - any failure of a third-party import is reported by name
-        if dist is None:
-            raise
-        raise BrainreconError(f"{where} cannot be loaded: {type(exc).__name__}: {exc}. "
-                              f"Reinstall or fix {dist}, or uninstall it.") from exc
-    if base is None:  # any factory will do (target spaces are built by calling them)
-        ok, what = callable(cls), "callable"
-    else:
-        ok, what = isinstance(cls, type) and issubclass(cls, base), f"{base.__module__}.{base.__name__} subclass"
-    if not ok:
-        msg = f"{where} is not a {what}"
-        if dist is None:
-            raise TypeError(msg)
-        raise BrainreconError(msg + f"; fix or uninstall {dist}.")
-    return cls
+def recipes_for(decoder: str) -> dict[str, Recipe]:
+    """The recipes decoder ``decoder`` declares, by name (empty for decoders without any)."""
+    return recipes_of(get_decoder_class(decoder))
+
+
+def get_recipe(decoder: str, name: str) -> Recipe:
+    """The recipe ``name`` of ``decoder``; a clear error lists the valid names."""
+    return pick_recipe(recipes_for(decoder), decoder, name)
+
+
+def apply_recipe(decoder: str, name: str | None, params) -> dict:
+    """``params`` with recipe ``name`` of ``decoder`` applied underneath (explicit ``params``
+    win); with ``name=None`` a copy of ``params``. Recording the recipe's name in the run is
+    the caller's job (:func:`brainrecon.workflows.fit` does it)."""
+    if name is None:
+        return dict(params)
+    return get_recipe(decoder, name).apply(params)
 
 
 def get_decoder(name: str, **params) -> Decoder:
@@ -172,7 +141,7 @@ def load_decoder(directory: str | Path) -> Decoder:
     ``directory`` may be a saved decoder, a run directory (its ``decoder/``) or a hub address
     ``hf://owner/name[@revision]`` of a run published with ``brainrecon push``.
     """
-    from brainrecon.publish import is_hub_address, resolve_hub_address
+    from brainrecon.hub import is_hub_address, resolve_hub_address
 
     path = resolve_hub_address(directory) if is_hub_address(directory) else Path(directory)
     if not (path / "brainrecon.json").is_file() and (path / "decoder" / "brainrecon.json").is_file():
@@ -188,7 +157,7 @@ def describe() -> list[dict]:
     """
     rows = []
     for name in available():
-        if name in _BUILTIN and _REGISTRY[name] == _BUILTIN_PATHS[name]:
+        if DECODERS.is_builtin(name):
             info = _BUILTIN_INFO[name]
             rows.append({"name": name, "predicts": info["predicts"], "summary": info["summary"],
                          "params": dict(info["params"])})
@@ -213,18 +182,21 @@ def describe() -> list[dict]:
 def decoder_cli_options(name: str) -> tuple[CliOption, ...]:
     """The decoder's own ``brainrecon fit`` options (``Decoder.cli_options``); a built-in's are
     read without importing it."""
-    if name in _BUILTIN and _REGISTRY.get(name) == _BUILTIN_PATHS[name]:
+    if DECODERS.is_builtin(name):
         return _BUILTIN_INFO[name]["cli_options"]
     return tuple(getattr(get_decoder_class(name), "cli_options", ()) or ())
 
 
 __all__ = [
     "Decoder",
+    "apply_recipe",
     "available",
     "decoder_cli_options",
     "describe",
     "get_decoder",
     "get_decoder_class",
+    "get_recipe",
     "load_decoder",
+    "recipes_for",
     "register",
 ]

@@ -74,6 +74,27 @@ class Decoder(abc.ABC):
     #: True for decoders fitted on several subjects at once (parameter ``subjects``); they
     #: implement :meth:`for_subject`. False for one-subject decoders (parameter ``subject``).
     multi_subject: ClassVar[bool] = False
+    #: How to cite the method (model cards of published runs, the docs).
+    citation: ClassVar[str] = ""
+    #: True when a run may hold only its own subject's data: nothing of another subject (voxel
+    #: counts, data spec, private layers) is written beside one subject's run (federated decoders).
+    private_runs: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ the contract
+    @property
+    def reconstructs_images(self) -> bool:
+        """Whether this decoder's predictions become images (False, e.g., for a training stage
+        that only calibrates an encoder): a run then has no predictions nor reconstructions."""
+        return True
+
+    def target_space(self) -> tuple[str, dict[str, Any]] | None:
+        """``(name, options)`` of the target space this decoder predicts (built by
+        :func:`brainrecon.targets.get_target`), or None when it predicts images. Decoders that
+        predict a target space take it as parameters ``target`` and ``target_options``."""
+        name = getattr(self, "target", None) if self.predicts == "target" else None
+        if name is None:
+            return None
+        return str(name), dict(getattr(self, "target_options", None) or {})
 
     # ------------------------------------------------------------------ parameters
     @classmethod

@@ -10,32 +10,51 @@
   family-wise (max-statistic) adjustment.
 - :mod:`brainrecon.eval.extractors` — the feature networks.
 - :mod:`brainrecon.eval.weights` — where weight files are found and fetched.
-- :mod:`brainrecon.eval.harness` — :func:`evaluate`, :class:`EvalReport`, :func:`evaluate_run`.
+- :mod:`brainrecon.eval.harness` — :func:`evaluate`.
+- :mod:`brainrecon.eval.report` — :class:`EvalReport`, the metric names, ``metrics.json`` and
+  the per-image table.
+- :mod:`brainrecon.eval.preprocess` — each recipe's resizing and normalisation.
+- :mod:`brainrecon.eval.feature_cache` — the ground-truth feature cache.
 - :mod:`brainrecon.eval.published` — published reference scores, with citations.
 
-This package knows nothing of decoders; :func:`evaluate_run` reads run directories.
+Arrays in, report out: this package knows nothing of decoders or run directories.
+Evaluating a run is :func:`brainrecon.workflows.evaluate.evaluate_run`.
 """
 
-from brainrecon.eval.harness import (
+import importlib
+
+from brainrecon.eval.names import (
     ALL_METRICS,
     DISTANCE_METRICS,
-    HIGHER_IS_BETTER,
     LOW_LEVEL_METRICS,
     METRICS,
     RETRIEVAL_METRICS,
     TWO_WAY_METRICS,
-    VARIANTS,
-    EvalReport,
-    evaluate,
-    evaluate_run,
 )
-from brainrecon.eval.metrics import (
-    correlation_distance,
-    pixcorr,
-    ssim,
-    two_way_identification,
-)
-from brainrecon.eval.weights import WEIGHT_FILES, weights_status
+
+# The rest is imported when first used, so that reading the metric names (the command line's
+# choices, the leaderboard) does not load torch and the feature networks.
+_LAZY = {
+    "evaluate": "brainrecon.eval.harness",
+    "EvalReport": "brainrecon.eval.report",
+    "HIGHER_IS_BETTER": "brainrecon.eval.report",
+    "VARIANTS": "brainrecon.eval.report",
+    "correlation_distance": "brainrecon.eval.metrics",
+    "pixcorr": "brainrecon.eval.metrics",
+    "ssim": "brainrecon.eval.metrics",
+    "two_way_identification": "brainrecon.eval.metrics",
+    "WEIGHT_FILES": "brainrecon.eval.weights",
+    "weights_status": "brainrecon.eval.weights",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'brainrecon.eval' has no attribute {name!r}")
+
 
 __all__ = [
     "ALL_METRICS",
@@ -50,7 +69,6 @@ __all__ = [
     "EvalReport",
     "correlation_distance",
     "evaluate",
-    "evaluate_run",
     "pixcorr",
     "ssim",
     "two_way_identification",

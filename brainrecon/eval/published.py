@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from brainrecon.eval.names import CLIP_RETRIEVAL_METRICS, METRICS, TWO_WAY_METRICS
+
 __all__ = ["PUBLISHED", "PublishedRow", "published_rows"]
 
-_COLUMNS = ("PixCorr", "SSIM", "AlexNet(2)", "AlexNet(5)", "Inception", "CLIP", "EffNet-B", "SwAV")
-_TWO_WAY = {"AlexNet(2)", "AlexNet(5)", "Inception", "CLIP"}
-_RETRIEVAL = ("ImageRet(CLIP)", "BrainRet(CLIP)")
+_COLUMNS = METRICS
+_TWO_WAY = set(TWO_WAY_METRICS)
+_RETRIEVAL = CLIP_RETRIEVAL_METRICS
 
 
 @dataclass(frozen=True)

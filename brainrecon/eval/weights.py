@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainrecon.errors import WeightsNotFoundError
-from brainrecon.hub import downloads_allowed
+from brainrecon.hub import downloads_allowed, hf_cache_snapshot
 from brainrecon.hub import hf_hub_cache as _hf_hub_cache
 
 __all__ = [
@@ -400,11 +400,17 @@ def missing_weights(metrics, variant: str = "mindeye", weights_dir=None) -> dict
 
 
 def download_destination(wf: WeightFile, to=None) -> Path:
-    """Where ``brainrecon weights --download`` puts ``wf`` (``to``, else ``$BRAINRECON_WEIGHTS``,
-    else the torch hub / Hugging Face cache), as :func:`brainrecon.fetch.plan` decides."""
-    from brainrecon.fetch import plan
-
-    return next(item.dest for item in plan(to=to, only=wf.key) if item.dest.name == wf.filename)
+    """Where ``brainrecon weights --download`` puts ``wf``: ``to``, else ``$BRAINRECON_WEIGHTS``,
+    else the torch hub cache (CLIP: the Hugging Face cache); :func:`brainrecon.fetch.plan`
+    fetches into it. In a folder, CLIP goes into its own ``clip-vit-large-patch14/``."""
+    if to is None and os.environ.get("BRAINRECON_WEIGHTS"):
+        to = os.environ["BRAINRECON_WEIGHTS"]
+    to = Path(to).expanduser() if to is not None else None
+    if wf.source == "huggingface":
+        folder = to / CLIP_LOCAL_DIRNAME if to is not None else hf_cache_snapshot(CLIP_REPO_ID)
+    else:
+        folder = to if to is not None else _torch_hub_checkpoints()
+    return folder / wf.filename
 
 
 def weights_status(weights_dir=None) -> list[dict]:

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from brainrecon.errors import BrainreconError, DataError
+from brainrecon.plugins import Registry
 from brainrecon.targets.cache import IdKeyedCache, default_cache_root
 
 
@@ -131,39 +132,24 @@ class PixelTarget(TargetSpace):
         return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
 
 
-# name -> "module:Class"; ``ipadapter`` is imported only when used (it needs diffusers).
-_TARGETS: dict[str, str] = {
+#: The target-space registry (:mod:`brainrecon.plugins`): name -> "module:Class";
+#: ``ipadapter`` is imported only when used (it needs diffusers).
+TARGETS = Registry("brainrecon.targets", {
     "pixels": "brainrecon.targets:PixelTarget",
     "ipadapter": "brainrecon.targets.ipadapter:IPAdapterTarget",
-}
-
-
-_BUILTIN_TARGETS = frozenset(_TARGETS)
-_TARGET_DIST: dict[str, str] = {}
+}, kind="target")
 #: Entry-point group through which other packages add target spaces.
-ENTRY_POINT_GROUP = "brainrecon.targets"
+ENTRY_POINT_GROUP = TARGETS.group
 
 
 def available_targets() -> list[str]:
     """Names of the target spaces (built-in and plugins), sorted."""
-    from brainrecon.decoders import _scan_plugins
-
-    _scan_plugins(_TARGETS, _TARGET_DIST, ENTRY_POINT_GROUP, _BUILTIN_TARGETS)
-    return sorted(_TARGETS)
+    return TARGETS.available()
 
 
 def get_target(name: str, **options: Any) -> TargetSpace:
     """Build the target space ``name`` (``"pixels"``, ``"ipadapter"`` or a plugin's)."""
-    from brainrecon.decoders import _import_class
-
-    if name not in _TARGETS:
-        available_targets()
-    if name not in _TARGETS:
-        raise BrainreconError(
-            f"Unknown target {name!r}. Available targets: {', '.join(map(repr, available_targets()))}."
-        )
-    cls = _import_class(name, _TARGETS[name], _TARGET_DIST.get(name), None, "target")
-    return cls(**options)
+    return TARGETS.load(name)(**options)
 
 
 __all__ = ["IdKeyedCache", "PixelTarget", "TargetSpace", "available_targets", "get_target"]

@@ -18,7 +18,8 @@ from brainrecon.data import load_dataset
 from brainrecon.decoders import get_decoder, get_decoder_class
 from brainrecon.errors import BrainreconError
 from brainrecon.io import jsonable, write_array_atomic
-from brainrecon.runs import Run, check_run_name, default_run_name, write_run
+from brainrecon.runs import Run, check_run_name, default_run_name
+from brainrecon.workflows.write import write_subject_runs
 
 Log = Callable[[str], None]
 
@@ -89,13 +90,13 @@ def fit(
         Score reconstructions with the evaluation harness when they exist.
     engine : {"local", "flower"}
         BrainGuard only: train in this process (default), or on Flower with one site
-        process per subject on loopback (:func:`brainrecon.decoders.brainguard.flower_app.fit_on_flower`).
+        process per subject on loopback (:func:`brainrecon.federation.loopback.fit_on_flower`).
 
     Returns
     -------
     list of Run
     """
-    from brainrecon.recipes import apply_recipe
+    from brainrecon.decoders import apply_recipe
 
     cls = get_decoder_class(decoder)
     params = apply_recipe(decoder, recipe, params or {})
@@ -140,7 +141,7 @@ def fit(
     if engine == "flower":
         if decoder != "brainguard":
             raise BrainreconError(f"--engine flower is for the brainguard decoder, not {decoder!r}.")
-        from brainrecon.decoders.brainguard.flower_app import fit_on_flower
+        from brainrecon.federation.loopback import fit_on_flower
 
         # Each site opens the data itself and reads only its own subject.
         source = data if data is not None else os.environ.get("BRAINRECON_DATA", "synthetic")
@@ -166,30 +167,10 @@ def fit(
     if not _is_main_process():
         # Under `accelerate launch` every process trains; one writes and scores the runs.
         return []
-    runs = []
-    reports = []
-    for s, dec in per_subject.items():
-        if s in kept:
-            run = Run.open(Path(out) / names[s])
-            log(f"kept run {run.path}: this fit wrote it before it was interrupted")
-            if evaluate and run.metrics() is None and (run.path / "reconstructions.npy").exists():
-                reports.append(evaluate_run_safely(run, log=log))
-            runs.append(Run.open(run.path))
-            continue
-        # A NeuroPictor encoder-stage decoder only calibrates the fMRI encoder: no images yet.
-        with seeded(seed):
-            pred = dec.predict(ds.test)[s] if getattr(dec, "reconstructs_images", True) else None
-        recon = make_reconstructions(dec, pred, ds, s, log=log)
-        own = _own_data(ds, s) if decoder == "brainguard" else ds  # privacy: one subject per run
-        run = write_run(out, names[s], decoder=dec, dataset=own, subject=s, predictions=pred,
-                        reconstructions=recon, overwrite=overwrite,
-                        extra={"recipe": recipe}, seed=seed)
-        log(f"wrote run {run.path}")
-        if evaluate and recon is not None:
-            reports.append(evaluate_run_safely(run, log=log))
-        runs.append(Run.open(run.path))
-    log_unavailable(reports, log)
-    return runs
+    return write_subject_runs(per_subject, ds, out=out, names=names,
+                              private=cls.private_runs,  # BrainGuard: a run holds one subject's data
+                              overwrite=overwrite, extra={"recipe": recipe}, seed=seed,
+                              evaluate=evaluate, kept=kept, log=log)
 
 
 def _fit_seed(cls, params: dict[str, Any], accepted: Sequence[str]) -> int:
@@ -233,7 +214,7 @@ def seeded(seed: int):
 def log_unavailable(reports, log: Log = _quiet) -> None:
     """Say once, in one short line, which metrics the ``reports`` could not score (and the one
     command that helps); the reasons per metric stay in each run's ``metrics.json``."""
-    from brainrecon.eval.harness import unavailable_summary
+    from brainrecon.eval.report import unavailable_summary
 
     unavailable: dict[str, str] = {}
     for report in reports:
@@ -265,14 +246,6 @@ def _written_by_this_fit(path: Path, cls, params: dict, subject: int) -> bool:
     return saved["decoder"] == cls.name and run.subject == subject and same == mine
 
 
-def _own_data(ds, subject: int):
-    """``ds`` as a run of ``subject`` records it: nothing about the other subjects."""
-    own = ds.select([subject])
-    own.spec = {k: ({kk: vv for kk, vv in v.items() if str(kk) == str(subject)} if isinstance(v, dict) else v)
-                for k, v in own.spec.items()}
-    return own
-
-
 def _is_main_process() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
@@ -300,13 +273,13 @@ def make_reconstructions(decoder, predictions: np.ndarray | None, dataset, subje
 
 
 def evaluate_run_safely(run: Run, log: Log = _quiet, **options: Any):
-    """Score a run with :func:`brainrecon.eval.evaluate_run`; metrics whose weights are missing
+    """Score a run with :func:`brainrecon.workflows.evaluate.evaluate_run`; metrics whose weights are missing
     are reported unavailable (in the run's ``metrics.json``) rather than failing the fit.
 
     Nothing is said here about them (``log`` is kept for callers): a caller scoring several
     runs says it once for all with :func:`log_unavailable`.
     """
-    from brainrecon.eval import evaluate_run
+    from brainrecon.workflows.evaluate import evaluate_run
 
     return evaluate_run(run, **options)
 

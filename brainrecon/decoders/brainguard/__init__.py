@@ -4,9 +4,11 @@
 ``federated``  clients, the server's :func:`aggregate`, the Dynamic Fusion Learner, the round
                loop and checkpoints;
 ``decoder``    :class:`BrainGuardDecoder`, the registered ``brainguard`` decoder;
-``recipes``    the named recipes ``brainguard-released`` and ``weadl``, each value cited;
-``flower_app`` the same protocol across processes and machines on Flower (optional extra
-               ``brainrecon[federated]``): ServerApp, ClientApp, and the loopback launcher.
+``recipes``    the named recipes ``brainguard-released`` and ``weadl``, each value cited.
+
+The same protocol across processes and machines on Flower (optional extra
+``brainrecon[federated]``: ServerApp, ClientApp, process supervision, the loopback launcher) is
+application work, in :mod:`brainrecon.federation`; it uses the protocol code of ``federated``.
 
 Method: Tian et al., "BrainGuard", AAAI 2025 (arXiv 2501.14309); released code
 ``kunzhan/BrainGuard``.

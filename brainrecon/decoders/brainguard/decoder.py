@@ -143,6 +143,10 @@ class BrainGuardDecoder(Decoder):
     multi_subject: ClassVar[bool] = True
     summary: ClassVar[str] = ("Per-subject MLP decoders trained by federated learning "
                               "(subject input layers stay private; shared layers fused by DFL).")
+    citation: ClassVar[str] = (
+        "BrainGuard: privacy-preserving multisubject image reconstructions from brain activities "
+        "(Tian, Quan, Ma, Zhan, Yang; AAAI 2025; doi:10.1609/aaai.v39i13.33579).")
+    private_runs: ClassVar[bool] = True
     main_params: ClassVar[tuple[str, ...]] = (
         "target", "hidden", "rounds", "local_iterations", "sync_layers", "batch_size", "lr", "seed")
     recipes: ClassVar[tuple[Recipe, ...]] = RECIPES

@@ -4,7 +4,8 @@ Modules: :mod:`.encoder` (fMRI ViT autoencoder), :mod:`.semantic` (high-level gu
 network), :mod:`.control` (feature transformation inside a ControlNet), :mod:`.model`
 (frozen SD components, assembly, parameter counts), :mod:`.train` (the stage training
 loop, ``accelerate``), :mod:`.sample` (DDIM with guidance on the semantics only),
-:mod:`.decoder` (:class:`NeuroPictorDecoder`), :mod:`.official` (the released files).
+:mod:`.decoder` (:class:`NeuroPictorDecoder`, whose ``from_official`` loads a released file),
+:mod:`.official` (the converter of the released files' tensors).
 """
 
 from brainrecon.decoders.neuropictor.decoder import NeuroPictorDecoder

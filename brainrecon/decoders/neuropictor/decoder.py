@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -243,6 +244,8 @@ class NeuroPictorDecoder(Decoder):
     predicts = "images"
     multi_subject = True
     summary = "NeuroPictor: fMRI surface maps control Stable Diffusion 2.1 (ControlNet + semantic context)"
+    citation = ("NeuroPictor: refining fMRI-to-image reconstruction via multi-individual pretraining and "
+                "multi-level modulation (Huo et al., ECCV 2024).")
     main_params = ("stage", "base_model", "init_from", "image_size", "batch_size", "steps",
                    "control_scale", "guidance_scale")
     recipes = RECIPES
@@ -990,6 +993,94 @@ class NeuroPictorDecoder(Decoder):
         view.subjects_ = [int(subject)]
         view.n_voxels_ = {int(subject): self.n_voxels_[int(subject)]}
         return view
+
+    # ------------------------------------------------------------------ published files
+    @classmethod
+    def from_official(cls, checkpoint: str | os.PathLike, *, encoder: str | os.PathLike | None = None,
+                      encoder_config: str | os.PathLike | Mapping | None = None, base_model: str | None = None,
+                      subjects: Sequence[int] | None = None, check: bool = False, seed: int = 0,
+                      params: Mapping[str, Any] | None = None, output_report: bool = False):
+        """A fitted decoder from a file released with NeuroPictor (epoch file or ``control_sd21_ini.ckpt``).
+
+        The file is converted strictly by :func:`~.official.convert_official_checkpoint`; this
+        method sets the decoder up around the converted modules. Nothing is written: ``save``
+        the decoder to keep it (``brainrecon import neuropictor`` does).
+
+        Parameters
+        ----------
+        checkpoint : path
+            An epoch file (``finetune_single_sub/sub01/epoch_015.pth``,
+            ``pretrain_multi_sub/sub_all_womask/epoch_080.pth``) or the initial
+            ``control_sd21_ini.ckpt`` (no fMRI parts: the fMRI encoder must then come from
+            ``encoder``, the guiding network and feature transformation start fresh).
+        encoder, encoder_config : path, optional
+            ``checkpoint_120000.pth`` and ``fMRI_AutoEncoder.yaml``, for files without an fMRI
+            encoder; ``encoder_config`` also gives the heads of an epoch file's encoder.
+        base_model : str, optional
+            The frozen SD 2.1-base (repo id or local diffusers folder; default the hub copy). The
+            file's UNet and VAE, converted with diffusers' ``convert_ldm_unet_checkpoint`` /
+            ``convert_ldm_vae_checkpoint``, must equal it (NeuroPictor never trains them).
+        subjects : list of int, optional
+            Subjects the model decodes (default: from a ``subNN`` folder in the path, else 1-8).
+        check : bool
+            Also compute, on one fixed input, the differences between the imported modules and
+            the file's tensors used directly (see :func:`~.official.check_import`).
+        seed : int
+            The decoder's seed; also seeds the modules that start fresh.
+        params : mapping, optional
+            Further decoder parameters (e.g. ``device``, ``num_inference_steps``); the sizes come
+            from the file. Sampling defaults to the official settings (fp16 autocast on CUDA,
+            truncation to uint8).
+        output_report : bool
+            Also return the :class:`~.official.ImportReport` (as diffusers'
+            ``output_loading_info``).
+
+        Returns
+        -------
+        decoder : NeuroPictorDecoder
+            Fitted (``save`` writes ``brainrecon.json`` + safetensors).
+        report : ImportReport
+            Only with ``output_report=True``.
+        """
+        converted = official.convert_official_checkpoint(checkpoint, encoder=encoder, encoder_config=encoder_config,
+                                                         base_model=base_model, seed=seed)
+        source, spec, base, report = converted.source, converted.spec, converted.base, converted.report
+        if subjects is None:
+            found = re.search(r"sub[_-]?0*([1-8])(?!\d)", Path(source).as_posix())
+            subjects = [int(found.group(1))] if found else list(range(1, 9))
+        decoder = cls(
+            stage="finetune" if converted.aux_active else "pretrain", subjects=[int(s) for s in subjects],
+            base_model=converted.base_model, surface_size=spec.surface_size, patch_size=spec.patch_size,
+            encoder_dim=spec.dim, encoder_depth=spec.depth, encoder_heads=spec.heads, encoder_eps=spec.eps,
+            semantic_hidden=converted.semantic_hidden,
+            image_size=converted.geometry["latent_size"] * base.vae_scale_factor, seed=seed,
+            encoder_config=None if encoder_config is None or isinstance(encoder_config, Mapping) else str(encoder_config),
+            sample_precision="fp16-autocast", pixel_rounding="truncate",
+        )
+        sizes = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads", "encoder_eps",
+                 "semantic_hidden", "image_size", "stage", "base_model", "subjects")
+        fixed = sorted(set(params or {}) & set(sizes))
+        if fixed:
+            raise official.OfficialFileError(f"{', '.join(fixed)} come(s) from the file (or --base-model / "
+                                             f"--subjects), not from params.")
+        decoder.set_params(**dict(params or {}))
+        decoder._base_cache = base
+        decoder.net_ = converted.net
+        decoder.stage_ = decoder.stage
+        decoder.aux_active_ = converted.aux_active
+        decoder.geometry_ = converted.geometry
+        decoder.empty_context_ = train_module.encode_text(base.tokenizer, base.text_encoder, [""], "cpu")[0].cpu()
+        decoder.lineage_ = [f"official:{Path(source).name}"]
+        decoder.losses_ = []
+        decoder.steps_trained_ = 0
+        decoder.training_plan_ = None
+        decoder.subjects_ = [int(s) for s in subjects]
+        decoder.n_voxels_ = {int(s): 0 for s in subjects}  # surface maps only: no voxel count to check
+        decoder.imported_ = {"file": Path(source).name, "layout": LAYOUT, "ignored": dict(report.ignored),
+                             "fresh": list(report.fresh)}
+        if check:
+            report.checks = official.check_import(decoder, converted.state)
+        return (decoder, report) if output_report else decoder
 
     # ------------------------------------------------------------------ persistence
     def _save_weights(self, directory: Path) -> dict[str, Any]:

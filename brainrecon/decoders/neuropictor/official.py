@@ -2,8 +2,13 @@
 
 Two kinds of file: the UK-Biobank fMRI encoder (:func:`load_official_encoder`) and the
 NeuroPictor models themselves, epoch files and ``control_sd21_ini.ckpt``
-(:func:`import_official_checkpoint`, :func:`import_neuropictor`; CLI ``brainrecon import
-neuropictor``).
+(:func:`convert_official_checkpoint`).
+
+This module only converts: it reads a file's tensors and maps them, strictly, onto brainrecon's
+modules, as diffusers' ``loaders/single_file_utils.py`` does. The decoder's loader method
+:meth:`NeuroPictorDecoder.from_official <brainrecon.decoders.neuropictor.decoder.NeuroPictorDecoder.from_official>`
+assembles a fitted decoder from what it returns; saving that decoder or writing runs with it
+is application work (:mod:`brainrecon.workflows.importers`, CLI ``brainrecon import neuropictor``).
 
 **The encoder.**
 The released encoder, ``ckpt/fMRI2fMRI_UKB/checkpoint_120000.pth`` with its
@@ -466,7 +471,7 @@ def _convert_strict(convert, state: dict[str, torch.Tensor], target_keys, source
 
 @dataclass
 class ImportReport:
-    """What :func:`import_official_checkpoint` found, mapped, ignored and checked."""
+    """What the import of an official file found, mapped, ignored and checked."""
 
     source: str
     counts: dict[str, int] = field(default_factory=dict)
@@ -528,11 +533,32 @@ def _max_diff(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> f
                default=0.0)
 
 
-def import_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | os.PathLike | None = None,
-                               encoder_config: str | os.PathLike | Mapping | None = None,
-                               base_model: str | None = None, subjects=None, check: bool = False,
-                               seed: int = 0, params: Mapping[str, Any] | None = None):
-    """Convert an official NeuroPictor file into a fitted :class:`NeuroPictorDecoder`.
+@dataclass
+class OfficialModel:
+    """What :func:`convert_official_checkpoint` makes of an official NeuroPictor file.
+
+    ``net`` is the assembled :class:`~brainrecon.decoders.neuropictor.model.NeuroPictorNet`
+    (fMRI encoder, guiding network, ControlNet with the feature transformation), in eval mode;
+    ``base`` the frozen components of ``base_model`` the file's UNet and VAE were checked
+    against; ``state`` the file's state dict (for :func:`check_import`).
+    """
+
+    source: str
+    state: Mapping[str, torch.Tensor]
+    net: Any
+    base: Any
+    base_model: str
+    spec: EncoderSpec
+    geometry: dict[str, Any]
+    semantic_hidden: int
+    aux_active: bool
+    report: ImportReport
+
+
+def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | os.PathLike | None = None,
+                                encoder_config: str | os.PathLike | Mapping | None = None,
+                                base_model: str | None = None, seed: int = 0) -> OfficialModel:
+    """Convert an official NeuroPictor file into brainrecon's modules, strictly.
 
     Parameters
     ----------
@@ -548,26 +574,24 @@ def import_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | 
         The frozen SD 2.1-base (repo id or local diffusers folder; default the hub copy). The
         file's UNet and VAE, converted with diffusers' ``convert_ldm_unet_checkpoint`` /
         ``convert_ldm_vae_checkpoint``, must equal it (NeuroPictor never trains them).
-    subjects : list of int, optional
-        Subjects the model decodes (default: from a ``subNN`` folder in the path, else 1-8).
-    check : bool
-        Also compute, on one fixed input, the differences between the imported modules and
-        the file's tensors used directly (see :func:`check_import`).
-    params : mapping, optional
-        Further decoder parameters (e.g. ``device``, ``num_inference_steps``); the sizes come
-        from the file. Sampling defaults to the official settings (fp16 autocast on CUDA,
-        truncation to uint8).
+    seed : int
+        Seeds the modules that start fresh (a file without them).
 
     Returns
     -------
-    decoder : NeuroPictorDecoder
-        Fitted (``save`` writes ``brainrecon.json`` + safetensors).
-    report : ImportReport
+    OfficialModel
+        The modules, their geometry and the :class:`ImportReport` (what was mapped, ignored,
+        initialised fresh, and how far the frozen parts are from ``base_model``'s).
+
+    Raises
+    ------
+    OfficialFileError
+        For a key neither mapped nor on the ignore list, a tensor a converter did not consume,
+        a missing weight, or frozen parts that differ from ``base_model``'s.
     """
     from diffusers.loaders import single_file_utils as sfu
 
-    from brainrecon.decoders.neuropictor import control, model, train
-    from brainrecon.decoders.neuropictor.decoder import LAYOUT, NeuroPictorDecoder
+    from brainrecon.decoders.neuropictor import control, model
 
     source = str(checkpoint)
     obj = torch_load_weights_only(checkpoint, "NeuroPictor checkpoint")
@@ -673,42 +697,8 @@ def import_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str | 
                            "ControlNet", source=source, ignore_prefix="controlnet_cond_embedding.")
     report.counts["controlnet"] = len(parts["controlnet"])
     net = model.NeuroPictorNet(fmri.eval(), semantic, controlnet.float()).eval()
-
-    if subjects is None:
-        found = re.search(r"sub[_-]?0*([1-8])(?!\d)", Path(source).as_posix())
-        subjects = [int(found.group(1))] if found else list(range(1, 9))
-    decoder = NeuroPictorDecoder(
-        stage="finetune" if aux_active else "pretrain", subjects=[int(s) for s in subjects],
-        base_model=base_model, surface_size=spec.surface_size, patch_size=spec.patch_size,
-        encoder_dim=spec.dim, encoder_depth=spec.depth, encoder_heads=spec.heads, encoder_eps=spec.eps,
-        semantic_hidden=hidden, image_size=size * base.vae_scale_factor, seed=seed,
-        encoder_config=None if encoder_config is None or isinstance(encoder_config, Mapping) else str(encoder_config),
-        sample_precision="fp16-autocast", pixel_rounding="truncate",
-    )
-    sizes = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads", "encoder_eps",
-             "semantic_hidden", "image_size", "stage", "base_model", "subjects")
-    fixed = sorted(set(params or {}) & set(sizes))
-    if fixed:
-        raise OfficialFileError(f"{', '.join(fixed)} come(s) from the file (or --base-model / --subjects), "
-                                f"not from params.")
-    decoder.set_params(**dict(params or {}))
-    decoder._base_cache = base
-    decoder.net_ = net
-    decoder.stage_ = decoder.stage
-    decoder.aux_active_ = aux_active
-    decoder.geometry_ = geometry
-    decoder.empty_context_ = train.encode_text(base.tokenizer, base.text_encoder, [""], "cpu")[0].cpu()
-    decoder.lineage_ = [f"official:{Path(source).name}"]
-    decoder.losses_ = []
-    decoder.steps_trained_ = 0
-    decoder.training_plan_ = None
-    decoder.subjects_ = [int(s) for s in subjects]
-    decoder.n_voxels_ = {int(s): 0 for s in subjects}  # surface maps only: no voxel count to check
-    decoder.imported_ = {"file": Path(source).name, "layout": LAYOUT, "ignored": dict(report.ignored),
-                         "fresh": list(report.fresh)}
-    if check:
-        report.checks = check_import(decoder, obj)
-    return decoder, report
+    return OfficialModel(source=source, state=obj, net=net, base=base, base_model=base_model, spec=spec,
+                         geometry=geometry, semantic_hidden=hidden, aux_active=aux_active, report=report)
 
 
 # ---------------------------------------------------------------------------- --check
@@ -806,57 +796,6 @@ def check_import(decoder, state: Mapping[str, torch.Tensor], seed: int = 0) -> d
     return out
 
 
-def import_neuropictor(checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
-                       **options) -> tuple[Path, ImportReport]:
-    """:func:`import_official_checkpoint`, then save the decoder to ``out`` (``brainrecon.json`` + safetensors).
-
-    The directory loads with :func:`brainrecon.decoders.load_decoder` and serves as
-    ``fit --init-from``. ``options`` are those of :func:`import_official_checkpoint`.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BrainreconError(f"{out} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    decoder, report = import_official_checkpoint(checkpoint, **options)
-    return decoder.save(out, overwrite=overwrite), report
-
-
-def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "runs", name: str | None = None,
-               overwrite: bool = False, evaluate: bool = False, log=None) -> list:
-    """Reconstruct the test split with an imported decoder and write one run per subject.
-
-    The runs are what ``fit`` writes (``run.json``, ``decoder/``, ``reconstructions.npy``), so
-    ``brainrecon evaluate RUN``, ``predict RUN`` and ``neuropictor-sample RUN`` take them.
-    Run names default to ``neuropictor-official-subjNN``.
-    """
-    from brainrecon.data import load_dataset
-    from brainrecon.runs import Run, write_run
-    from brainrecon.workflows import _own_data, evaluate_run_safely, log_unavailable
-
-    log = log or (lambda message: None)
-    ds = dataset if dataset is not None else load_dataset(data, subjects=decoder.subjects_)
-    subjects = [s for s in decoder.subjects_ if s in ds.subjects]
-    if not subjects:
-        raise BrainreconError(
-            f"The data has subject(s) {ds.subjects}, the imported model decodes {decoder.subjects_}; "
-            f"give data of those subjects (or --subject)."
-        )
-    runs, reports = [], []
-    for s in subjects:
-        view = decoder.for_subject(s)
-        images = view.predict(ds.test)[s]
-        run_name = name if name and len(subjects) == 1 else f"{name or 'neuropictor-official'}-subj{s:02d}"
-        run = write_run(out, run_name, decoder=view, dataset=_own_data(ds, s), subject=s, predictions=images,
-                        reconstructions=images, overwrite=overwrite,
-                        extra={"recipe": None, "imported_from": decoder.imported_.get("file")})
-        log(f"wrote run {run.path}")
-        if evaluate:
-            reports.append(evaluate_run_safely(run, log=log))
-        runs.append(Run.open(run.path))
-    log_unavailable(reports, log)
-    return runs
-
-
-__all__ = ["EncoderSpec", "ImportReport", "OfficialFileError", "autoencoder_head_from_state", "check_import",
-           "encoder_from_state",
-           "import_neuropictor", "import_official_checkpoint", "infer_encoder_spec", "load_official_encoder",
-           "read_encoder_config", "split_official_checkpoint", "torch_load_weights_only", "write_runs"]
+__all__ = ["EncoderSpec", "ImportReport", "OfficialFileError", "OfficialModel", "autoencoder_head_from_state",
+           "check_import", "convert_official_checkpoint", "encoder_from_state", "infer_encoder_spec",
+           "load_official_encoder", "read_encoder_config", "split_official_checkpoint", "torch_load_weights_only"]

@@ -1,6 +1,6 @@
 """``brainrecon federate server`` / ``brainrecon federate site``: BrainGuard across labs on Flower.
 
-Thin commands over :mod:`brainrecon.decoders.brainguard.flower_app`; importing this module
+Thin commands over :mod:`brainrecon.federation`; importing this module
 does not import Flower (it is an optional extra: ``pip install 'brainrecon[federated]'``).
 """
 
@@ -23,7 +23,7 @@ federate_app = typer.Typer(
 
 def _decoder_params(params_json: str | None, param: list[str] | None, recipe: str | None,
                     target: str | None, rounds: int | None) -> dict[str, Any]:
-    from brainrecon.recipes import apply_recipe
+    from brainrecon.decoders import apply_recipe
 
     try:
         params: dict[str, Any] = json.loads(params_json) if params_json else {}
@@ -71,7 +71,7 @@ def server(
     round_timeout: float = typer.Option(3600.0, "--round-timeout", help="Seconds to wait for the sites' replies in a round."),
 ) -> None:
     """Run the federation server: a Flower SuperLink and the BrainGuard ServerApp; stops when done."""
-    from brainrecon.decoders.brainguard.flower_app import serve
+    from brainrecon.federation.server import serve
 
     params = _decoder_params(params_json, param, recipe, target, rounds)
     path = serve(params=params, rounds=int(params.get("rounds", 600)), min_sites=sites, server_dir=server_dir,
@@ -101,7 +101,7 @@ def site(
     recipe_name: str | None = typer.Option(None, "--recipe-name", hidden=True, help="Recipe name recorded in the run."),
 ) -> None:
     """Join a federation as one subject's site (a Flower SuperNode); runs until stopped."""
-    from brainrecon.decoders.brainguard.flower_app import run_site
+    from brainrecon.federation.site import run_site
 
     code = run_site(subject=subject, data=data, server=server_address, state_dir=state_dir, out=out,
                     run_name=name, overwrite=overwrite, evaluate=evaluate, recipe=recipe_name, device=device,

@@ -1,0 +1,50 @@
+"""BrainGuard across real sites: Flower (``flwr`` >= 1.42) server and site apps, and their processes.
+
+This is the same protocol as the in-process engine
+(:func:`brainrecon.decoders.brainguard.federated.run_federation`; the protocol code — what a
+site keeps, sends and fuses — is shared, in :mod:`brainrecon.decoders.brainguard.federated`),
+split where the privacy boundary is:
+
+``records``    what crosses the wire (a site's shared tensors and its sample count) and the
+               check that refuses anything else;
+``server``     the strategy (FedAvg of the shared tensors, weighted by the sample counts), the
+               ServerApp's body, and :func:`~.server.serve` (``brainrecon federate server``);
+``site``       one subject's site: its state between rounds, the ClientApp's train handler,
+               its run after the last round, and :func:`~.site.run_site`
+               (``brainrecon federate site``);
+``app``        the ServerApp and ClientApp Flower loads (``brainrecon.federation.app:server_app``);
+``supervise``  starting and stopping the processes, finding the ones a crash left, one lock
+               per server or site directory;
+``loopback``   :func:`~.loopback.fit_on_flower`, the whole federation on one machine
+               (``brainrecon fit --engine flower``).
+
+Flower runs with its deployment runtime (a SuperLink, one SuperNode per site, real processes;
+no Ray). Telemetry is off unless ``FLWR_TELEMETRY_ENABLED`` is set by the user.
+
+Sites that drop out: the server samples every connected site each round and needs at least
+``min_sites`` of them (default: all); a round with fewer replies fails the federation
+rather than averaging a different population than the local engine would. A site that
+crashes can be restarted with the same ``--state-dir``: it resumes from its last completed
+round; a server restarted with ``--resume`` continues from its saved global model. A
+directory holds one server or site at a time (a lock), and a restarted one first stops the
+Flower processes its crashed predecessor left running (found by their ``FLWR_HOME``).
+Importing this package does not import Flower; :mod:`.app` does.
+"""
+
+from brainrecon.federation.loopback import fit_on_flower
+from brainrecon.federation.records import check_upload
+from brainrecon.federation.server import make_strategy, serve
+from brainrecon.federation.site import run_site, site_train
+from brainrecon.federation.supervise import flower_env, flower_processes, stop_flower_processes
+
+__all__ = [
+    "check_upload",
+    "fit_on_flower",
+    "flower_env",
+    "flower_processes",
+    "make_strategy",
+    "run_site",
+    "serve",
+    "site_train",
+    "stop_flower_processes",
+]

@@ -1,0 +1,293 @@
+"""The BrainGuard server on Flower: the strategy, the ServerApp's body, and ``federate server``.
+
+The server (:class:`BrainGuardFedAvg`, :func:`server_main`) sends the global shared tensors,
+receives each site's shared tensors and its sample count, refuses any upload that carries a
+subject-specific (``ridge.*``) tensor or anything else (:func:`~.records.check_upload`), and
+averages with :func:`~brainrecon.decoders.brainguard.federated.aggregate` weighted by the
+sample counts. Round 1 sends an empty record: there is no global model before the first round,
+so sites do not fuse. After every round it saves the global shared tensors and ``status.json``
+(its only state), so a server restarted with ``--resume`` continues from them.
+
+:func:`serve` is ``brainrecon federate server``: a SuperLink, then ``flwr run`` of the app
+folder :func:`write_app` writes (its components are :mod:`brainrecon.federation.app`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from brainrecon.decoders.brainguard.federated import aggregate
+from brainrecon.errors import BrainreconError
+from brainrecon.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, check_upload
+from brainrecon.federation.supervise import (
+    DirectoryLock,
+    flower_bin,
+    flower_env,
+    raise_on_sigterm,
+    require_flwr,
+    restore_sigterm,
+    start_process,
+    stop_all,
+    stop_flower_processes,
+    toml_string,
+    wait_for_port,
+)
+from brainrecon.io import jsonable, read_json, write_json_atomic
+
+SERVER_GLOBAL = "global.safetensors"
+SERVER_STATUS = "status.json"
+APP_NAME = "brainrecon-brainguard"
+#: Where the Flower app folder :func:`write_app` writes points for its ServerApp and ClientApp.
+APP_MODULE = "brainrecon.federation.app"
+
+
+def _strategy_base():
+    require_flwr()
+    from flwr.serverapp.strategy import FedAvg
+
+    return FedAvg
+
+
+def make_strategy(min_sites: int, server_dir: str | os.PathLike | None = None, offset: int = 0,
+                  rounds: int | None = None):
+    """A :class:`BrainGuardFedAvg` needing ``min_sites`` sites per round.
+
+    With ``server_dir`` it saves the global shared tensors and ``status.json`` after every
+    round (round numbers continue after ``offset`` completed ones), so ``--resume`` works.
+    """
+    return _strategy_class()(min_sites=min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
+
+
+_STRATEGY = None
+
+
+def _strategy_class():
+    global _STRATEGY
+    if _STRATEGY is not None:
+        return _STRATEGY
+    FedAvg = _strategy_base()
+    from flwr.app import ArrayRecord, MetricRecord
+
+    class BrainGuardFedAvg(FedAvg):
+        """FedAvg over the shared tensors, weighted by ``num-examples``; refuses private keys.
+
+        Every connected site trains each round (``min_sites`` of them at least); nothing is
+        evaluated centrally (the global backbone needs a site's private layer).
+        """
+
+        def __init__(self, min_sites: int = 2, server_dir=None, offset: int = 0, rounds: int | None = None):
+            super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=int(min_sites),
+                             min_available_nodes=int(min_sites), weighted_by_key=NUM_EXAMPLES)
+            self.min_sites = int(min_sites)
+            self.server_dir = None if server_dir is None else Path(server_dir)
+            self.offset, self.rounds = int(offset), rounds
+            self.round_ends: list[float] = []  # time.monotonic() after each round's average
+
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            failed = [m for m in replies if m.has_error()]
+            valid = [m for m in replies if not m.has_error()]
+            if len(valid) < self.min_sites:
+                reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+                raise BrainreconError(
+                    f"Round {server_round}: {len(valid)} of the required {self.min_sites} sites "
+                    f"replied{f' ({reasons})' if reasons else ''}."
+                )
+            states, counts = [], []
+            for m in valid:
+                site = f"node {m.metadata.src_node_id}"
+                content = m.content
+                unexpected = sorted(set(content.keys()) - {ARRAYS, METRICS})
+                if unexpected:
+                    raise BrainreconError(
+                        f"Upload from {site} carries record(s) {unexpected}; only '{ARRAYS}' and "
+                        f"'{METRICS}' may leave a site. The upload was refused."
+                    )
+                arrays, metrics = content.array_records[ARRAYS], content.metric_records[METRICS]
+                check_upload(arrays.keys(), metrics.keys(), site=site)
+                states.append({k: v.clone() for k, v in arrays.to_torch_state_dict().items()})
+                counts.append(int(metrics[NUM_EXAMPLES]))
+            global_state = aggregate(states, counts, device="cpu")
+            self.round_ends.append(time.monotonic())
+            if self.server_dir is not None:
+                save_global(self.server_dir, global_state, rounds_completed=self.offset + int(server_round),
+                            rounds=self.rounds, round_ends=self.round_ends)
+            return (ArrayRecord.from_torch_state_dict(global_state),
+                    MetricRecord({NUM_EXAMPLES: int(sum(counts)), "sites": len(counts)}))
+
+    _STRATEGY = BrainGuardFedAvg
+    return _STRATEGY
+
+
+def save_global(server_dir: Path, global_state: Mapping[str, torch.Tensor], *, rounds_completed: int,
+                rounds: int | None, round_ends: Sequence[float] = (), finished: bool = False) -> None:
+    """The server's only state: the global shared tensors and how many rounds made them."""
+    tmp = server_dir / f".{SERVER_GLOBAL}.partial"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in global_state.items()}, str(tmp))
+    os.replace(tmp, server_dir / SERVER_GLOBAL)
+    write_json_atomic(server_dir / SERVER_STATUS, {"rounds_completed": int(rounds_completed), "rounds": rounds,
+                                                   "finished": finished})
+
+
+def server_main(grid, context) -> None:
+    """The ServerApp's body: run the rounds, save the global model after the last one."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    cfg = context.run_config
+    rounds, min_sites = int(cfg["num-rounds"]), int(cfg["min-sites"])
+    server_dir = Path(str(cfg["server-dir"]))
+    server_dir.mkdir(parents=True, exist_ok=True)
+    offset, initial = 0, ArrayRecord()
+    status_path = server_dir / SERVER_STATUS
+    if bool(cfg.get("resume", False)) and status_path.is_file():
+        status = read_json(status_path)
+        offset = int(status["rounds_completed"])
+        initial = ArrayRecord.from_torch_state_dict(load_file(str(server_dir / SERVER_GLOBAL)))
+    strategy = make_strategy(min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
+    train_config = ConfigRecord({"num-rounds": rounds, "round-offset": offset, "sites": min_sites})
+    started = time.monotonic()
+    if offset < rounds:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - offset,
+                       train_config=train_config, timeout=float(cfg.get("round-timeout", 3600)))
+    ends = [started, *strategy.round_ends]
+    write_json_atomic(status_path, {"rounds_completed": rounds, "rounds": rounds, "finished": True,
+                                    "round_seconds": [b - a for a, b in itertools.pairwise(ends)]})
+
+
+def write_app(directory: Path) -> Path:
+    """A minimal Flower app folder whose ServerApp and ClientApp are those of :data:`APP_MODULE`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "{APP_NAME}"
+version = "1.0.0"
+description = "BrainGuard federated decoders (brainrecon)"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "brainrecon"
+
+[tool.flwr.app.components]
+serverapp = "{APP_MODULE}:server_app"
+clientapp = "{APP_MODULE}:client_app"
+
+[tool.flwr.app.config]
+num-rounds = 1
+min-sites = 1
+params = "{{}}"
+server-dir = ""
+resume = false
+round-timeout = 3600.0
+""", encoding="utf-8")
+    (directory / "README.md").write_text("BrainGuard on Flower, generated by `brainrecon federate server`.\n",
+                                         encoding="utf-8")
+    return directory
+
+
+def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir: str | os.PathLike,
+          host: str = "0.0.0.0", port: int = 9092, resume: bool = False, insecure: bool = True,
+          ssl_certfile: str | None = None, ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None,
+          enable_supernode_auth: bool = False, round_timeout: float = 3600.0,
+          ready: Any = None, log=print) -> Path:
+    """``brainrecon federate server``: a SuperLink, then the BrainGuard run on it; stops both.
+
+    Returns the server directory (``global.safetensors``: the last global shared tensors;
+    ``status.json``). Nothing else is kept on the server.
+    """
+    server_dir = Path(server_dir).resolve()
+    server_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = server_dir / "flwr-home"
+    env = flower_env(flwr_home=flwr_home)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    tls = ""
+    if insecure:
+        tls = "insecure = true"
+    elif ssl_ca_certfile:
+        tls = f"root-certificates = {toml_string(ssl_ca_certfile)}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "brainrecon"\n\n[superlink.brainrecon]\naddress = "{connect}:{port}"\n{tls}\n',
+        encoding="utf-8")
+    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+            "--disable-runtime-dependency-installation", "--database", str(server_dir / "superlink.db")]
+    if insecure:
+        args.append("--insecure")
+    for flag, value in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile),
+                        ("--ssl-ca-certfile", ssl_ca_certfile)):
+        if value:
+            args += [flag, str(value)]
+    if enable_supernode_auth:
+        args.append("--enable-supernode-auth")
+    app = write_app(server_dir / "app")
+    run_config = server_dir / "run-config.toml"
+    run_config.write_text(
+        f"num-rounds = {int(rounds)}\nmin-sites = {int(min_sites)}\n"
+        f"params = {toml_string(json.dumps(jsonable(dict(params))))}\n"
+        f"server-dir = {toml_string(server_dir)}\nresume = {'true' if resume else 'false'}\n"
+        f"round-timeout = {float(round_timeout)}\n", encoding="utf-8")
+    status = server_dir / SERVER_STATUS
+    lock = DirectoryLock(server_dir, "brainrecon federate server")
+    previous = raise_on_sigterm()
+    superlink = None
+    try:
+        leftovers = stop_flower_processes(flwr_home)
+        if leftovers:
+            # A server of this directory that crashed left its detached SuperExec or ServerApp
+            # running; they would reconnect to the new SuperLink and write into this directory.
+            log(f"stopped {len(leftovers)} Flower process(es) an earlier server left running: pids {leftovers}")
+        if status.exists() and not resume:
+            status.unlink()
+        superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
+        wait_for_port(connect, port, 60, superlink)
+        if ready is not None:
+            ready()
+        log(f"SuperLink listening on {host}:{port}; waiting for {min_sites} site(s)")
+        run_log = server_dir / "run.log"
+        run = start_process([flower_bin("flwr"), "run", str(app), "brainrecon", "--stream",
+                             "--run-config", str(run_config)], env=env, log=run_log, new_group=False,
+                            cwd=server_dir, append=False)
+        try:
+            returncode = run.wait()
+        finally:
+            stop_all([run])
+        done = read_json(status) if status.is_file() else {}
+        if returncode != 0 or not done.get("finished"):
+            tail = "\n".join(run_log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+            raise BrainreconError(
+                f"The federated run did not finish (flwr run exit code {returncode}; "
+                f"{done.get('rounds_completed', 0)} of {rounds} rounds). Last lines:\n{tail}"
+            )
+    finally:
+        if superlink is not None:
+            stop_all([superlink])
+        stop_flower_processes(flwr_home)
+        restore_sigterm(previous)
+        lock.release()
+    return server_dir
+
+
+__all__ = [
+    "APP_MODULE",
+    "SERVER_GLOBAL",
+    "SERVER_STATUS",
+    "make_strategy",
+    "save_global",
+    "serve",
+    "server_main",
+    "write_app",
+]
