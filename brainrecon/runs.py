@@ -316,12 +316,36 @@ def provenance(decoder=None, seed: int | None = None) -> dict[str, Any]:
     return {
         "versions": versions,
         "git_commit": commit,
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv else [],
+        "command": _redacted([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else [],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "seed": seed if seed is not None else params.get("seed"),
         "device": params.get("device"),
     }
+
+
+_SECRET_FLAGS = ("token", "secret", "password")
+
+
+def _redacted(argv: list[str]) -> list[str]:
+    """The command line with the values of secret options (``--token`` and the like) replaced,
+    so a run never records a credential (a Flower ClientApp process is started with one)."""
+    out, hide = [], False
+    for arg in argv:
+        if hide:
+            out.append("<redacted>")
+            hide = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag.startswith("-") and any(word in flag.lower() for word in _SECRET_FLAGS):
+            if eq:
+                out.append(f"{flag}=<redacted>")
+            else:
+                out.append(arg)
+                hide = True
+            continue
+        out.append(arg)
+    return out
 
 
 def list_runs(root: str | os.PathLike) -> list[Run]:

@@ -78,7 +78,8 @@ def _site_context(tmp_path: Path, subject: int) -> Context:
                 "run_name": None, "evaluate": False}
     (state / "site.json").write_text(json.dumps(settings))
     return Context(run_id=1, node_id=7, node_config={"site-file": str(state / "site.json")},
-                   state=RecordDict(), run_config={"params": json.dumps({**PARAMS, "target": "pixels"})})
+                   state=RecordDict(), run_config={"params": json.dumps({**PARAMS, "target": "pixels"}),
+                                                   "recipe": "weadl"})
 
 
 def _walk(value, keys: set, numbers: list):
@@ -131,7 +132,7 @@ def test_site_upload_is_shared_tensors_and_sample_count(tmp_path, task_identity,
     arrays, metrics = reply.content.array_records["arrays"], reply.content.metric_records["metrics"]
     shared = BrainGuardNet(5, 16, 2, 8, 24, 0.0).shared_names()
     assert list(arrays.keys()) == shared and not any(k.startswith("ridge.") for k in arrays)
-    assert dict(metrics) == {"num-examples": 60}
+    assert dict(metrics) == {"num-examples": 60, "subject": 2}
     # The site's state stayed on its disk: model (ridge included), optimiser, RNG, flags.
     state = load_file(str(tmp_path / "site-2" / site.SITE_STATE.format(1)))
     assert "model.ridge.weight" in state and "rng.shuffle" in state
@@ -142,11 +143,12 @@ def test_site_upload_is_shared_tensors_and_sample_count(tmp_path, task_identity,
     # another site's), trains, uploads again and writes the site's own run.
     shifted = ArrayRecord.from_torch_state_dict({k: v + 0.01 for k, v in arrays.to_torch_state_dict().items()})
     reply2 = site.site_train(_instruction(shifted, 2), context)
-    assert dict(reply2.content.metric_records["metrics"]) == {"num-examples": 60}
+    assert dict(reply2.content.metric_records["metrics"]) == {"num-examples": 60, "subject": 2}
     meta = json.loads((tmp_path / "site-2" / site.SITE_META.format(2)).read_text())
     assert meta["rounds_completed"] == 2 and meta["client"]["dfl_start_phase"] is False
     run = tmp_path / "runs" / "brainguard-subj02-pixels"
     assert Run.open(run).info["engine"] == "flower"
+    assert Run.open(run).info["recipe"] == "weadl"  # the server's recipe reaches the site's run
     assert_run_is_private(run, 2, 1, workflows.load_dataset(DATA, subjects=[1]).n_voxels(1))
     # A server restarted before averaging round 2 asks for it again: the site redoes it from its
     # state after round 1 and sends the same upload (it keeps the last two states).
@@ -176,6 +178,10 @@ def test_server_refuses_private_keys_and_extra_metrics(task_identity):
         strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "loss": 0.5}), _reply(ok, {"num-examples": 5})])
     with pytest.raises(BrainreconError, match="1 of the required 2 sites replied"):
         strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3})])
+    # One site per subject: a second site of subject 1 is refused, naming both nodes.
+    with pytest.raises(BrainreconError, match=r"nodes 7 and 7 are both sites of subject 1; .* one site per subject"):
+        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "subject": 1}),
+                                     _reply(ok, {"num-examples": 3, "subject": 1})])
     # The accepted case is brainrecon's own weighted average (n_s / sum n).
     arrays, metrics = strategy.aggregate_train(1, [_reply({"head.weight": torch.full((2, 2), 1.0)}, {"num-examples": 1}),
                                                    _reply({"head.weight": torch.full((2, 2), 4.0)}, {"num-examples": 3})])
@@ -285,13 +291,17 @@ def test_interrupt_stops_every_process(tmp_path, monkeypatch, allow_loopback):
         time.sleep(seconds)
 
     monkeypatch.setattr(loopback, "_pause", pause)
+    temporary = tmp_path / "brainrecon-flower-tmp"
+    monkeypatch.setattr(loopback.tempfile, "mkdtemp", lambda prefix: str(temporary.mkdir() or temporary))
     with pytest.raises(KeyboardInterrupt):
         loopback.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
-                               names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=120,
+                               names={1: "a", 2: "b"}, timeout=120,
                                log=lambda message: sites_started.append(message))
     assert len(started) == 3
     _assert_all_gone(started)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    # The sites' states (private input layers) and the server's database are not left behind.
+    assert not temporary.exists()
 
 
 def test_a_failing_site_fails_the_federation_and_stops_every_process(tmp_path, monkeypatch, allow_loopback):
@@ -306,12 +316,15 @@ def test_a_failing_site_fails_the_federation_and_stops_every_process(tmp_path, m
         return real_start(args, **kwargs)
 
     monkeypatch.setattr(loopback, "start_process", start)
-    with pytest.raises(BrainreconError, match="federation failed"):
+    # The site checks its data before it connects: one line at the site, nothing in the server's log.
+    with pytest.raises(BrainreconError, match=r"Site 2 stopped \(exit code 1\): .*Data not found"):
         loopback.fit_on_flower({**PARAMS, "target": "pixels"}, data=DATA, subjects=[1, 2], out=tmp_path / "runs",
                                names={1: "a", 2: "b"}, state_dir=tmp_path / "state", timeout=300,
                                log=lambda message: None)
     _assert_all_gone(started)
-    assert "Data not found" in (tmp_path / "state" / "server" / "run.log").read_text()
+    assert "Traceback" not in (tmp_path / "state" / "site-2.log").read_text()
+    assert "no-such-data" not in "".join(p.read_text(errors="replace")
+                                         for p in (tmp_path / "state" / "server").rglob("*.log"))
     assert not (tmp_path / "runs").exists()
 
 

@@ -55,7 +55,7 @@ def _decoder_params(params_json: str | None, param: list[str] | None, recipe: st
 def server(
     rounds: int | None = typer.Option(None, "--rounds", help="Federated rounds (default: the recipe's, else 600)."),
     sites: int = typer.Option(2, "--sites", help="Sites that must take part in every round."),
-    host: str = typer.Option("0.0.0.0", "--host", help="Address the SuperLink listens on."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the sites connect to (0.0.0.0: all interfaces). Other than loopback it needs TLS and --enable-supernode-auth, or --insecure."),
     port: int = typer.Option(9092, "--port", help="SuperLink port (sites connect to HOST:PORT)."),
     server_dir: Path = typer.Option(Path("brainguard-server"), "--server-dir", help="Where the server keeps the global shared tensors and its logs."),
     target: str | None = typer.Option(None, "--target", "-t", help="pixels | ipadapter."),
@@ -63,11 +63,12 @@ def server(
     param: list[str] | None = typer.Option(None, "--param", "-p", help="Any BrainGuard parameter as key=value (JSON values)."),
     params_json: str | None = typer.Option(None, "--params", help="All parameters as one JSON object."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the global model saved in --server-dir."),
-    insecure: bool = typer.Option(True, "--insecure/--tls", help="Plain connections (loopback, trusted networks) or TLS."),
-    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="TLS certificate (with --tls)."),
-    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="TLS private key (with --tls)."),
-    ssl_ca_certfile: Path | None = typer.Option(None, "--ssl-ca-certfile", help="TLS CA certificate (with --tls)."),
-    supernode_auth: bool = typer.Option(False, "--enable-supernode-auth", help="Only admit registered sites (Flower SuperNode authentication)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain connections on a non-loopback --host: anyone who reaches it can join the federation and read the global model. For trusted test networks only."),
+    ssl_certfile: Path | None = typer.Option(None, "--ssl-certfile", help="TLS certificate of the server."),
+    ssl_keyfile: Path | None = typer.Option(None, "--ssl-keyfile", help="TLS private key of the server."),
+    ssl_ca_certfile: Path | None = typer.Option(None, "--ssl-ca-certfile", help="CA certificate that signed --ssl-certfile (the sites get it too)."),
+    supernode_auth: bool = typer.Option(False, "--enable-supernode-auth", help="Only admit registered sites (Flower SuperNode authentication; needs TLS)."),
+    site_public_key: list[Path] | None = typer.Option(None, "--site-public-key", help="A site's public key (OpenSSH ECDSA) to admit under --enable-supernode-auth; once per site."),
     round_timeout: float = typer.Option(3600.0, "--round-timeout", help="Seconds to wait for the sites' replies in a round."),
 ) -> None:
     """Run the federation server: a Flower SuperLink and the BrainGuard ServerApp; stops when done."""
@@ -79,7 +80,8 @@ def server(
                  ssl_certfile=str(ssl_certfile) if ssl_certfile else None,
                  ssl_keyfile=str(ssl_keyfile) if ssl_keyfile else None,
                  ssl_ca_certfile=str(ssl_ca_certfile) if ssl_ca_certfile else None,
-                 enable_supernode_auth=supernode_auth, round_timeout=round_timeout, log=typer.echo)
+                 enable_supernode_auth=supernode_auth, site_public_keys=[str(k) for k in site_public_key or []],
+                 round_timeout=round_timeout, recipe=recipe, log=typer.echo)
     typer.echo(f"federation finished; global shared tensors in {path / 'global.safetensors'}")
 
 
@@ -95,8 +97,8 @@ def site(
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score the site's reconstructions."),
     device: str | None = typer.Option(None, "--device", help="This site's device: auto | cpu | cuda | cuda:N."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for this site's training."),
-    insecure: bool = typer.Option(True, "--insecure/--tls", help="Plain connection or TLS to the server."),
-    root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA certificate to verify the server (with --tls)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain connection to a server that is not on loopback: whoever answers there receives this site's shared tensors. For trusted test networks only."),
+    root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA certificate that verifies the server (TLS)."),
     auth_private_key: Path | None = typer.Option(None, "--auth-private-key", help="This site's private key when the server uses --enable-supernode-auth."),
     recipe_name: str | None = typer.Option(None, "--recipe-name", hidden=True, help="Recipe name recorded in the run."),
 ) -> None:

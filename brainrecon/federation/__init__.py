@@ -13,6 +13,8 @@ split where the privacy boundary is:
                its run after the last round, and :func:`~.site.run_site`
                (``brainrecon federate site``);
 ``app``        the ServerApp and ClientApp Flower loads (``brainrecon.federation.app:server_app``);
+``link``       Flower's SuperLink with its Control and Runtime APIs answering loopback only;
+``node``       Flower's SuperNode refusing every app but brainrecon's BrainGuard app (by content hash);
 ``supervise``  starting and stopping the processes, finding the ones a crash left, one lock
                per server or site directory;
 ``loopback``   :func:`~.loopback.fit_on_flower`, the whole federation on one machine
@@ -21,11 +23,14 @@ split where the privacy boundary is:
 Flower runs with its deployment runtime (a SuperLink, one SuperNode per site, real processes;
 no Ray). Telemetry is off unless ``FLWR_TELEMETRY_ENABLED`` is set by the user.
 
-Sites that drop out: the server samples every connected site each round and needs at least
-``min_sites`` of them (default: all); a round with fewer replies fails the federation
-rather than averaging a different population than the local engine would. A site that
-crashes can be restarted with the same ``--state-dir``: it resumes from its last completed
-round; a server restarted with ``--resume`` continues from its saved global model. A
+Closed by default: nothing listens or connects beyond loopback without TLS and SuperNode
+authentication (or an explicit ``--insecure``). Sites that drop out: the server samples every
+connected site each round and needs ``min_sites`` of them, one per subject; a round with fewer
+replies is redone (from the last global model) once the site is back, for up to
+``--round-timeout``, and then fails the federation rather than averaging a different
+population than the local engine would. A site that crashes is restarted alone with the same
+``--state-dir``: it resumes from its last completed round; a server restarted with
+``--resume`` continues from its saved global model. A
 directory holds one server or site at a time (a lock), and a restarted one first stops the
 Flower processes its crashed predecessor left running (found by their ``FLWR_HOME``).
 Importing this package does not import Flower; :mod:`.app` does.

@@ -44,7 +44,9 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
                   log=print) -> list[Path]:
     """Run a BrainGuard federation on loopback: ``federate server`` and one ``federate site``
     per subject as child processes; every one is stopped (by process id) on success,
-    failure or Ctrl-C. Returns the run directories the sites wrote.
+    failure or Ctrl-C. Their states and logs go to ``state_dir`` (kept, and said where) or
+    to a temporary directory that is removed in every case. Returns the run directories the
+    sites wrote.
     """
     require_flwr()
     subjects = [int(s) for s in subjects]
@@ -84,8 +86,10 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
         deadline = time.monotonic() + timeout
         while server.poll() is None:
             for p, s in zip(processes[1:], subjects):
-                if p.poll() is not None:
-                    raise BrainreconError(f"Site {s} stopped (exit code {p.returncode}); see {root / f'site-{s}.log'}.")
+                if p.poll() not in (None, 0):  # 0: the site saw the federation end
+                    lines = (root / f"site-{s}.log").read_text(errors="replace").strip().splitlines()
+                    raise BrainreconError(f"Site {s} stopped (exit code {p.returncode}): "
+                                          f"{lines[-1] if lines else 'no output'}")
             if time.monotonic() > deadline:
                 raise BrainreconError(f"The federation did not finish within {timeout:.0f} s.")
             _pause(0.5)
@@ -97,13 +101,17 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
         # Anything a server or site killed after its grace period could not stop itself.
         for home in [root / "server", *(root / f"site-{s}" for s in subjects)]:
             stop_flower_processes(home / "flwr-home")
+        if keep_state:
+            log(f"server and site states and logs kept in {root}")
+        else:
+            # The sites' states hold each subject's private input layer: never left behind,
+            # also not after a failure or Ctrl-C (--checkpoint-dir keeps them).
+            shutil.rmtree(root, ignore_errors=True)
         restore_sigterm(previous)
     paths = [Path(out) / names[s] for s in subjects]
     missing = [str(p) for p in paths if not p.is_dir()]
     if missing:
-        raise BrainreconError(f"The federation finished but site run(s) {missing} are missing; see {root}.")
-    if not keep_state:
-        shutil.rmtree(root, ignore_errors=True)
+        raise BrainreconError(f"The federation finished but site run(s) {missing} are missing.")
     return paths
 
 

@@ -1,7 +1,7 @@
 """What crosses the wire between a site and the server, and the check that nothing else does.
 
 A site's reply holds two records: ``arrays`` (its shared tensors, never a subject-specific
-``ridge.*`` one) and ``metrics`` (only its sample count, ``num-examples``); the server's
+``ridge.*`` one) and ``metrics`` (only its sample count, ``num-examples``, and its subject number, ``subject``); the server's
 instruction holds the global shared tensors and a ``config`` record.
 """
 
@@ -14,6 +14,8 @@ from brainrecon.errors import BrainreconError
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
 NUM_EXAMPLES = "num-examples"
+#: The site's subject number: the server admits one site per subject.
+SUBJECT = "subject"
 
 
 def check_upload(arrays: Iterable[str], metrics: Iterable[str], *, site: str = "a site") -> None:
@@ -30,7 +32,7 @@ def check_upload(arrays: Iterable[str], metrics: Iterable[str], *, site: str = "
             f"Upload from {site} contains subject-specific tensor(s) {private}; the input layer "
             f"must stay at its site (retention tier). The upload was refused."
         )
-    extra = sorted(set(metrics) - {NUM_EXAMPLES})
+    extra = sorted(set(metrics) - {NUM_EXAMPLES, SUBJECT})
     if extra:
         raise BrainreconError(
             f"Upload from {site} carries metric(s) {extra}; a site sends only its shared tensors "
@@ -38,4 +40,4 @@ def check_upload(arrays: Iterable[str], metrics: Iterable[str], *, site: str = "
         )
 
 
-__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "check_upload"]
+__all__ = ["ARRAYS", "CONFIG", "METRICS", "NUM_EXAMPLES", "SUBJECT", "check_upload"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,13 +29,14 @@ from safetensors.torch import load_file, save_file
 
 from brainrecon.decoders.brainguard.federated import aggregate
 from brainrecon.errors import BrainreconError
-from brainrecon.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, check_upload
+from brainrecon.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, SUBJECT, check_upload
 from brainrecon.federation.supervise import (
     DirectoryLock,
     flower_bin,
     flower_env,
     raise_on_sigterm,
     require_flwr,
+    owner_only,
     restore_sigterm,
     start_process,
     stop_all,
@@ -48,6 +51,10 @@ SERVER_STATUS = "status.json"
 APP_NAME = "brainrecon-brainguard"
 #: Where the Flower app folder :func:`write_app` writes points for its ServerApp and ClientApp.
 APP_MODULE = "brainrecon.federation.app"
+
+
+class TooFewReplies(BrainreconError):
+    """A round in which fewer sites than required replied (one dropped out, or is restarting)."""
 
 
 def _strategy_base():
@@ -98,11 +105,20 @@ def _strategy_class():
             valid = [m for m in replies if not m.has_error()]
             if len(valid) < self.min_sites:
                 reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
-                raise BrainreconError(
+                raise TooFewReplies(
                     f"Round {server_round}: {len(valid)} of the required {self.min_sites} sites "
                     f"replied{f' ({reasons})' if reasons else ''}."
                 )
-            states, counts = [], []
+            states, counts, subjects = [], [], {}
+            for m in valid:
+                metrics = m.content.metric_records.get(METRICS)
+                subject = None if metrics is None or SUBJECT not in metrics else int(metrics[SUBJECT])
+                if subject is not None and subject in subjects:
+                    raise BrainreconError(
+                        f"Round {server_round}: nodes {subjects[subject]} and {m.metadata.src_node_id} are both "
+                        f"sites of subject {subject}; a federation has one site per subject. The second was "
+                        f"refused: stop it and start the missing subject's site.")
+                subjects[subject] = m.metadata.src_node_id
             for m in valid:
                 site = f"node {m.metadata.src_node_id}"
                 content = m.content
@@ -148,31 +164,57 @@ def server_main(grid, context) -> None:
     server_dir.mkdir(parents=True, exist_ok=True)
     offset, initial = 0, ArrayRecord()
     status_path = server_dir / SERVER_STATUS
-    if bool(cfg.get("resume", False)) and status_path.is_file():
+    round_timeout = float(cfg.get("round-timeout", 3600))
+
+    def saved():
         status = read_json(status_path)
-        offset = int(status["rounds_completed"])
-        initial = ArrayRecord.from_torch_state_dict(load_file(str(server_dir / SERVER_GLOBAL)))
-    strategy = make_strategy(min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
-    train_config = ConfigRecord({"num-rounds": rounds, "round-offset": offset, "sites": min_sites})
+        return int(status["rounds_completed"]), ArrayRecord.from_torch_state_dict(
+            load_file(str(server_dir / SERVER_GLOBAL)))
+
+    if bool(cfg.get("resume", False)) and status_path.is_file():
+        offset, initial = saved()
     started = time.monotonic()
-    if offset < rounds:
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - offset,
-                       train_config=train_config, timeout=float(cfg.get("round-timeout", 3600)))
-    ends = [started, *strategy.round_ends]
+    round_ends: list[float] = []
+    waiting_since = None
+    while offset < rounds:
+        strategy = make_strategy(min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
+        train_config = ConfigRecord({"num-rounds": rounds, "round-offset": offset, "sites": min_sites})
+        try:
+            strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - offset,
+                           train_config=train_config, timeout=round_timeout)
+            round_ends += strategy.round_ends
+            break
+        except TooFewReplies as exc:
+            # A site dropped out (killed, restarting with its --state-dir): redo the round from
+            # the last global model with the sites connected then, for up to --round-timeout.
+            # A site that already did the round redoes it from its saved state: same upload.
+            round_ends += strategy.round_ends
+            done = int(read_json(status_path)["rounds_completed"]) if status_path.is_file() else 0
+            if done > offset or waiting_since is None:
+                waiting_since = time.monotonic()
+            if time.monotonic() - waiting_since > round_timeout:
+                raise
+            print(f"{exc} Waiting up to {round_timeout:.0f} s for the site(s) to come back.", flush=True)
+            time.sleep(5.0)
+            if status_path.is_file() and done > 0:
+                offset, initial = saved()
+    ends = [started, *round_ends]
     write_json_atomic(status_path, {"rounds_completed": rounds, "rounds": rounds, "finished": True,
                                     "round_seconds": [b - a for a, b in itertools.pairwise(ends)]})
 
 
-def write_app(directory: Path) -> Path:
-    """A minimal Flower app folder whose ServerApp and ClientApp are those of :data:`APP_MODULE`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(f"""[build-system]
+APP_VERSION = "1.0.0"
+
+
+def app_files() -> dict[str, bytes]:
+    """The files of the Flower app the server ships (and the only app a site runs)."""
+    pyproject = f"""[build-system]
 requires = ["hatchling"]
 build-backend = "hatchling.build"
 
 [project]
 name = "{APP_NAME}"
-version = "1.0.0"
+version = "{APP_VERSION}"
 description = "BrainGuard federated decoders (brainrecon)"
 dependencies = []
 
@@ -193,44 +235,89 @@ params = "{{}}"
 server-dir = ""
 resume = false
 round-timeout = 3600.0
-""", encoding="utf-8")
-    (directory / "README.md").write_text("BrainGuard on Flower, generated by `brainrecon federate server`.\n",
-                                         encoding="utf-8")
+recipe = ""
+"""
+    return {"pyproject.toml": pyproject.encode("utf-8"),
+            "README.md": b"BrainGuard on Flower, generated by `brainrecon federate server`.\n"}
+
+
+def write_app(directory: Path) -> Path:
+    """A minimal Flower app folder whose ServerApp and ClientApp are those of :data:`APP_MODULE`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in app_files().items():
+        (directory / name).write_bytes(content)
     return directory
 
 
+def server_transport(host: str, *, insecure: bool = False, ssl_certfile: str | None = None,
+                     ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None,
+                     enable_supernode_auth: bool = False, log=print) -> str:
+    """``"tls"`` or ``"plain"``: closed by default.
+
+    A server on loopback may run without credentials. Any other address needs TLS (all three
+    certificate files) and SuperNode authentication, or an explicit ``insecure=True`` (a
+    warning names the risk). Raises :class:`BrainreconError` otherwise.
+    """
+    from brainrecon.federation.link import is_loopback
+
+    files = [ssl_certfile, ssl_keyfile, ssl_ca_certfile]
+    if any(files) and not all(files):
+        raise BrainreconError("TLS needs all three of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile.")
+    if insecure:
+        if not is_loopback(host):
+            log(f"WARNING: --insecure: the server on {host} accepts any site that reaches it, without "
+                f"encryption or authentication; anyone on this network can join the federation, read the "
+                f"global model and send it updates. Use TLS and --enable-supernode-auth across machines.")
+        return "plain"
+    if all(files):
+        if not is_loopback(host) and not enable_supernode_auth:
+            raise BrainreconError(
+                f"--host {host} is reachable from other machines: add --enable-supernode-auth and register "
+                f"each site's public key (--site-public-key), or pass --insecure to accept the risk.")
+        return "tls"
+    if not is_loopback(host):
+        raise BrainreconError(
+            f"--host {host} is reachable from other machines and no credentials were given: pass "
+            f"--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile and --enable-supernode-auth (see README, "
+            f"'Two machines'), or --insecure to accept the risk; without them the server listens on 127.0.0.1 only.")
+    if enable_supernode_auth:
+        raise BrainreconError("--enable-supernode-auth needs TLS (--ssl-certfile, --ssl-keyfile, --ssl-ca-certfile).")
+    return "plain"
+
+
+@owner_only
 def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir: str | os.PathLike,
-          host: str = "0.0.0.0", port: int = 9092, resume: bool = False, insecure: bool = True,
+          host: str = "127.0.0.1", port: int = 9092, resume: bool = False, insecure: bool = False,
           ssl_certfile: str | None = None, ssl_keyfile: str | None = None, ssl_ca_certfile: str | None = None,
-          enable_supernode_auth: bool = False, round_timeout: float = 3600.0,
-          ready: Any = None, log=print) -> Path:
+          enable_supernode_auth: bool = False, site_public_keys: Sequence[str | os.PathLike] = (),
+          round_timeout: float = 3600.0, recipe: str | None = None, ready: Any = None, log=print) -> Path:
     """``brainrecon federate server``: a SuperLink, then the BrainGuard run on it; stops both.
 
     Returns the server directory (``global.safetensors``: the last global shared tensors;
     ``status.json``). Nothing else is kept on the server.
     """
+    tls = server_transport(host, insecure=insecure, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                           ssl_ca_certfile=ssl_ca_certfile, enable_supernode_auth=enable_supernode_auth, log=log)
+    plain = tls == "plain"
     server_dir = Path(server_dir).resolve()
     server_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = server_dir / "flwr-home"
     env = flower_env(flwr_home=flwr_home)
     flwr_home.mkdir(parents=True, exist_ok=True)
     connect = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    tls = ""
-    if insecure:
-        tls = "insecure = true"
-    elif ssl_ca_certfile:
-        tls = f"root-certificates = {toml_string(ssl_ca_certfile)}"
+    tls = "insecure = true" if plain else f"root-certificates = {toml_string(ssl_ca_certfile)}"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "brainrecon"\n\n[superlink.brainrecon]\naddress = "{connect}:{port}"\n{tls}\n',
         encoding="utf-8")
-    args = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
+    # Flower's SuperLink with its Control and Runtime APIs answering loopback only.
+    args = [sys.executable, "-m", "brainrecon.federation.link", "--host", host, "--port", str(port),
             "--disable-runtime-dependency-installation", "--database", str(server_dir / "superlink.db")]
-    if insecure:
+    if plain:
         args.append("--insecure")
-    for flag, value in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile),
-                        ("--ssl-ca-certfile", ssl_ca_certfile)):
-        if value:
-            args += [flag, str(value)]
+    else:
+        for flag, value in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile),
+                            ("--ssl-ca-certfile", ssl_ca_certfile)):
+            args += [flag, str(Path(value).resolve())]
     if enable_supernode_auth:
         args.append("--enable-supernode-auth")
     app = write_app(server_dir / "app")
@@ -239,7 +326,7 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         f"num-rounds = {int(rounds)}\nmin-sites = {int(min_sites)}\n"
         f"params = {toml_string(json.dumps(jsonable(dict(params))))}\n"
         f"server-dir = {toml_string(server_dir)}\nresume = {'true' if resume else 'false'}\n"
-        f"round-timeout = {float(round_timeout)}\n", encoding="utf-8")
+        f"round-timeout = {float(round_timeout)}\nrecipe = {toml_string(recipe or '')}\n", encoding="utf-8")
     status = server_dir / SERVER_STATUS
     lock = DirectoryLock(server_dir, "brainrecon federate server")
     previous = raise_on_sigterm()
@@ -254,6 +341,13 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
             status.unlink()
         superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
         wait_for_port(connect, port, 60, superlink)
+        for key in site_public_keys:
+            # Only registered sites may join under --enable-supernode-auth (Flower's Control API,
+            # reached on loopback).
+            reg = subprocess.run([flower_bin("flwr"), "supernode", "register", str(Path(key).resolve()), "brainrecon"],
+                                 env=env, cwd=server_dir, capture_output=True, text=True, timeout=120)
+            if reg.returncode != 0:
+                raise BrainreconError(f"Could not register site key {key}: {(reg.stdout + reg.stderr).strip()[-500:]}")
         if ready is not None:
             ready()
         log(f"SuperLink listening on {host}:{port}; waiting for {min_sites} site(s)")
@@ -278,6 +372,11 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         stop_flower_processes(flwr_home)
         restore_sigterm(previous)
         lock.release()
+    # The SuperLink's database still holds the sites' last uploads (as deleted rows): once the
+    # federation has finished nothing but the global shared tensors is kept. (After a failure
+    # it stays, for --resume, readable by its owner only.)
+    for leftover in server_dir.glob("superlink.db*"):
+        leftover.unlink()
     return server_dir
 
 
@@ -285,9 +384,11 @@ __all__ = [
     "APP_MODULE",
     "SERVER_GLOBAL",
     "SERVER_STATUS",
+    "TooFewReplies",
     "make_strategy",
     "save_global",
     "serve",
+    "server_transport",
     "server_main",
     "write_app",
 ]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from safetensors.torch import load_file, save_file
 
 from brainrecon.decoders.brainguard.federated import site_round
 from brainrecon.errors import BrainreconError
-from brainrecon.federation.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES
+from brainrecon.federation.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SUBJECT
 from brainrecon.federation.supervise import (
     DirectoryLock,
-    flower_bin,
     flower_env,
     free_port,
     raise_on_sigterm,
+    require_flwr,
+    owner_only,
     restore_sigterm,
     stop_all,
     stop_flower_processes,
@@ -42,6 +45,7 @@ from brainrecon.io import jsonable, read_json, write_json_atomic
 
 SITE_STATE = "state-{:05d}.safetensors"  # the site's state after that many rounds
 SITE_META = "state-{:05d}.json"
+SITE_FINISHED = "finished.json"  # the run the site wrote after the last round
 
 
 def site_config(context) -> dict[str, Any]:
@@ -172,19 +176,87 @@ def site_train(msg, context):
     received = msg.content.array_records[ARRAYS]
     global_state = None if len(received) == 0 else {
         k: v.clone() for k, v in received.to_torch_state_dict().items()}
+    # The recipe the server used reaches the site's run (a site's own --recipe-name wins).
+    settings["recipe"] = settings.get("recipe") or str(context.run_config.get("recipe", "")) or None
     site = Site(settings, params)
     redo = round_number in site.saved_rounds()
     upload, n_samples = site.round(round_number, global_state)
     if round_number == rounds:
-        site.write_run(int(config.get("sites", 1)), replace=redo)
+        path = site.write_run(int(config.get("sites", 1)), replace=redo)
+        # Tells `federate site` (the SuperNode's parent) that this site is done.
+        write_json_atomic(site.state_dir / SITE_FINISHED, {"run": str(path), "rounds": rounds})
     content = RecordDict({ARRAYS: ArrayRecord.from_torch_state_dict(upload),
-                          METRICS: MetricRecord({NUM_EXAMPLES: int(n_samples)})})
+                          METRICS: MetricRecord({NUM_EXAMPLES: int(n_samples), SUBJECT: site.subject})})
     return Message(content=content, reply_to=msg)
 
 
+def site_transport(server: str, *, insecure: bool = False, root_certificates: str | None = None,
+                   auth_private_key: str | None = None) -> bool:
+    """True for a plain connection. Closed by default: a server that is not on loopback needs
+    TLS (``root_certificates``) and a SuperNode key (``auth_private_key``), or ``insecure``."""
+    from brainrecon.federation.link import is_loopback
+
+    host, sep, port = server.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise BrainreconError(f"--server must be HOST:PORT, got {server!r}.")
+    if insecure:
+        if not is_loopback(host):
+            print(f"WARNING: --insecure: this site talks to {host} without encryption or authentication; "
+                  f"whoever answers there (or listens on the way) receives its shared tensors.", file=sys.stderr)
+        return True
+    if root_certificates:
+        if not is_loopback(host) and not auth_private_key:
+            raise BrainreconError(f"--server {server} is another machine: give this site's --auth-private-key "
+                                  f"(its public key registered at the server), or --insecure to accept the risk.")
+        return False
+    if not is_loopback(host):
+        raise BrainreconError(
+            f"--server {server} is another machine and no credentials were given: pass --root-certificates "
+            f"and --auth-private-key (see README, 'Two machines'), or --insecure to accept the risk.")
+    if auth_private_key:
+        raise BrainreconError("--auth-private-key needs TLS: give --root-certificates too.")
+    return True
+
+
+def check_site_input(subject: int, data: str, state_dir: Path) -> None:
+    """Refuse, in one line and before connecting, a subject the data lacks, data that cannot be
+    read, or a state directory that holds another subject's site."""
+    from brainrecon.data import load_dataset
+
+    previous = state_dir / "site.json"
+    if previous.is_file():
+        try:
+            before = int(read_json(previous)["subject"])
+        except Exception:
+            before = None
+        if before is not None and before != subject:
+            raise BrainreconError(f"--state-dir {state_dir} holds the site of subject {before}, not {subject}; "
+                                  f"give subject {subject} its own --state-dir.")
+    try:
+        dataset = load_dataset(data, subjects=[subject])
+        dataset.n_voxels(subject)
+    except BrainreconError as exc:
+        raise BrainreconError(f"This site cannot use --data {data!r} for subject {subject}: {exc}") from None
+    except (OSError, KeyError, ValueError) as exc:
+        raise BrainreconError(f"This site cannot use --data {data!r} for subject {subject}: "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether something accepts connections on ``host:port``."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
+@owner_only
 def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLike, out: str | os.PathLike,
              run_name: str | None = None, overwrite: bool = False, evaluate: bool = True, recipe: str | None = None,
-             device: str | None = None, threads: int | None = None, insecure: bool = True,
+             device: str | None = None, threads: int | None = None, insecure: bool = False,
              root_certificates: str | None = None, auth_private_key: str | None = None,
              port: int | None = None) -> int:
     """``brainrecon federate site``: a SuperNode for one subject's site; runs until stopped.
@@ -193,7 +265,10 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
     ``state_dir/site.json`` and named to the SuperNode by its ``site-file`` node config.
     Returns the SuperNode's exit code.
     """
+    plain = site_transport(server, insecure=insecure, root_certificates=root_certificates,
+                           auth_private_key=auth_private_key)
     state_dir = Path(state_dir).resolve()
+    check_site_input(int(subject), str(data), state_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     lock = DirectoryLock(state_dir, f"brainrecon federate site (subject {int(subject)})")
     settings = {"subject": int(subject), "data": str(data), "state_dir": str(state_dir),
@@ -202,22 +277,38 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
     write_json_atomic(state_dir / "site.json", settings)
     flwr_home = state_dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    args = [flower_bin("flower-supernode"), "--superlink", server,
+    # Flower's SuperNode, refusing every app but brainrecon's (brainrecon.federation.node).
+    require_flwr()
+    args = [sys.executable, "-m", "brainrecon.federation.node", "--superlink", server,
             "--port", str(port or free_port()),
             "--node-config", f"site-file={toml_string(state_dir / 'site.json')}"]
-    if insecure:
+    if plain:
         args.append("--insecure")
-    if root_certificates:
-        args += ["--root-certificates", str(root_certificates)]
+    else:
+        args += ["--root-certificates", str(Path(root_certificates).resolve())]
     if auth_private_key:
-        args += ["--auth-supernode-private-key", str(auth_private_key)]
+        args += ["--auth-supernode-private-key", str(Path(auth_private_key).resolve())]
+    finished = state_dir / SITE_FINISHED
+    finished.unlink(missing_ok=True)
+    host, _, server_port = server.rpartition(":")
     previous = raise_on_sigterm()
     process = None
     try:
         stop_flower_processes(flwr_home)  # what a crashed SuperNode of this site left running
         process = subprocess.Popen(args, env=flower_env(flwr_home=flwr_home))
         process.own_group = False
-        return process.wait()
+        gone = 0
+        while process.poll() is None:
+            time.sleep(1.0)
+            if not finished.is_file():
+                continue
+            # The last round is done and its reply on its way; the federation has ended when
+            # the server stops answering (it stops once it has every site's last reply).
+            gone = 0 if _answers(host.strip("[]"), int(server_port)) else gone + 1
+            if gone >= 3:
+                print(f"federation finished; this site wrote its run to {read_json(finished)['run']}", flush=True)
+                return 0
+        return process.returncode
     finally:
         if process is not None:
             stop_all([process])
@@ -226,4 +317,5 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
         lock.release()
 
 
-__all__ = ["SITE_META", "SITE_STATE", "Site", "run_site", "site_config", "site_train"]
+__all__ = ["SITE_FINISHED", "SITE_META", "SITE_STATE", "Site", "check_site_input", "run_site", "site_config", "site_train",
+           "site_transport"]

@@ -211,6 +211,22 @@ def toml_string(value: str) -> str:
     return json.dumps(str(value))  # a JSON string literal is a valid TOML basic string
 
 
+def owner_only(func):
+    """Run ``func`` with umask 077: every file it and the processes it starts write (states,
+    logs, Flower's database) is readable by its owner only."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        previous = os.umask(0o077)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            os.umask(previous)
+
+    return wrapper
+
+
 def raise_on_sigterm():
     """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks stop our children."""
     if not _main_thread():
@@ -240,6 +256,7 @@ __all__ = [
     "flower_env",
     "flower_processes",
     "free_port",
+    "owner_only",
     "raise_on_sigterm",
     "require_flwr",
     "restore_sigterm",
