@@ -32,6 +32,6 @@ def resolve_device(device=None):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DataError(
             f"device={str(device)!r} was requested but no CUDA device is visible to torch; "
-            f"use device 'cpu' or 'auto' (CLI: --device cpu)."
+            f"use device='cpu' or device='auto'.", parameters=("device",)
         )
     return dev

@@ -6,7 +6,9 @@ anything else is a bug and shows its traceback.
 Library messages speak of function parameters (``pass overwrite=True``), never of command-line
 flags: an error names the parameters it refers to in ``parameters``, and the CLI adds the
 flag that sets each one (``--overwrite``), so the same error reads right from Python and from
-the shell.
+the shell. Warnings do the same through :class:`BrainreconWarning`. A whole command the user is
+told to run is quoted in backticks (`` `brainrecon prepare-nsd --subject N --out DIR` ``) and
+may keep its flags: it names another command, not an option of the one that ran.
 """
 
 from __future__ import annotations
@@ -36,5 +38,18 @@ class WeightsNotFoundError(BrainreconError, FileNotFoundError):
     """Model weights are not present locally and cannot be downloaded."""
 
 
-class DamagedCacheWarning(UserWarning):
+class BrainreconWarning(UserWarning):
+    """A warning for the user; like :class:`BrainreconError`, it lists in ``parameters`` the
+    function parameters its message refers to (the CLI adds the flag of each).
+
+    Warn with an instance to give them: ``warnings.warn(BrainreconWarning(message,
+    parameters=("resume",)), stacklevel=2)``.
+    """
+
+    def __init__(self, *args, parameters: tuple[str, ...] | list[str] = ()):
+        super().__init__(*args)
+        self.parameters = tuple(parameters)
+
+
+class DamagedCacheWarning(BrainreconWarning):
     """A cache was found damaged (truncated or inconsistent files) and is being recomputed."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from brainrecon import __version__
-from brainrecon.errors import BrainreconError
+from brainrecon.errors import BrainreconError, BrainreconWarning
 from brainrecon.io import (
     atomic_directory,
     jsonable,
@@ -180,7 +180,7 @@ class Run:
         if "data" not in self.info:
             raise BrainreconError(
                 f"{self.path / RUN_FILE} is missing field 'data' (where the run's data is); "
-                f"pass the data explicitly (--data), or {_REFIT}."
+                f"pass the data's location as source, or {_REFIT}.", parameters=("source",)
             )
         return dataset_from_spec(self.info["data"])
 
@@ -245,7 +245,8 @@ def write_run(
     path = Path(out_dir) / name
     if path.exists() and not overwrite:
         raise BrainreconError(
-            f"Run directory {path} already exists; choose another --name or pass --overwrite to replace it."
+            f"Run directory {path} already exists; choose another name or pass overwrite=True to replace it.",
+            parameters=("name", "overwrite")
         )
     subject = int(subject)
     test_ids = dataset.test.ids(subject)
@@ -367,7 +368,8 @@ def list_runs(root: str | os.PathLike) -> list[Run]:
             run.test_ids()
             run.metrics()
         except BrainreconError as exc:
-            warnings.warn(f"skipping broken run {p.name}: {exc}", BrokenRunWarning, stacklevel=2)
+            warnings.warn(BrokenRunWarning(f"skipping broken run {p.name}: {exc}", parameters=exc.parameters),
+                          stacklevel=2)
             continue
         runs.append(run)
     return runs
@@ -388,5 +390,5 @@ def expand_runs(paths) -> list[Path]:
     return out
 
 
-class BrokenRunWarning(UserWarning):
+class BrokenRunWarning(BrainreconWarning):
     """A run folder that cannot be read was left out of a collection."""

@@ -119,7 +119,8 @@ def test_nan_voxels_error_and_zero_policy(tmp_path):
     result = runner.invoke(app, ["fit", "--decoder", "ridge", "--data", str(path), "--out", str(tmp_path / "r"),
                                  "--param", "target_options={\"size\": 4}", "--no-evaluate"])
     assert result.exit_code == 1
-    assert "1 voxel values are NaN or infinite" in result.output and "--nan-policy zero" in result.output
+    assert "1 voxel values are NaN or infinite" in result.output and "nan_policy='zero'" in result.output
+    assert "(command line: --nan-policy)" in result.output
     ok = runner.invoke(app, ["fit", "--decoder", "ridge", "--data", str(path), "--out", str(tmp_path / "r"),
                              "--nan-policy", "zero", "--param", "target_options={\"size\": 4}", "--no-evaluate"])
     assert ok.exit_code == 0, ok.output

@@ -74,7 +74,7 @@ def test_nan_policy(small_data):
     X[3, 7] = np.nan
     X[4, 1] = np.inf
     ds = from_arrays({1: {"train_voxels": X, "test_voxels": small_data.test.voxels(1)}})
-    with pytest.raises(DataError, match=r"Subject 1 \(train split\): 2 voxel values are NaN or infinite.*--nan-policy zero"):
+    with pytest.raises(DataError, match=r"Subject 1 \(train split\): 2 voxel values are NaN or infinite.*nan_policy='zero'"):
         ds.train.voxels(1)
     fixed = ds.train.voxels(1, nan_policy="zero")
     assert fixed[3, 7] == 0 and fixed[4, 1] == 0
@@ -99,7 +99,7 @@ def test_precedence_explicit_env_default(tmp_path, monkeypatch):
     monkeypatch.setenv("BRAINRECON_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(DataError, match=r"Places tried, in order: \$BRAINRECON_DATA: .*nowhere"):
         load_dataset()
-    with pytest.raises(DataError, match=r"explicit argument / --data: .*missing"):
+    with pytest.raises(DataError, match=r"explicit argument: .*missing"):
         load_dataset(tmp_path / "missing")
     monkeypatch.delenv("BRAINRECON_DATA")
     assert load_dataset(n_train=20, n_test=4, image_size=32, surface_size=16).spec["kind"] == "synthetic"

@@ -69,7 +69,7 @@ def test_params_and_repr():
     assert repr(d) == "MeanDecoder(shrink=0.5)"
     d.set_params(shrink=2.0)
     assert d.shrink == 2.0
-    with pytest.raises(BrainreconError, match="Unknown parameter 'x'"):
+    with pytest.raises(BrainreconError, match=r"Unknown parameter\(s\) 'x'"):
         d.set_params(x=1)
 
 
@@ -116,3 +116,49 @@ def test_not_fitted_and_wrong_subject(small_data):
 
 def test_registry_lists_the_three_decoders():
     assert {"ridge", "brainguard", "neuropictor"} <= set(available())
+
+
+class MultiMeanDecoder(MeanDecoder):
+    """The same double, declared multi-subject (parameter ``subjects``)."""
+
+    name = "multi-mean-test"
+    multi_subject = True
+
+    def __init__(self, *, subjects=None, target="pixels", shrink=1.0):
+        self.subjects = subjects
+        self.target = target
+        self.shrink = shrink
+
+
+def test_one_parameter_check_for_set_params_get_decoder_and_fit(small_data):
+    """set_params, get_decoder, for_subjects and the fit workflow refuse an unknown parameter
+    with the same error (Decoder.check_params), listing the valid ones."""
+    from brainrecon import workflows
+
+    expected = r"Unknown parameter\(s\) 'alpha' for decoder 'mean-test'. Valid parameters: 'subject', 'target', 'shrink'\."
+    MeanDecoder.check_params({"shrink": 2.0, "subject": 1})  # valid: nothing raised
+    attempts = (lambda: MeanDecoder().set_params(alpha=3), lambda: get_decoder("mean-test", alpha=3),
+                lambda: MeanDecoder.for_subjects([1], alpha=3),
+                lambda: workflows.fit("mean-test", dataset=small_data, params={"alpha": 3}, evaluate=False))
+    for attempt in attempts:
+        with pytest.raises(BrainreconError, match=expected):
+            attempt()
+
+
+def test_for_subjects_uses_the_keyword_the_class_declares():
+    single = MeanDecoder.for_subjects([2], shrink=0.5)
+    assert single.get_params() == {"subject": 2, "target": "pixels", "shrink": 0.5}
+    multi = MultiMeanDecoder.for_subjects((1, 5), shrink=0.5)
+    assert multi.get_params() == {"subjects": [1, 5], "target": "pixels", "shrink": 0.5}
+    with pytest.raises(BrainreconError, match=r"'mean-test' is fitted on one subject at a time, got subjects \[1, 2\]"):
+        MeanDecoder.for_subjects([1, 2])
+    with pytest.raises(BrainreconError, match="Parameter 'subject' is set from the subjects to fit") as caught:
+        MeanDecoder.for_subjects([1], subject=2)
+    assert caught.value.parameters == ("subjects",)
+
+
+def test_device_defaults_to_auto_for_every_built_in_decoder():
+    from brainrecon.decoders import get_decoder_class
+
+    for name in ("ridge", "brainguard", "neuropictor"):
+        assert get_decoder_class(name).default_params()["device"] == "auto", name

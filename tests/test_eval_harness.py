@@ -472,6 +472,21 @@ def test_evaluate_run_writes_metrics_and_grid(small_data, tmp_path):
     assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_evaluate_run_takes_the_shared_arguments_in_evaluates_order(small_data, tmp_path):
+    import inspect
+
+    def positional(f):
+        return [(p.name, p.default) for p in inspect.signature(f).parameters.values()
+                if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    assert positional(evaluate_run)[1:] == positional(evaluate)[2:] == [
+        ("metrics", None), ("variant", "mindeye"), ("device", "auto")]
+    gt = small_data.test.images(1)[:4]
+    path = write_fake_run(tmp_path, "r", small_data, 1, gt, small_data.test.ids(1)[:4])
+    report = evaluate_run(path, ["PixCorr"], "braindiffuser", "cpu", cache_dir=False, progress=False)
+    assert list(report) == ["PixCorr"] and report.variant == "braindiffuser"
+
+
 def test_evaluate_run_errors(small_data, tmp_path):
     ids = small_data.test.ids(1)
     path = write_fake_run(tmp_path, "norecs", small_data, 1, None, ids)
@@ -521,7 +536,7 @@ def test_cuda_gives_the_cpu_scores():
 def test_unavailable_cuda_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     gt, rec = images(16, n=2, size=16)
-    with pytest.raises(DataError, match="no CUDA device is visible.*--device cpu"):
+    with pytest.raises(DataError, match="no CUDA device is visible.*device='cpu'"):
         run_eval(gt, rec, metrics=["PixCorr"], device="cuda")
     with pytest.raises(DataError, match="Unknown device 'gpu0'"):
         run_eval(gt, rec, metrics=["PixCorr"], device="gpu0")

@@ -468,6 +468,6 @@ def test_a_leftover_partial_with_other_options_is_named(world, tmp_path):
     prepare_nsd(root, 1, out, sessions=1, captions=root / CAPTIONS, ncsnr_threshold=0.0, progress=False)
     (out / PARTIAL).mkdir()
     (out / PARTIAL / "state.json").write_text("{")
-    with pytest.raises(BrainreconError, match=r"Subject 1 is already prepared.*--overwrite.*"
+    with pytest.raises(BrainreconError, match=r"Subject 1 is already prepared.*overwrite=True.*"
                                               r"prepare-nsd-subj01\.partial of an unfinished earlier run.*delete it"):
         prepare_nsd(root, 1, out, sessions=1, progress=False)

@@ -192,7 +192,7 @@ def test_missing_base_model_offline(tiny_weights, tmp_path, monkeypatch):
         gen.generate(tokens(1), progress=False)
     msg = str(info.value)
     assert "'stable-diffusion-v1-5/stable-diffusion-v1-5'" in msg and "downloads are disabled" in msg
-    assert "--base-model DIR" in msg
+    assert "pass DIR as base_model" in msg and info.value.parameters == ("base_model",)
     empty = tmp_path / "empty-sd"
     empty.mkdir()
     with pytest.raises(WeightsNotFoundError, match="Cannot load the Stable Diffusion base model from"):

@@ -482,7 +482,8 @@ def test_missing_local_weights_name_files_and_places(tmp_path, small_data):
     msg = str(info.value)
     assert "ip-adapter-plus_sd15.safetensors" in msg and "ip-adapter-plus_sd15.bin" in msg
     assert str(tmp_path / "empty" / "models" / "ip-adapter-plus_sd15.safetensors") in msg
-    assert "--ipadapter-dir" in msg and "huggingface-cli download h94/IP-Adapter" in msg
+    assert "as ipadapter_dir" in msg and "huggingface-cli download h94/IP-Adapter" in msg
+    assert info.value.parameters == ("ipadapter_dir",)
 
 
 def test_missing_encoder_is_reported(tiny_weights, tmp_path):

@@ -153,6 +153,25 @@ def test_every_stage_trains_saves_and_loads(sd_dir, data, tmp_path):
     assert not any(k.startswith("controlnet_cond_embedding.") for k in controlnet_keys)
 
 
+def test_device_defaults_to_auto_and_a_saved_null_device_loads_as_before(sd_dir, data, tmp_path, monkeypatch):
+    """Before, device defaulted to None (meaning "auto"); a decoder saved so loads and predicts alike."""
+    import json
+
+    from brainrecon.devices import resolve_device
+
+    assert NeuroPictorDecoder().device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "auto" is the CPU it was fitted on
+    fitted = make(sd_dir, stage="pretrain", subjects=[1], steps=1).fit(data.train)
+    fitted.save(tmp_path / "d")
+    config_path = tmp_path / "d" / "brainrecon.json"
+    config = json.loads(config_path.read_text())
+    config["params"]["device"] = None
+    config_path.write_text(json.dumps(config))
+    old = load_decoder(tmp_path / "d")
+    assert old.device is None and old._device() == resolve_device("auto") == torch.device("cpu")
+    np.testing.assert_array_equal(old.predict(data.test)[1], fitted.predict(data.test)[1])
+
+
 def test_cfg_stage_needs_a_trained_model(sd_dir, data):
     with pytest.raises(BrainreconError, match="init_from"):
         make(sd_dir, stage="cfg", steps=1).fit(data.train)

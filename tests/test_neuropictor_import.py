@@ -198,7 +198,7 @@ def test_decoders_saved_before_the_eps_fix_keep_their_eps(tmp_path):
     old = load_decoder(tmp_path / "old")
     assert old.encoder_eps == 1e-6
     assert all(m.eps == 1e-6 for m in old.net_.fmri_encoder.modules() if isinstance(m, torch.nn.LayerNorm))
-    with pytest.raises(BrainreconError, match=r"eps 1e-06.*--param encoder_eps=1e-06"):
+    with pytest.raises(BrainreconError, match=r"eps 1e-06.*Pass encoder_eps=1e-06"):
         NeuroPictorDecoder(**{**TINY, "stage": "finetune", "steps": 1,
                               "init_from": str(tmp_path / "old")}).fit(ds.train)
     NeuroPictorDecoder(**{**TINY, "stage": "finetune", "steps": 1, "encoder_eps": 1e-6,
@@ -402,7 +402,7 @@ def test_import_is_strict(released_like, sd_dir, tmp_path):
     torch.save({k: (v + 1 if k == "model.diffusion_model.out.2.bias" else v) for k, v in state.items()}, other_unet)
     with pytest.raises(OfficialFileError, match=r"unet of .* differs from base_model=.* by up to 1"):
         _import(other_unet, sd_dir)
-    with pytest.raises(OfficialFileError, match="holds its own .*fMRI encoder.*Drop --encoder"):
+    with pytest.raises(OfficialFileError, match="holds its own .*fMRI encoder.*Leave encoder out"):
         _import(released_like[1], sd_dir, encoder=tmp_path / "e.pth")
 
 
@@ -412,7 +412,7 @@ def test_the_initial_controlnet_file_takes_the_released_encoder(released_like, s
                if not k.startswith(("fmri_encoder.", "cond_stage.", "control_model.fmri_mapper."))}
     path = tmp_path / "control_sd21_ini.ckpt"
     torch.save(initial, path)
-    with pytest.raises(OfficialFileError, match="no fMRI encoder.*--encoder checkpoint_120000.pth"):
+    with pytest.raises(OfficialFileError, match="no fMRI encoder.*encoder=checkpoint_120000.pth"):
         _import(path, sd_dir)
     vit = reference_vit()
     enc = official_encoder_file(tmp_path / "checkpoint_120000.pth", vit)

@@ -175,7 +175,7 @@ def test_resolve_sessions_defaults_and_limits():
     assert resolve_sessions(4, None, 982) == (30, "37-or-fewer", 982)
     assert resolve_sessions(3, "all", None) == (32, "all", 1000)
     assert resolve_sessions(7, "12", 1000) == (12, "12", 1000)
-    with pytest.raises(DataError, match=r"Subject 4 has 30 NSD sessions.*--sessions 31"):
+    with pytest.raises(DataError, match=r"Subject 4 has 30 NSD sessions.*sessions=31"):
         resolve_sessions(4, 31, None)
     with pytest.raises(DataError, match=r"Unknown test set 900; valid: 982 .* or 1000"):
         resolve_sessions(1, None, 900)
@@ -250,12 +250,12 @@ def test_brain_diffuser_format_names_shapes_values(release, prepared, tmp_path):
     assert not (out / "brainrecon-data.json").exists()
     ds = load_dataset(out)  # detected as Brain-Diffuser's layout by the foundation loader
     np.testing.assert_array_equal(ds.test.voxels(1), ref["test_voxels"])
-    with pytest.raises(DataError, match="--zscore session is only available with --format brainrecon"):
+    with pytest.raises(DataError, match="zscore='session' is only available with format='brainrecon'"):
         _prepare(release, tmp_path / "bdz", format="brain-diffuser", zscore="session")
     # Neither format silently replaces the other's files.
-    with pytest.raises(DataError, match=r"subj01 already exists; pass --overwrite to replace it"):
+    with pytest.raises(DataError, match=r"subj01 already exists; pass overwrite=True to replace it"):
         _prepare(release, out)
-    with pytest.raises(DataError, match=r"processed_data/subj01 already exists; pass --overwrite"):
+    with pytest.raises(DataError, match=r"processed_data/subj01 already exists; pass overwrite=True"):
         _prepare(release, out, format="brain-diffuser")
 
 
@@ -283,7 +283,7 @@ def test_second_subject_same_options(release, tmp_path):
     np.testing.assert_array_equal(ds.train.voxels(2), ref2["train_voxels"])
     # The shared test images are the same ids for both subjects.
     np.testing.assert_array_equal(np.sort(ds.test.ids(1)), np.sort(ds.test.ids(2)))
-    with pytest.raises(DataError, match="Subject 1 is already prepared in .*pass --overwrite"):
+    with pytest.raises(DataError, match="Subject 1 is already prepared in .*pass overwrite=True"):
         _prepare(release, out, subject=1, sessions=2)
     _prepare(release, out, subject=1, sessions=2, overwrite=True)
     assert json.loads((out / "brainrecon-data.json").read_text())["subjects"] == [1, 2]
@@ -368,7 +368,7 @@ def test_error_missing_session_file(release, tmp_path):
 
 
 def test_error_subject_without_that_session(release, tmp_path):
-    with pytest.raises(DataError, match=r"Subject 4 has 30 NSD sessions \(1-30\); --sessions 31 .* does not have"):
+    with pytest.raises(DataError, match=r"Subject 4 has 30 NSD sessions \(1-30\); sessions=31 .* does not have"):
         prepare_nsd(release["root"], 4, tmp_path / "o", sessions=31, progress=False)
 
 
@@ -483,7 +483,7 @@ def test_ncsnr_threshold_keeps_the_voxels_above_it(release, prepared, tmp_path):
     manifest = json.loads((out / "brainrecon-data.json").read_text())
     assert manifest["source"]["ncsnr_threshold"] == 0.4
     assert load_dataset(out).fingerprint(1) != load_dataset(full_dir).fingerprint(1)
-    with pytest.raises(DataError, match="choose a lower --ncsnr-threshold"):
+    with pytest.raises(DataError, match="choose a lower ncsnr_threshold"):
         _prepare(release, tmp_path / "none", ncsnr_threshold=5.0)
     (root / "nsddata_betas/ppdata/subj01/func1pt8mm/betas_fithrf_GLMdenoise_RR/ncsnr.nii.gz").unlink()
     with pytest.raises(DataError, match="ncsnr map not found"):

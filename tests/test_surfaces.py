@@ -194,7 +194,7 @@ def test_join_per_sample_maps_by_id(tmp_path):
     manifest = json.loads((out / "brainrecon-data.json").read_text())
     assert manifest["surfaces"]["1"]["duplicates"] == "neuropictor"
     assert manifest["surfaces"]["1"]["missing"] == {"train": 0, "test": 0}
-    with pytest.raises(DataError, match="already has surface maps; pass --overwrite"):
+    with pytest.raises(DataError, match="already has surface maps; pass overwrite=True"):
         prepare_surfaces(src, 1, out, progress=False)
     prepare_surfaces(src, 1, out, duplicates="mean", overwrite=True, progress=False)
     np.testing.assert_allclose(load_dataset(out).train.surfaces(1)[:, 5, 5], [7, (1 + 3 + 6) / 3, (2 + 5) / 2, 10])
@@ -205,7 +205,7 @@ def test_join_missing_maps(tmp_path):
     src = write_per_sample(tmp_path / "NSD")
     out = write_brainrecon(tmp_path / "data", 1, [11, 5, 42, 43], [3, 9])
     with pytest.raises(DataError, match=r"2 of 4 train images of subject 1 have no surface map .*first ids: \[42, 43\].*"
-                                        r"--sessions 37 --test-set 982.*--missing zero"):
+                                        r"--sessions 37 --test-set 982.*missing='zero'"):
         prepare_surfaces(src, 1, out, progress=False)
     assert not (out / "subj01" / "train_surfaces.npy").exists()
     prepare_surfaces(src, 1, out, missing="zero", progress=False)
@@ -235,7 +235,7 @@ def test_join_full_brain_h5_with_vc_crop(tmp_path):
     np.testing.assert_allclose(ds.train.surfaces(1), crop(maps[[5, 4]]), rtol=1e-6)
     np.testing.assert_allclose(ds.test.surfaces(1)[0], crop(maps[7]), rtol=1e-6)
     (root / "vc_roi.npz").unlink()
-    with pytest.raises(DataError, match=r"01_norm\.h5 need the visual-cortex mask vc_roi\.npz.*--vc-roi"):
+    with pytest.raises(DataError, match=r"01_norm\.h5 need the visual-cortex mask vc_roi\.npz.*as vc_roi"):
         open_surfaces(root, 1)
 
 
@@ -278,7 +278,7 @@ def test_surfaces_only_without_vc_mask_uses_nonzero_pixels(tmp_path):
     root = write_per_sample(tmp_path / "NSD")
     np.save(tmp_path / "test_ids.npy", np.array([3]))
     out = tmp_path / "d"
-    with pytest.raises(DataError, match=r"the test images must be named: pass --test-ids FILE"):
+    with pytest.raises(DataError, match=r"the test images must be named: pass test_ids"):
         prepare_surfaces(root, 1, out, progress=False)
     prepare_surfaces(root, 1, out, test_ids=tmp_path / "test_ids.npy", progress=False)
     ds = load_dataset(out)

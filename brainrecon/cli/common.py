@@ -66,10 +66,11 @@ class _Group(TyperGroup):
         from brainrecon.runs import BrokenRunWarning
 
         def _show(message, category, *args, **kwargs):
+            text = str(message) + _flags_note(self, ctx, getattr(message, "parameters", ()))
             if issubclass(category, (BrokenRunWarning, DamagedCacheWarning)):
-                err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True)
+                err_console.print(f"[yellow]warning:[/yellow] {escape(text)}", soft_wrap=True)
             else:
-                _default_showwarning(message, category, *args, **kwargs)
+                _default_showwarning(text, category, *args, **kwargs)
 
         _default_showwarning = warnings.showwarning
         warnings.showwarning = _show
@@ -78,10 +79,7 @@ class _Group(TyperGroup):
         except BrainreconError as exc:
             if os.environ.get("BRAINRECON_DEBUG"):
                 raise
-            message = str(exc)
-            flags = [f for f in (_flag_of(self, ctx, name) for name in getattr(exc, "parameters", ())) if f]
-            if flags:
-                message += f" (command line: {', '.join(flags)})"
+            message = str(exc) + _flags_note(self, ctx, getattr(exc, "parameters", ()))
             err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
             raise typer.Exit(1) from None
         except ImportError as exc:
@@ -96,12 +94,27 @@ class _Group(TyperGroup):
             warnings.showwarning = _default_showwarning
 
 
+#: Library parameters the command line spells differently: the data's location is ``source`` in
+#: ``load_dataset`` and ``Run.dataset``, ``data_source`` in ``evaluate_run``; an HDF5 images
+#: file's dataset is ``key`` in ``embed_images_file``.
+_OPTION_OF_PARAMETER = {"source": "data", "data_source": "data", "key": "images_key"}
+
+
+def _flags_note(group, ctx, parameters) -> str:
+    """`` (command line: --flag, ...)`` for the library parameters an error or warning names."""
+    flags = list(dict.fromkeys(f for f in (_flag_of(group, ctx, name) for name in parameters) if f))
+    return f" (command line: {', '.join(flags)})" if flags else ""
+
+
 def _flag_of(group, ctx, parameter: str) -> str | None:
-    """The command-line flag that sets library parameter ``parameter``: looked up in the command
-    that ran first, then in every command (a decoder's own option counts, e.g. ``--init-from``)."""
+    """The command-line flag that sets library parameter ``parameter`` in the command that ran:
+    its own option (``nan_policy`` -> ``--nan-policy``), a decoder's option (``init_from`` ->
+    ``--init-from``), the option of a parameter the command line spells differently
+    (:data:`_OPTION_OF_PARAMETER`), else, for a decoder parameter in a command that takes any
+    as ``--param``, ``--param name=...``. None where the command has no way to set it."""
     import click
 
-    def options(command):
+    def options(command, names):
         params = list(getattr(command, "params", ()))
         extra = getattr(command, "_decoder_params", None)
         if callable(extra):
@@ -110,16 +123,36 @@ def _flag_of(group, ctx, parameter: str) -> str | None:
             except Exception:  # noqa: BLE001 - a listing problem must not hide the error itself
                 pass
         for p in params:
-            if isinstance(p, click.Option) and p.name in (parameter, f"decoder_opt_{parameter}"):
+            if isinstance(p, click.Option) and p.name in names:
                 return next((o for o in p.opts if o.startswith("--")), p.opts[0])
-        for sub in getattr(command, "commands", {}).values():
-            found = options(sub)
+        for sub in getattr(command, "commands", {}).values():  # a group: `brainrecon import neuropictor`
+            found = options(sub, names)
             if found:
                 return found
         return None
 
-    first = group.commands.get(ctx.invoked_subcommand or "")
-    return (options(first) if first is not None else None) or options(group)
+    def takes_any_param(command) -> bool:
+        return any(isinstance(p, click.Option) and "--param" in p.opts for p in getattr(command, "params", ()))
+
+    def is_decoder_parameter(name: str) -> bool:
+        from brainrecon.decoders import available, get_decoder_class
+
+        for decoder in available():
+            try:
+                if name in get_decoder_class(decoder)._param_names():
+                    return True
+            except Exception:  # noqa: BLE001 - a broken plugin must not hide the error itself
+                continue
+        return False
+
+    # Only the command that ran: another command's option of the same name would be wrong advice.
+    command = group.commands.get(ctx.invoked_subcommand or "") or group
+    found = options(command, (parameter, f"decoder_opt_{parameter}"))
+    if found is None and parameter in _OPTION_OF_PARAMETER:
+        found = options(command, (_OPTION_OF_PARAMETER[parameter],))
+    if found is None and takes_any_param(command) and is_decoder_parameter(parameter):
+        found = f"--param {parameter}=..."
+    return found
 
 
 app = typer.Typer(

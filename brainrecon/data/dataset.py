@@ -216,7 +216,7 @@ class Split:
                 raise DataError(
                     f"Subject {subject} ({self.name} split): {n_bad} voxel values are NaN or "
                     f"infinite, in {rows} of {X.shape[0]} rows. Fix the data, or pass "
-                    f"nan_policy='zero' (CLI: --nan-policy zero) to replace them with 0."
+                    f"nan_policy='zero' to replace them with 0.", parameters=("nan_policy",)
                 )
             X = np.where(bad, np.float32(0), X)
         return X

@@ -72,7 +72,7 @@ def load_dataset(
     """
     tried = []
     if source is not None:
-        tried.append(f"explicit argument / --data: {source}")
+        tried.append(f"explicit argument: {source}")
     elif os.environ.get(ENV_VAR):
         source = os.environ[ENV_VAR]
         tried.append(f"${ENV_VAR}: {source}")
@@ -88,8 +88,8 @@ def load_dataset(
     if not path.exists():
         raise DataError(
             f"Data not found at {path}. Places tried, in order: {'; '.join(tried)}. "
-            f"Pass --data DIR (a brainrecon or Brain-Diffuser prepared directory, or an .h5 "
-            f"file), set {ENV_VAR}, or omit both to use the built-in synthetic dataset."
+            f"Pass its location as source (a brainrecon or Brain-Diffuser prepared directory, or an .h5 "
+            f"file), set {ENV_VAR}, or omit both to use the built-in synthetic dataset.", parameters=("source",)
         )
     kind = detect_format(path)
     if kind == "brainrecon":
@@ -265,7 +265,7 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
     if missing or not wanted:
         raise DataError(
             f"Subject(s) {missing or wanted} not prepared in {path}; subjects present: {present} "
-            f"(its {MANIFEST}). Run: brainrecon prepare-nsd --subject N --out {path}"
+            f"(its {MANIFEST}). Run `brainrecon prepare-nsd --subject N --out {path}`."
         )
     data = {}
     for s in wanted:
@@ -445,7 +445,7 @@ def dataset_from_spec(spec: dict[str, Any]) -> Dataset:
         path = Path(spec["path"])
         if not path.exists():
             raise DataError(
-                f"The run's data is no longer at {path}; pass --data to point at its new location."
+                f"The run's data is no longer at {path}; pass its new location as source.", parameters=("source",)
             )
         loader = {"brain-diffuser": load_brain_diffuser, "brainrecon": load_brainrecon,
                   "arrays": load_arrays_file}[kind]

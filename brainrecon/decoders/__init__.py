@@ -125,13 +125,7 @@ def apply_recipe(decoder: str, name: str | None, params) -> dict:
 def get_decoder(name: str, **params) -> Decoder:
     """Build the decoder registered under ``name`` with keyword ``params``."""
     cls = get_decoder_class(name)
-    valid = cls._param_names()
-    unknown = [k for k in params if k not in valid]
-    if unknown:
-        raise BrainreconError(
-            f"Unknown parameter(s) {', '.join(map(repr, unknown))} for decoder {name!r}. "
-            f"Valid parameters: {', '.join(map(repr, valid))}."
-        )
+    cls.check_params(params)
     return cls(**params)
 
 

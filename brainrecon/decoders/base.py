@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import inspect
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import numpy as np
 
@@ -118,18 +118,66 @@ class Decoder(abc.ABC):
             if p.name != "self" and p.default is not inspect.Parameter.empty
         }
 
+    @classmethod
+    def check_params(cls, params: Iterable[str]) -> None:
+        """Refuse parameter names this decoder does not take (``params``: names, or a mapping of
+        them): one error naming them and listing the valid ones. :meth:`set_params`,
+        :meth:`for_subjects`, :func:`~brainrecon.decoders.get_decoder` and the fit workflow
+        all check here.
+
+        Raises
+        ------
+        BrainreconError
+            Some name is not a parameter of ``__init__``.
+        """
+        valid = cls._param_names()
+        unknown = [k for k in params if k not in valid]
+        if unknown:
+            raise BrainreconError(
+                f"Unknown parameter(s) {', '.join(map(repr, unknown))} for decoder {cls.name or cls.__name__!r}. "
+                f"Valid parameters: {', '.join(map(repr, valid))}."
+            )
+
+    @classmethod
+    def for_subjects(cls, subjects: Iterable[int], **params: Any) -> "Decoder":
+        """A decoder of ``subjects`` with ``params``, built with the subject keyword the class
+        takes: ``subjects=[...]`` when :attr:`multi_subject`, else ``subject=s``.
+
+        Parameters
+        ----------
+        subjects : sequence of int
+            The subjects to fit; exactly one for a single-subject decoder.
+        **params
+            Any other parameters (checked by :meth:`check_params`).
+
+        Raises
+        ------
+        BrainreconError
+            An unknown parameter, ``subject``/``subjects`` among ``params``, or several (or no)
+            subjects for a single-subject decoder.
+        """
+        subjects = [int(s) for s in subjects]
+        given = [k for k in ("subject", "subjects") if k in params]
+        if given:
+            raise BrainreconError(f"Parameter {given[0]!r} is set from the subjects to fit; give those as subjects.",
+                                  parameters=("subjects",))
+        cls.check_params(params)
+        if cls.multi_subject:
+            return cls(**params, subjects=subjects)
+        if len(subjects) != 1:
+            raise BrainreconError(
+                f"Decoder {cls.name or cls.__name__!r} is fitted on one subject at a time, got subjects {subjects}: "
+                f"build one decoder per subject."
+            )
+        return cls(**params, subject=subjects[0])
+
     def get_params(self) -> dict[str, Any]:
         """The constructor parameters, as given."""
         return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> "Decoder":
-        valid = self._param_names()
+        self.check_params(params)
         for key, value in params.items():
-            if key not in valid:
-                raise BrainreconError(
-                    f"Unknown parameter {key!r} for decoder {self.name!r}. "
-                    f"Valid parameters: {', '.join(repr(v) for v in valid)}."
-                )
             setattr(self, key, value)
         return self
 
@@ -186,9 +234,8 @@ class Decoder(abc.ABC):
         self._check_fitted()
         directory = Path(directory)
         if directory.exists() and not overwrite:
-            raise BrainreconError(
-                f"{directory} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
-            )
+            raise BrainreconError(f"{directory} already exists; pass overwrite=True to replace it.",
+                                  parameters=("overwrite",))
         with atomic_directory(directory, overwrite=overwrite) as tmp:
             state = self._save_weights(tmp)
             write_json_atomic(

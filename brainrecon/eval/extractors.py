@@ -425,9 +425,9 @@ def build_network(
         except OSError as exc:  # transformers' "couldn't connect" / missing file
             if local:
                 raise WeightsNotFoundError(f"Could not load CLIP from {where}: {exc}") from exc
-            from brainrecon.eval.weights import _missing_message
+            from brainrecon.eval.weights import _missing_error
 
-            raise WeightsNotFoundError(_missing_message(wf, weights_dir, f"download failed: {exc}")) from exc
+            raise _missing_error(wf, weights_dir, f"download failed: {exc}") from exc
         if not local:
             from brainrecon.eval.weights import find_weights
 

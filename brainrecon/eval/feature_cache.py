@@ -107,5 +107,6 @@ def _save_cached(path: Path, key: str, feats: dict[str, torch.Tensor]) -> None:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"key": key, "sha256": _features_digest(tensors)})
     except OSError as exc:  # the scores are right; only the next evaluation is slower
-        warnings.warn(f"Ground-truth feature cache entry {path} could not be written ({exc}); "
-                      f"delete it or pass another --cache-dir.", DamagedCacheWarning, stacklevel=3)
+        warnings.warn(DamagedCacheWarning(f"Ground-truth feature cache entry {path} could not be written ({exc}); "
+                                          f"delete it or pass another cache_dir.", parameters=("cache_dir",)),
+                      stacklevel=3)

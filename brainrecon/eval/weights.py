@@ -280,7 +280,8 @@ def _check_hash(wf: WeightFile, path: Path) -> None:
         )
 
 
-def _missing_message(wf: WeightFile, weights_dir, reason: str) -> str:
+def _missing_error(wf: WeightFile, weights_dir, reason: str) -> WeightsNotFoundError:
+    """The error for weights found nowhere: every place searched and how to get them."""
     places = "; ".join(str(p) for p in search_places(wf, weights_dir))
     if wf.source == "huggingface":
         how = (
@@ -292,8 +293,9 @@ def _missing_message(wf: WeightFile, weights_dir, reason: str) -> str:
     else:
         how = f"download {wf.url} into <weights-dir>/ or {_torch_hub_checkpoints()}/"
         name = wf.filename
-    return (f"weights {name} not found ({reason}). Searched: {places}. To fix: run "
-            f"`brainrecon weights --download --only {wf.key}`, or {how}, or pass --weights-dir.")
+    return WeightsNotFoundError(f"weights {name} not found ({reason}). Searched: {places}. To fix: run "
+                                f"`brainrecon weights --download --only {wf.key}`, or {how}, or pass the folder "
+                                f"holding them as weights_dir.", parameters=("weights_dir",))
 
 
 _reachable_hosts: dict[str, str | None] = {}
@@ -365,16 +367,16 @@ def resolve_weights(wf: WeightFile | str, weights_dir=None, allow_download: bool
     if allow_download is None:
         allow_download = downloads_allowed()
     if not allow_download:
-        raise WeightsNotFoundError(_missing_message(wf, weights_dir, "offline: downloads are disabled"))
+        raise _missing_error(wf, weights_dir, "offline: downloads are disabled")
     unreachable = _unreachable_reason(wf.url)
     if unreachable:
-        raise WeightsNotFoundError(_missing_message(wf, weights_dir, f"download failed, {unreachable}"))
+        raise _missing_error(wf, weights_dir, f"download failed, {unreachable}")
     if wf.source == "huggingface":
         return CLIP_REPO_ID  # from_pretrained downloads it into the hub cache
     try:
         return _download_torch_file(wf)
     except Exception as exc:  # noqa: BLE001 - any network failure becomes one actionable message
-        raise WeightsNotFoundError(_missing_message(wf, weights_dir, f"download failed: {exc}")) from exc
+        raise _missing_error(wf, weights_dir, f"download failed: {exc}") from exc
 
 
 def weight_file_for(metric: str, variant: str = "mindeye") -> WeightFile | None:

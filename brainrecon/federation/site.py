@@ -72,7 +72,7 @@ class Site:
         decoder_params = {k: v for k, v in params.items() if k not in ("subjects", "checkpoint_dir", "resume")}
         if settings.get("device"):
             decoder_params["device"] = settings["device"]
-        self.decoder = BrainGuardDecoder(**decoder_params, subjects=[self.subject])
+        self.decoder = BrainGuardDecoder.for_subjects([self.subject], **decoder_params)
         self.config = self.decoder._train_config()
         self.dataset = load_dataset(settings["data"], subjects=[self.subject])
         self.target_shape, n_tokens, token_dim = self.decoder._target_layout()

@@ -82,14 +82,16 @@ def make_scheduler(name: str, base_config: dict[str, Any]):
     return cls.from_config(dict(base_config), **overrides)
 
 
-def _from_pretrained(cls, name: str, what: str, fix: str, **kwargs):
-    """``cls.from_pretrained`` from a local folder or the hub cache; download only when allowed."""
+def _from_pretrained(cls, name: str, what: str, fix: str, *, parameter: str, **kwargs):
+    """``cls.from_pretrained`` from a local folder or the hub cache; download only when allowed.
+    ``fix`` says how to get the files and pass them as ``parameter``."""
     path = Path(name).expanduser()
     if path.exists():
         try:
             return cls.from_pretrained(str(path), local_files_only=True, **kwargs)
         except (OSError, ValueError) as exc:
-            raise WeightsNotFoundError(f"Cannot load the {what} from {path}: {exc} {fix}") from exc
+            raise WeightsNotFoundError(f"Cannot load the {what} from {path}: {exc} {fix}",
+                                       parameters=(parameter,)) from exc
     candidates = [name] + ([_MIRRORS[name]] if name in _MIRRORS else [])
     errors = []
     from brainrecon.hub import hub_offline_unless_allowed
@@ -103,13 +105,15 @@ def _from_pretrained(cls, name: str, what: str, fix: str, **kwargs):
     if not downloads_allowed():
         raise WeightsNotFoundError(
             f"The {what} {name!r} is not in the Hugging Face cache ({hf_hub_cache()}) and downloads are "
-            f"disabled (opt-in: `brainrecon weights --download --with sd15` or BRAINRECON_ALLOW_DOWNLOADS=1) [{'; '.join(errors)}]. {fix}"
+            f"disabled (opt-in: `brainrecon weights --download --with sd15` or BRAINRECON_ALLOW_DOWNLOADS=1) [{'; '.join(errors)}]. {fix}",
+            parameters=(parameter,)
         )
     repo = candidates[-1]
     try:
         return cls.from_pretrained(repo, cache_dir=str(hf_hub_cache()), **kwargs)
     except (OSError, ValueError) as exc:
-        raise WeightsNotFoundError(f"Cannot download the {what} {repo!r}: {exc} {fix}") from exc
+        raise WeightsNotFoundError(f"Cannot download the {what} {repo!r}: {exc} {fix}",
+                                   parameters=(parameter,)) from exc
 
 
 class IPAdapterGenerator:
@@ -167,8 +171,8 @@ class IPAdapterGenerator:
     def _base_fix(self) -> str:
         return (
             f"To fix: `huggingface-cli download {DEFAULT_BASE_MODEL} --include 'model_index.json' 'unet/*' "
-            f"'vae/*' 'scheduler/*' 'text_encoder/*' 'tokenizer/*' --local-dir DIR` (add --exclude '*.bin' "
-            f"'*fp16*' '*.ckpt' to skip duplicate weights) and pass --base-model DIR."
+            f"'vae/*' 'scheduler/*' 'text_encoder/*' 'tokenizer/*' --exclude '*.bin' '*fp16*' '*.ckpt' "
+            f"--local-dir DIR` (the excluded files duplicate the weights) and pass DIR as base_model."
         )
 
     def load(self):
@@ -189,10 +193,10 @@ class IPAdapterGenerator:
                 vae_path / "config.json").is_file() else {}
             kwargs["vae"] = _from_pretrained(
                 AutoencoderKL, self.vae, "VAE",
-                f"To fix: `huggingface-cli download {REALISTIC_VISION[1]} --local-dir DIR` and pass --vae DIR.",
-                **{_diffusers_dtype_kwarg(): self.dtype}, **sub)
+                f"To fix: `huggingface-cli download {REALISTIC_VISION[1]} --local-dir DIR` and pass DIR as vae.",
+                parameter="vae", **{_diffusers_dtype_kwarg(): self.dtype}, **sub)
         pipe = _from_pretrained(StableDiffusionPipeline, self.base_model, "Stable Diffusion base model",
-                                self._base_fix(), **kwargs)
+                                self._base_fix(), parameter="base_model", **kwargs)
         return self._install(pipe, state)
 
     @classmethod
@@ -250,9 +254,10 @@ class IPAdapterGenerator:
             return
         fix = (f"Text prompts need the base model's text_encoder/ and tokenizer/ folders. {self._base_fix()} "
                f"Or leave the prompt unset to condition on the image tokens alone.")
-        text_encoder = _from_pretrained(CLIPTextModel, self.base_model, "text encoder", fix,
+        text_encoder = _from_pretrained(CLIPTextModel, self.base_model, "text encoder", fix, parameter="base_model",
                                         subfolder="text_encoder", **{_dtype_kwarg(): self.dtype})
-        tokenizer = _from_pretrained(CLIPTokenizer, self.base_model, "tokenizer", fix, subfolder="tokenizer")
+        tokenizer = _from_pretrained(CLIPTokenizer, self.base_model, "tokenizer", fix, parameter="base_model",
+                                     subfolder="tokenizer")
         pipe.register_modules(text_encoder=text_encoder.to(self.device).eval(), tokenizer=tokenizer)
         self._text_loaded = True
 
@@ -273,7 +278,7 @@ class IPAdapterGenerator:
                 if name.endswith("attn2") and (module.to_k.bias is not None or module.to_v.bias is not None):
                     raise BrainreconError(
                         f"The base model's cross-attention {name} has key/value biases, so zero text "
-                        f"embeddings are not 'no text'; pass a prompt (e.g. --prompt '')."
+                        f"embeddings are not 'no text'; pass a prompt (e.g. prompt='').", parameters=("prompt",)
                     )
             zeros = torch.zeros(1, 1, pipe.unet.config.cross_attention_dim, device=self.device, dtype=self.dtype)
             return zeros, zeros

@@ -482,7 +482,7 @@ def embed_images_file(path: str | os.PathLike, out: str | os.PathLike, *, key: s
             key = "imgBrick" if "imgBrick" in f else (candidates[0] if len(candidates) == 1 else None)
             if key is None:
                 raise DataError(f"{path} has no 'imgBrick' dataset and {len(candidates)} 4-D datasets "
-                                f"({candidates}); name one with key=... (--images-key).")
+                                f"({candidates}); name one with key='<dataset>'.", parameters=("key",))
         if key not in f:
             raise DataError(f"{path} has no dataset {key!r}; datasets: {sorted(f)}.")
         return embed_images(f[key], None, out, progress=progress, **target_options)

@@ -280,8 +280,9 @@ class IPAdapterWeights:
         return WeightsNotFoundError(
             f"IP-Adapter weights not found: {what} ({reason}). Looked in: {'; '.join(map(str, tried))}. "
             f"To fix: `huggingface-cli download {self.repo_id} {files} --local-dir DIR` and pass "
-            f"--ipadapter-dir DIR (ipadapter_dir=DIR), or fetch them with "
-            f"`brainrecon weights --download --with ipadapter` (downloads are opt-in: BRAINRECON_ALLOW_DOWNLOADS=1)."
+            f"DIR as ipadapter_dir, or fetch them with "
+            f"`brainrecon weights --download --with ipadapter` (downloads are opt-in: BRAINRECON_ALLOW_DOWNLOADS=1).",
+            parameters=("ipadapter_dir",)
         )
 
     def _hub_file(self, filename: str, subfolder: str, tried: list[str]) -> Path | None:
@@ -315,7 +316,7 @@ class IPAdapterWeights:
                 tried.append(str(p))
                 if p.is_file():
                     return p
-            raise self._missing(f"checkpoint {' or '.join(self.weight_names)}", tried, "not in --ipadapter-dir")
+            raise self._missing(f"checkpoint {' or '.join(self.weight_names)}", tried, "not in ipadapter_dir")
         for name in self.weight_names:
             found = self._hub_file(name, ADAPTER_SUBFOLDER, tried)
             if found is not None:
@@ -334,7 +335,7 @@ class IPAdapterWeights:
                 tried.append(str(folder))
                 if (folder / "config.json").is_file() and any((folder / n).is_file() for n in ENCODER_WEIGHT_NAMES):
                     return folder
-            raise self._missing(what, tried, "not in --ipadapter-dir")
+            raise self._missing(what, tried, "not in ipadapter_dir")
         config = self._hub_file("config.json", ENCODER_SUBFOLDER, tried)
         if config is not None:
             for name in ENCODER_WEIGHT_NAMES:

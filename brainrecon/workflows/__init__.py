@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from brainrecon.data import load_dataset
-from brainrecon.decoders import get_decoder, get_decoder_class
+from brainrecon.decoders import get_decoder_class
 from brainrecon.errors import BrainreconError
 from brainrecon.io import jsonable, write_array_atomic
 from brainrecon.runs import Run, check_run_name, default_run_name
@@ -117,12 +117,7 @@ def fit(
         params["target"] = target
     run_target = target if cls.predicts == "target" else None
     names = _run_names(decoder, subjects, run_target, name)
-    unknown = [k for k in params if k not in accepted]
-    if unknown:
-        raise BrainreconError(
-            f"Decoder {decoder!r} does not take parameter(s) {', '.join(map(repr, unknown))}. "
-            f"Its parameters: {', '.join(map(repr, accepted))}."
-        )
+    cls.check_params(params)
     kept: set[int] = set()  # runs this fit wrote before it was interrupted (--resume)
     for s, run_name in names.items():
         path = Path(out) / run_name
@@ -152,17 +147,17 @@ def fit(
             if evaluate and (path / "reconstructions.npy").exists():
                 evaluate_run_safely(Run.open(path), log=log)
         return [Run.open(p) for p in paths]
-    if cls.multi_subject:
-        fitted = [get_decoder(decoder, **{**params, "subjects": subjects})]
+    if cls.multi_subject:  # fitted once on all subjects; each run holds its subject's part
+        fitted = cls.for_subjects(subjects, **params)
         with seeded(seed):
-            fitted[0].fit(ds.train)
-        per_subject = {s: fitted[0].for_subject(s) for s in subjects}
+            fitted.fit(ds.train)
+        per_subject = {s: fitted.for_subject(s) for s in subjects}
     else:
         per_subject = {}
         for s in subjects:
             log(f"fitting {decoder} on subject {s}")
             with seeded(seed):
-                per_subject[s] = get_decoder(decoder, **{**params, "subject": s}).fit(ds.train)
+                per_subject[s] = cls.for_subjects([s], **params).fit(ds.train)
 
     if not _is_main_process():
         # Under `accelerate launch` every process trains; one writes and scores the runs.
@@ -236,9 +231,8 @@ def _written_by_this_fit(path: Path, cls, params: dict, subject: int) -> bool:
         saved = read_json(path / "decoder" / "brainrecon.json", required=("decoder", "params"))
     except BrainreconError:
         return False
-    extra = {"subjects": [subject]} if cls.multi_subject else {"subject": subject}  # as for_subject saves it
     try:
-        planned = cls(**{**params, **extra}).get_params()
+        planned = cls.for_subjects([subject], **params).get_params()  # as for_subject saves it
     except (BrainreconError, TypeError, ValueError):
         return False
     same = {k: v for k, v in jsonable(planned).items() if k not in ("resume", "progress")}

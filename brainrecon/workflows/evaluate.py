@@ -34,10 +34,10 @@ __all__ = ["evaluate_run", "run_scores_by_id"]
 
 def evaluate_run(
     run,
-    variant: str = "mindeye",
-    *,
     metrics=None,
+    variant: str = "mindeye",
     device="auto",
+    *,
     weights_dir=None,
     extractors: Mapping[str, Any] | None = None,
     strict: bool = False,
@@ -63,8 +63,8 @@ def evaluate_run(
     ----------
     run : brainrecon.runs.Run or path-like
         A run directory written by ``brainrecon fit``.
-    variant, metrics, device, weights_dir, extractors, strict, batch_size, cache_dir, progress, ssim_mode
-        As in :func:`evaluate`.
+    metrics, variant, device, weights_dir, extractors, strict, batch_size, cache_dir, progress, ssim_mode
+        As in :func:`evaluate` (the first three in the same order).
     blend : run, path-like or array, optional
         MindEye2's enhanced evaluation: the images blended into the reconstructions, as
         another run (matched by test id), a ``.npy`` file or an array in this run's test
@@ -174,7 +174,8 @@ def evaluate_runs(path: str | os.PathLike, *, on_report=None, **options: Any) ->
         except BrainreconError as exc:
             if len(targets) == 1:
                 raise
-            warnings.warn(f"skipping broken run {target.name}: {exc}", BrokenRunWarning, stacklevel=2)
+            warnings.warn(BrokenRunWarning(f"skipping broken run {target.name}: {exc}", parameters=exc.parameters),
+                          stacklevel=2)
             continue
         done += 1
         if on_report is not None:

@@ -111,8 +111,9 @@ def prepare_nsd(
     if zscore not in ZSCORE_MODES:
         raise DataError(f"Unknown zscore mode {zscore!r}; valid: 'none', 'session'.")
     if format == "brain-diffuser" and zscore != "none":
-        raise DataError("--format brain-diffuser writes raw betas as Brain-Diffuser's files hold them; "
-                        "--zscore session is only available with --format brainrecon.")
+        raise DataError("format='brain-diffuser' writes raw betas as Brain-Diffuser's files hold them; "
+                        "zscore='session' is only available with format='brainrecon'.",
+                        parameters=("format", "zscore"))
     n_sessions, request, test_set = resolve_sessions(subject, sessions, test_set)
     root = Path(nsd_root).expanduser()
     if not root.is_dir():
@@ -165,7 +166,7 @@ def prepare_nsd(
                         f"root. {_DOWNLOAD_HINT}")
     if captions is not None and not captions.is_file():
         raise DataError(f"Captions file not found: {captions}. Expected COCO_73k_annots_curated.npy "
-                        f"(73000 x 5 strings), or leave out --captions.")
+                        f"(73000 x 5 strings), or leave captions out.", parameters=("captions",))
 
     design = read_design(release.design)
     plan = plan_trials(design, subject, n_sessions, test_set)
@@ -174,7 +175,8 @@ def prepare_nsd(
         mask = mask & (load_ncsnr(release.ncsnr, mask.shape, release.mask) > float(ncsnr_threshold))
         if not mask.any():
             raise DataError(f"No nsdgeneral voxel of subject {subject} has ncsnr > {ncsnr_threshold:g} "
-                            f"({release.ncsnr}); choose a lower --ncsnr-threshold.")
+                            f"({release.ncsnr}); choose a lower ncsnr_threshold.",
+                            parameters=("ncsnr_threshold",))
     n_voxels = int(mask.sum())
 
     partial.mkdir(parents=True, exist_ok=True)
@@ -271,15 +273,17 @@ def _check_output(out: Path, subject: int, format: str, source: dict, overwrite:
     partial = out / f".prepare-nsd-subj{subject:02d}.partial"
     unfinished = partial.is_dir()
     if subject in present and not overwrite:
-        left = (f" The work folder {partial} of an unfinished earlier run is there too: --overwrite resumes "
+        left = (f" The work folder {partial} of an unfinished earlier run is there too: overwrite=True resumes "
                 f"from what it staged, or delete it." if unfinished else "")
-        raise DataError(f"Subject {subject} is already prepared in {out}; pass --overwrite to replace it "
-                        f"(its surface maps, if any, are dropped and must be prepared again).{left}")
+        raise DataError(f"Subject {subject} is already prepared in {out}; pass overwrite=True to replace it "
+                        f"(its surface maps, if any, are dropped and must be prepared again).{left}",
+                        parameters=("overwrite",))
     # A run killed after swapping the subject directory in, before recording it (manifest) and
     # removing its work folder, is finished by re-running the same command.
     if subject_dir.exists() and not overwrite and not unfinished:
         # Another layout's files are never replaced silently.
-        raise DataError(f"{subject_dir} already exists; pass --overwrite to replace it, or choose another --out.")
+        raise DataError(f"{subject_dir} already exists; pass overwrite=True to replace it, or choose another out "
+                        f"directory.", parameters=("overwrite", "out"))
     if manifest is None:
         return
     others = [s for s in present if s != subject]
@@ -288,7 +292,8 @@ def _check_output(out: Path, subject: int, format: str, source: dict, overwrite:
     if others and differ:
         detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
         raise DataError(f"{out} holds subject(s) {others} prepared with other options ({detail}). All subjects of "
-                        f"one directory share the recipe; use another --out or the same options.")
+                        f"one directory share the recipe; use another out directory or the same options.",
+                        parameters=("out",))
 
 def _update_manifest(out: Path, subject: int, source: dict, info: dict, name: str | None) -> None:
     manifest = _read_manifest(out) or {

@@ -182,7 +182,7 @@ def load_ncsnr(path: str | os.PathLike, shape: tuple[int, ...], mask_path) -> np
     path = Path(path)
     if not path.is_file():
         raise DataError(f"ncsnr map not found: {path}. Expected ncsnr.nii.gz beside the session betas, or leave "
-                        f"out --ncsnr-threshold. {_DOWNLOAD_HINT}")
+                        f"ncsnr_threshold out. {_DOWNLOAD_HINT}", parameters=("ncsnr_threshold",))
     try:
         data = np.asanyarray(nib.load(path).dataobj).astype(np.float64)
     except _nifti_errors() as exc:

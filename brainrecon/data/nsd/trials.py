@@ -57,13 +57,15 @@ def resolve_sessions(subject: int, sessions: int | str | None, test_set: int | N
     try:
         k = int(sessions)
     except (TypeError, ValueError):
-        raise DataError(f"--sessions must be a number of sessions or 'all', got {sessions!r}.") from None
+        raise DataError(f"sessions must be a number of sessions or 'all', got {sessions!r}.",
+                        parameters=("sessions",)) from None
     if k < 1:
-        raise DataError(f"--sessions must be at least 1, got {k}.")
+        raise DataError(f"sessions must be at least 1, got {k}.", parameters=("sessions",))
     if k > have:
         raise DataError(
-            f"Subject {subject} has {have} NSD sessions (1-{have}); --sessions {k} asks for sessions "
-            f"up to {k}, which this subject does not have. Use --sessions {have} or --sessions all."
+            f"Subject {subject} has {have} NSD sessions (1-{have}); sessions={k} asks for sessions "
+            f"up to {k}, which this subject does not have. Use sessions={have} or sessions='all'.",
+            parameters=("sessions",)
         )
     return k, str(k), test_set
 

@@ -371,7 +371,7 @@ def open_surfaces(source: str | os.PathLike, subject: int, *, vc_roi: str | os.P
         if h5.is_file():
             if crop is None:
                 raise DataError(f"Full-cortex maps {h5} need the visual-cortex mask vc_roi.npz, not found in {root} "
-                                f"or {root.parent}; pass --vc-roi FILE.")
+                                f"or {root.parent}; pass its path as vc_roi.", parameters=("vc_roi",))
             return FullBrainSurfaces(h5, subject, crop)
     raise DataError(
         f"No surface maps for subject {subject} under {root}. Looked for {root}/fmri_npy/{subject:02d}_label.npy "

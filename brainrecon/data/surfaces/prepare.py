@@ -155,8 +155,8 @@ def prepare_surfaces(
             if manifest is not None and present and manifest.get("source", {}).get("kind") != "neuropictor-surfaces":
                 raise DataError(
                     f"{out} holds NSD-prepared subjects {present}, not subject {subject}. Run `brainrecon prepare-nsd "
-                    f"--subject {subject} --out {out}` first (the maps then join its rows), or use another --out "
-                    f"for a surfaces-only dataset."
+                    f"--subject {subject} --out {out}` first (the maps then join its rows), or use another out "
+                    f"directory for a surfaces-only dataset.", parameters=("out",)
                 )
             summary = _surfaces_only(reader, subject, out, manifest, duplicates, test_ids, Path(source).expanduser(),
                                      overwrite, progress)
@@ -189,12 +189,13 @@ def _write_maps(reader: SurfaceSource, groups: list[np.ndarray], path: Path, pro
 def _join(reader, subject, out, manifest, duplicates, missing, overwrite, progress) -> dict[str, Any]:
     d = out / f"subj{subject:02d}"
     if not overwrite and any((d / _file(split, "surfaces")).is_file() for split in _SPLITS):
-        raise DataError(f"Subject {subject} in {out} already has surface maps; pass --overwrite to replace them.")
+        raise DataError(f"Subject {subject} in {out} already has surface maps; pass overwrite=True to replace them.",
+                        parameters=("overwrite",))
     groups, n_missing = {}, {}
     for split in _SPLITS:
         ids_file = d / _file(split, "ids")
         if not ids_file.is_file():
-            raise DataError(f"Missing {ids_file}; re-run brainrecon prepare-nsd --subject {subject} --out {out}.")
+            raise DataError(f"Missing {ids_file}; re-run `brainrecon prepare-nsd --subject {subject} --out {out}`.")
         ids = np.load(ids_file, allow_pickle=False)
         groups[split] = select_samples(reader.labels, ids, split, duplicates)
         absent = [int(i) for i, g in zip(ids, groups[split]) if g.size == 0]
@@ -203,8 +204,8 @@ def _join(reader, subject, out, manifest, duplicates, missing, overwrite, progre
             raise DataError(
                 f"{len(absent)} of {ids.size} {split} images of subject {subject} have no surface map in "
                 f"{reader.path} (listed in {reader.label_file}; first ids: {absent[:5]}). The released maps may cover fewer sessions than "
-                f"the prepared data (NeuroPictor used sessions 1-37: prepare-nsd --sessions 37 --test-set 982), "
-                f"or pass --missing zero to write zero maps for them."
+                f"the prepared data (NeuroPictor used sessions 1-37: `brainrecon prepare-nsd --sessions 37 "
+                f"--test-set 982`), or pass missing='zero' to write zero maps for them.", parameters=("missing",)
             )
     for split in _SPLITS:
         _write_maps(reader, groups[split], d / _file(split, "surfaces"), progress,
@@ -230,17 +231,19 @@ def _first_appearance(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
 def _surfaces_only(reader, subject, out, manifest, duplicates, test_ids, root, overwrite, progress) -> dict[str, Any]:
     present = [int(s) for s in manifest.get("subjects", [])] if manifest else []
     if subject in present and not overwrite:
-        raise DataError(f"Subject {subject} is already prepared in {out}; pass --overwrite to replace it.")
+        raise DataError(f"Subject {subject} is already prepared in {out}; pass overwrite=True to replace it.",
+                        parameters=("overwrite",))
     if subject not in present and (out / f"subj{subject:02d}").exists():
         raise DataError(f"{out / f'subj{subject:02d}'} exists but is not a subject of a brainrecon manifest (Brain-"
-                        f"Diffuser files?). Surface maps join brainrecon-format data (prepare-nsd --format "
-                        f"brainrecon); choose another --out.")
+                        f"Diffuser files?). Surface maps join brainrecon-format data (`brainrecon prepare-nsd "
+                        f"--format brainrecon`); choose another out directory.", parameters=("out",))
     source = {"kind": "neuropictor-surfaces", "duplicates": duplicates,
               "voxel_units": "surface map values inside the visual-cortex mask"}
     others = [s for s in present if s != subject]
     if others and manifest.get("source", {}).get("duplicates") != duplicates:
         raise DataError(f"{out} holds surfaces-only subjects {others} prepared with duplicates="
-                        f"{manifest['source'].get('duplicates')!r}; use the same --duplicates or another --out.")
+                        f"{manifest['source'].get('duplicates')!r}; use the same duplicates or another out directory.",
+                        parameters=("duplicates", "out"))
     if test_ids is None:
         for candidate in (root / "sub1257_shared_triallabel.npy", root.parent / "sub1257_shared_triallabel.npy"):
             if candidate.is_file():
@@ -249,8 +252,9 @@ def _surfaces_only(reader, subject, out, manifest, duplicates, test_ids, root, o
     if test_ids is None:
         raise DataError(
             f"Subject {subject} is not prepared in {out}, so its rows come from the maps, and the test images "
-            f"must be named: pass --test-ids FILE (NeuroPictor's sub1257_shared_triallabel.npy, or NSD's "
-            f"nsd_expdesign.mat for all 1000 shared images), or run prepare-nsd first."
+            f"must be named: pass test_ids (NeuroPictor's sub1257_shared_triallabel.npy, or NSD's "
+            f"nsd_expdesign.mat for all 1000 shared images), or run `brainrecon prepare-nsd` first.",
+            parameters=("test_ids",)
         )
     wanted, keep_order = _read_test_ids(Path(test_ids).expanduser())
     labels = reader.labels

@@ -31,7 +31,7 @@ from brainrecon.decoders.brainguard.model import (
     token_shape,
 )
 from brainrecon.decoders.brainguard.recipes import RECIPES
-from brainrecon.errors import BrainreconError, DataError
+from brainrecon.errors import BrainreconError, BrainreconWarning, DataError
 from brainrecon.io import check_arrays, jsonable, load_safetensors
 from brainrecon.recipes import Recipe
 from brainrecon.targets import get_target
@@ -260,7 +260,7 @@ class BrainGuardDecoder(Decoder):
         if self.resume and self.checkpoint_dir is None:
             raise DataError(
                 "resume=True needs checkpoint_dir, the directory the interrupted run wrote its "
-                "checkpoints to (CLI: --checkpoint-dir)."
+                "checkpoints to.", parameters=("resume", "checkpoint_dir")
             )
         positive_int("checkpoint_every")
         positive_int("checkpoint_keep")
@@ -366,9 +366,9 @@ class BrainGuardDecoder(Decoder):
         if candidates and self.resume:
             start_round, global_state, history = self._restore(candidates, run_meta, clients, server_device)
         elif candidates:
-            warnings.warn(
+            warnings.warn(BrainreconWarning(
                 f"{ckpt_dir} holds a checkpoint that will be replaced by this fresh run; pass "
-                f"resume=True (CLI: --resume) to continue it instead.", UserWarning, stacklevel=2)
+                f"resume=True to continue it instead.", parameters=("resume",)), stacklevel=2)
 
         every = int(self.checkpoint_every)
 
@@ -496,8 +496,8 @@ class BrainGuardDecoder(Decoder):
         else:
             raise BrainreconError(
                 f"Cannot resume from {candidates[0].parent}: no intact checkpoint is left "
-                f"({damaged[0]}). Start afresh without --resume (the damaged checkpoint is replaced); "
-                f"checkpoint_keep=2 keeps an older one to fall back on."
+                f"({damaged[0]}). Start afresh with resume=False (the damaged checkpoint is replaced); "
+                f"checkpoint_keep=2 keeps an older one to fall back on.", parameters=("resume", "checkpoint_keep")
             )
         differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
                                    "fingerprints", "target_shape")

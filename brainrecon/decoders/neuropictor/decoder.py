@@ -32,7 +32,7 @@ from brainrecon.decoders.neuropictor.weights import (
     save_safetensors_atomic,
 )
 from brainrecon.devices import resolve_device
-from brainrecon.errors import BrainreconError, DataError
+from brainrecon.errors import BrainreconError, BrainreconWarning, DataError
 from brainrecon.io import check_arrays
 
 STAGES = ("encoder", "pretrain", "finetune", "cfg")
@@ -184,9 +184,10 @@ class NeuroPictorDecoder(Decoder):
         Images denoised together at inference (4).
     seed : int
         Seeds data order, noise, initialisation and the per-image inference noise.
-    device : str, optional
-        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or None/``"auto"`` (CUDA when available). Under
-        ``accelerate launch`` the process's device is used.
+    device : str, default "auto"
+        ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (CUDA when available; None, as older
+        saved decoders hold, means the same). Under ``accelerate launch`` the process's device
+        is used.
         Several CPU processes (gloo): ``accelerate launch --multi_gpu --num_processes N
         --num_machines 1 --mixed_precision no --dynamo_backend no -m brainrecon.cli fit --decoder
         neuropictor --device cpu ...`` (``accelerate launch --cpu`` starts one process whatever
@@ -303,7 +304,7 @@ class NeuroPictorDecoder(Decoder):
         num_inference_steps: int = 50,
         predict_batch_size: int = 4,
         seed: int = 0,
-        device: str | None = None,
+        device: str | None = "auto",
         checkpoint_dir: str | None = None,
         resume: bool = False,
         checkpoint_every: int = 1000,
@@ -596,8 +597,8 @@ class NeuroPictorDecoder(Decoder):
                 raise BrainreconError(
                     f"init_from={self.init_from!r} was trained with encoder LayerNorm eps {saved_eps:g}, "
                     f"this decoder has encoder_eps={self.encoder_eps!r}. Pass encoder_eps={saved_eps:g} "
-                    f"(CLI: --param encoder_eps={saved_eps:g}) to continue with the value it was trained "
-                    f"with, or refit the earlier stage."
+                    f"to continue with the value it was trained with, or refit the earlier stage.",
+                    parameters=("encoder_eps",)
                 )
             load_state_dict_strict(encoder, read_safetensors(init_dir / ENCODER_FILE, "fMRI encoder"),
                                    "fMRI encoder", source=str(init_dir / ENCODER_FILE))
@@ -658,7 +659,7 @@ class NeuroPictorDecoder(Decoder):
         if stage == "cfg" and (init_cfg is None or init_state.get("stage") == "encoder"):
             raise BrainreconError(
                 "Stage 'cfg' continues a trained diffusion model: pass init_from=<saved decoder of "
-                "stage 'pretrain' or 'finetune'> (CLI: --init-from runs/<run>/decoder)."
+                "stage 'pretrain' or 'finetune'> (e.g. runs/<run>/decoder).", parameters=("init_from",)
             )
         if self.validate_every and not self.checkpoint_dir:
             raise BrainreconError("validate_every needs checkpoint_dir (the grids are written there).")
@@ -836,7 +837,7 @@ class NeuroPictorDecoder(Decoder):
             raise BrainreconError(
                 "This NeuroPictor decoder was trained in stage 'encoder' (a surface-map "
                 "autoencoder) and cannot reconstruct images; use it as init_from of a 'pretrain' "
-                "stage (CLI: brainrecon fit --decoder neuropictor --stage pretrain --init-from ...)."
+                "stage (`brainrecon fit --decoder neuropictor --stage pretrain --init-from DIR`)."
             )
 
     def _sample(self, net, structure: np.ndarray, semantics: np.ndarray, image_ids, *,
@@ -1061,8 +1062,8 @@ class NeuroPictorDecoder(Decoder):
                  "semantic_hidden", "image_size", "stage", "base_model", "subjects")
         fixed = sorted(set(params or {}) & set(sizes))
         if fixed:
-            raise official.OfficialFileError(f"{', '.join(fixed)} come(s) from the file (or --base-model / "
-                                             f"--subjects), not from params.")
+            raise official.OfficialFileError(f"{', '.join(fixed)} come(s) from the file (or base_model / "
+                                             f"subjects), not from params.", parameters=("base_model", "subjects"))
         decoder.set_params(**dict(params or {}))
         decoder._base_cache = base
         decoder.net_ = converted.net
@@ -1169,12 +1170,12 @@ def single_process_cpu_launch() -> bool:
 
 def _num_processes(cpu: bool = False) -> int:
     if single_process_cpu_launch():
-        warnings.warn(
-            "`accelerate launch --cpu` starts one process whatever --num_processes says (accelerate "
+        warnings.warn(BrainreconWarning(
+            "`accelerate launch --cpu --num_processes N` starts one process whatever N is (accelerate "
             "runs several CPU processes only through mpirun); this run trains in ONE process (with "
-            "--param global_batch=G it still accumulates to that global batch). For N gloo processes use "
+            "global_batch=G it still accumulates to that global batch). For N gloo processes use "
             f"`{CPU_LAUNCH.format(n='N')}` (or `torchrun --nproc_per_node N -m brainrecon.cli fit ...`).",
-            stacklevel=3,
+            parameters=("global_batch",)), stacklevel=3,
         )
     try:
         from accelerate import PartialState

@@ -608,8 +608,8 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
     # fMRI encoder: the file's own (trained in every stage) or the released UK-Biobank one.
     if parts["encoder"] and encoder is not None:
         raise OfficialFileError(
-            f"{source} holds its own (fine-tuned) fMRI encoder; --encoder is for files without one "
-            f"(control_sd21_ini.ckpt). Drop --encoder."
+            f"{source} holds its own (fine-tuned) fMRI encoder; encoder is for files without one "
+            f"(control_sd21_ini.ckpt). Leave encoder out.", parameters=("encoder",)
         )
     if parts["encoder"]:
         fmri = encoder_from_state(parts["encoder"], encoder_config, source=f"{source} (fmri_encoder)")
@@ -617,8 +617,9 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
         fmri = load_official_encoder(encoder, encoder_config)
     else:
         raise OfficialFileError(
-            f"{source} has no fMRI encoder (fmri_encoder.*); pass the released one: --encoder "
-            f"checkpoint_120000.pth --encoder-config fMRI_AutoEncoder.yaml."
+            f"{source} has no fMRI encoder (fmri_encoder.*); pass the released one: "
+            f"encoder=checkpoint_120000.pth, encoder_config=fMRI_AutoEncoder.yaml.",
+            parameters=("encoder", "encoder_config")
         )
     spec = fmri.official_spec
     report.counts["fmri_encoder"] = len(parts["encoder"]) or len(fmri.state_dict())
@@ -641,7 +642,7 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
             raise OfficialFileError(
                 f"The {name} of {source} differs from base_model={base_model!r} by up to {diff:.3g}; "
                 f"NeuroPictor keeps it frozen, so base_model must be the Stable Diffusion 2.1-base the "
-                f"file was built on (pass --base-model)."
+                f"file was built on (pass it as base_model).", parameters=("base_model",)
             )
         report.frozen_max_diff[name] = diff
         report.counts[name] = len(parts[name])

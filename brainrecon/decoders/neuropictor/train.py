@@ -439,7 +439,7 @@ def newest_intact_checkpoint(directory: str | Path, log: Callable[[str], None] =
     if damaged:
         raise BrainreconError(
             f"Cannot resume from {directory}: no intact checkpoint is left ({damaged[0]}). "
-            f"Start afresh without --resume."
+            f"Start afresh with resume=False.", parameters=("resume",)
         )
     return None
 
