@@ -7,6 +7,7 @@ group) also on failure.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ client_app = ClientApp()
 
 @server_app.main()
 def main(grid, context):
+    Path(str(context.run_config["leak"])).with_name("server-leak.txt").write_text("ran at the server")
     nodes = []
     for _ in range(100):
         nodes = list(grid.get_node_ids())
@@ -111,10 +113,27 @@ def _assert_gone(started):
         assert not _living_in_group(process.pid), _living_in_group(process.pid)
 
 
+def _attacker_home(tmp_path: Path, port: int) -> Path:
+    """A Flower CLI configuration that points `flwr run` at 127.0.0.1:port (the victim)."""
+    home = tmp_path / "attacker-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+    return home
+
+
+def _start_site(tmp_path: Path, port: int, env) -> subprocess.Popen:
+    return supervise.start_process(
+        CLI + ["site", "--subject", "1", "--data", DATA, "--server", f"127.0.0.1:{port}",
+               "--state-dir", str(tmp_path / "site-1"), "--out", str(tmp_path / "runs"), "--no-evaluate"],
+        env=env, log=tmp_path / "site-1.log")
+
+
 @pytest.mark.slow
 def test_attacker_app_submitted_with_flwr_run_is_refused_and_reads_nothing(tmp_path, allow_loopback):
-    """A hand-written app run with `flwr run` against a server: the site refuses it in one line
-    before any of its code runs, and the app gets nothing of the site."""
+    """A hand-written app run with `flwr run` against a running `brainrecon federate server`
+    (with a site connected): the server refuses it in one line; none of its code runs, neither
+    at the server nor at the site, and it reads nothing."""
     port = supervise.free_port()
     leak = tmp_path / "leak.txt"
     env = supervise.flower_env()
@@ -125,29 +144,67 @@ def test_attacker_app_submitted_with_flwr_run_is_refused_and_reads_nothing(tmp_p
             CLI + ["server", "--rounds", "2", "--sites", "2", "--port", str(port), "--server-dir",
                    str(tmp_path / "server"), "--params", json.dumps(PARAMS)], env=env, log=tmp_path / "server.log"))
         supervise.wait_for_port("127.0.0.1", port, 120, started[0])
-        started.append(supervise.start_process(
-            CLI + ["site", "--subject", "1", "--data", DATA, "--server", f"127.0.0.1:{port}",
-                   "--state-dir", str(tmp_path / "site-1"), "--out", str(tmp_path / "runs"), "--no-evaluate"],
-            env=env, log=tmp_path / "site-1.log"))
-        # The server's own run waits for its second site; meanwhile an attacker submits an app.
-        home = tmp_path / "attacker-home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        started.append(_start_site(tmp_path, port, env))
         site_log = tmp_path / "site-1.log"
         _wait_for(lambda: "SuperNode ID" in site_log.read_text(errors="replace"), 120,
                   lambda: _tails(tmp_path), started[:2])
-        attacker = _attacker_app(tmp_path / "attacker", leak)
+        # The server's own run waits for its second site; meanwhile an attacker submits an app.
+        attacker = supervise.start_process(
+            [supervise.flower_bin("flwr"), "run", ".", "victim", "--stream"],
+            env=supervise.flower_env(flwr_home=_attacker_home(tmp_path, port)), log=tmp_path / "attacker.log",
+            cwd=_attacker_app(tmp_path / "attacker", leak))
+        started.append(attacker)
+        try:
+            attacker.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pass
+        assert started[0].poll() is None and started[1].poll() is None, _tails(tmp_path)
+    finally:
+        supervise.stop_all(started)
+        supervise.stop_flower_processes(tmp_path / "site-1" / "flwr-home")
+        supervise.stop_flower_processes(tmp_path / "server" / "flwr-home")
+    _assert_gone(started)
+    assert attacker.returncode not in (None, 0), _tails(tmp_path)
+    assert not leak.exists() and not (tmp_path / "server-leak.txt").exists()
+    refusal = "refused to run 'attacker-app' 1.0.0"
+    assert refusal in (tmp_path / "attacker.log").read_text(errors="replace"), _tails(tmp_path)
+    superlink_log = (tmp_path / "server" / "superlink.log").read_text(errors="replace")
+    assert [line for line in superlink_log.splitlines() if refusal in line], superlink_log
+    assert str(tmp_path / "site-1") not in (tmp_path / "attacker.log").read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_site_refuses_a_foreign_app_even_from_a_rogue_server(tmp_path, allow_loopback):
+    """A site connected to a plain Flower SuperLink (a server taken over, or not brainrecon's):
+    an app run there with `flwr run` is refused by the site in one line before any of its code
+    runs at the site; it reads nothing of the site."""
+    port = supervise.free_port()
+    leak = tmp_path / "leak.txt"
+    env = supervise.flower_env()
+    env["TQDM_DISABLE"] = "1"
+    started = []
+    rogue_home = tmp_path / "rogue-home"
+    try:
+        started.append(supervise.start_process(
+            [supervise.flower_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=supervise.flower_env(flwr_home=rogue_home), log=tmp_path / "rogue.log"))
+        supervise.wait_for_port("127.0.0.1", port, 120, started[0])
+        started.append(_start_site(tmp_path, port, env))
+        site_log = tmp_path / "site-1.log"
+        _wait_for(lambda: "SuperNode ID" in site_log.read_text(errors="replace"), 120,
+                  lambda: _tails(tmp_path), started[:2])
         started.append(supervise.start_process(
             [supervise.flower_bin("flwr"), "run", ".", "victim", "--stream"],
-            env=supervise.flower_env(flwr_home=home), log=tmp_path / "attacker.log", cwd=attacker))
+            env=supervise.flower_env(flwr_home=_attacker_home(tmp_path, port)), log=tmp_path / "attacker.log",
+            cwd=_attacker_app(tmp_path / "attacker", leak)))
         _wait_for(lambda: "refused to run" in site_log.read_text(errors="replace") or leak.exists(), 150,
                   lambda: _tails(tmp_path), started[:2])
         time.sleep(2)
     finally:
         supervise.stop_all(started)
-        supervise.stop_flower_processes(tmp_path / "site-1" / "flwr-home")
-        supervise.stop_flower_processes(tmp_path / "server" / "flwr-home")
+        for home in (tmp_path / "site-1" / "flwr-home", rogue_home):
+            supervise.stop_flower_processes(home)
     _assert_gone(started)
     assert not leak.exists(), leak.read_text()
     text = site_log.read_text(errors="replace")
@@ -158,11 +215,11 @@ def test_attacker_app_submitted_with_flwr_run_is_refused_and_reads_nothing(tmp_p
 
 
 def test_the_site_accepts_the_app_the_server_ships():
+    import tempfile
+
     from flwr.cli.build import build_fab_from_disk
 
     from brainrecon.federation import node
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         ours = build_fab_from_disk(server.write_app(Path(d) / "app"))
@@ -195,27 +252,56 @@ def test_non_loopback_addresses_need_credentials(tmp_path, monkeypatch):
     assert site.site_transport("127.0.0.1:9092") is True
 
 
-def test_control_api_answers_loopback_only():
+def test_control_api_answers_loopback_only_and_starts_brainrecons_app_once(tmp_path):
+    """The SuperLink's rules: Control and Runtime APIs from loopback only; the Fleet API from
+    anywhere; `start-run` only with brainrecon's app bundle, and only once."""
     import asyncio
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.proto.fab_pb2 import Fab
 
     from brainrecon.federation.link import LoopbackOnly
 
     async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
+        message = await receive() if scope["path"].endswith("start-run") else {"body": b""}
+        await send({"type": "http.response.start", "status": 200, "headers": [], "seen": message["body"]})
 
-    def status(path, client):
-        sent = []
+    def call(rules, path, client, body=b""):
+        sent, parts = [], [body[:10], body[10:]]
+
+        async def receive():
+            part = parts.pop(0)
+            return {"type": "http.request", "body": part, "more_body": bool(parts)}
 
         async def send(message):
             sent.append(message)
 
-        asyncio.run(LoopbackOnly(app)({"type": "http", "path": path, "client": (client, 5)}, None, send))
-        return sent[0]["status"]
+        asyncio.run(rules({"type": "http", "path": path, "client": (client, 5)}, receive, send))
+        return sent[0]
 
-    assert status("/v1/control/start-run", "10.0.0.7") == 403
-    assert status("/v1/runtime/pull-messages", "10.0.0.7") == 403
-    assert status("/v1/control/start-run", "127.0.0.1") == 200
-    assert status("/v1/fleet/register-node", "10.0.0.7") == 200
+    def start_run(content: bytes) -> bytes:
+        return StartRunRequest(fab=Fab(hash_str="x", content=content)).SerializeToString()
+
+    rules = LoopbackOnly(app)
+    assert call(rules, "/v1/control/start-run", "10.0.0.7")["status"] == 403
+    assert call(rules, "/v1/runtime/pull-messages", "10.0.0.7")["status"] == 403
+    assert call(rules, "/v1/control/list-runs", "127.0.0.1")["status"] == 200
+    assert call(rules, "/v1/fleet/register-node", "10.0.0.7")["status"] == 200
+    # A foreign app, or brainrecon's named by hash only, is refused before Flower sees it.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "pyproject.toml").write_text(server.app_files()["pyproject.toml"].decode().replace(
+        'version = "', 'version = "9'))
+    (foreign / "README.md").write_text("x")
+    assert call(rules, "/v1/control/start-run", "127.0.0.1", start_run(build_fab_from_disk(foreign)))["status"] == 403
+    assert call(rules, "/v1/control/start-run", "127.0.0.1", start_run(b""))["status"] == 403
+    assert call(rules, "/v1/control/start-run", "127.0.0.1", b"\xff garbage")["status"] == 403
+    # brainrecon's app starts, with Flower reading the very bytes that were checked; once.
+    ours = start_run(build_fab_from_disk(server.write_app(tmp_path / "app")))
+    reply = call(rules, "/v1/control/start-run", "127.0.0.1", ours)
+    assert reply["status"] == 200 and reply["seen"] == ours
+    assert call(rules, "/v1/control/start-run", "127.0.0.1", ours)["status"] == 403
 
 
 def test_bad_site_input_is_one_line_before_connecting(tmp_path, monkeypatch):

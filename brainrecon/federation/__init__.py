@@ -40,7 +40,11 @@ from brainrecon.federation.loopback import fit_on_flower
 from brainrecon.federation.records import check_upload
 from brainrecon.federation.server import make_strategy, serve
 from brainrecon.federation.site import run_site, site_train
-from brainrecon.federation.supervise import flower_env, flower_processes, stop_flower_processes
+from brainrecon.federation.supervise import (
+    flower_env,
+    flower_processes,
+    stop_flower_processes,
+)
 
 __all__ = [
     "check_upload",

@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import sys
-import tomllib
 import zipfile
+
+import tomllib
 
 from brainrecon.federation.server import APP_NAME, APP_VERSION, app_files
 
@@ -39,16 +40,16 @@ def _describe(content: bytes) -> str:
         with zipfile.ZipFile(io.BytesIO(content)) as fab:
             project = tomllib.loads(fab.read("pyproject.toml").decode("utf-8")).get("project", {})
         return f"'{project.get('name', '?')}' {project.get('version', '?')}"
-    except Exception:  # anything unreadable is simply not our app
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not our app
         return "an unreadable app"
 
 
-def app_refusal(content: bytes) -> str | None:
-    """Why this site refuses to run the FAB ``content``; None for brainrecon's BrainGuard app."""
+def app_refusal(content: bytes, who: str = "this site") -> str | None:
+    """Why ``who`` refuses to run the FAB ``content``; None for brainrecon's BrainGuard app."""
     found = hashlib.sha256(content).hexdigest()
     if found == expected_app_hash():
         return None
-    return (f"refused to run {_describe(content)} (sha256 {found[:16]}): this site runs only "
+    return (f"refused to run {_describe(content)} (sha256 {found[:16]}): {who} runs only "
             f"brainrecon's '{APP_NAME}' {APP_VERSION} (sha256 {expected_app_hash()[:16]}, same brainrecon "
             f"and flwr versions as the server)")
 

@@ -27,16 +27,23 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from brainrecon import __version__
 from brainrecon.decoders.brainguard.federated import aggregate
 from brainrecon.errors import BrainreconError
-from brainrecon.federation.records import ARRAYS, METRICS, NUM_EXAMPLES, SUBJECT, check_upload
+from brainrecon.federation.records import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    SUBJECT,
+    check_upload,
+)
 from brainrecon.federation.supervise import (
     DirectoryLock,
     flower_bin,
     flower_env,
+    owner_only,
     raise_on_sigterm,
     require_flwr,
-    owner_only,
     restore_sigterm,
     start_process,
     stop_all,
@@ -203,7 +210,8 @@ def server_main(grid, context) -> None:
                                     "round_seconds": [b - a for a, b in itertools.pairwise(ends)]})
 
 
-APP_VERSION = "1.0.0"
+#: The app's version is brainrecon's: a site refuses the app of another brainrecon version by name.
+APP_VERSION = __version__
 
 
 def app_files() -> dict[str, bytes]:
@@ -311,7 +319,7 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         encoding="utf-8")
     # Flower's SuperLink with its Control and Runtime APIs answering loopback only.
     args = [sys.executable, "-m", "brainrecon.federation.link", "--host", host, "--port", str(port),
-            "--disable-runtime-dependency-installation", "--database", str(server_dir / "superlink.db")]
+            "--disable-runtime-dependency-installation"]  # Flower's in-memory state: no database on disk
     if plain:
         args.append("--insecure")
     else:
@@ -339,13 +347,17 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
             log(f"stopped {len(leftovers)} Flower process(es) an earlier server left running: pids {leftovers}")
         if status.exists() and not resume:
             status.unlink()
+        # The SuperLink keeps its state (the sites' uploads among it) in memory only; a database
+        # an earlier brainrecon left here (with deleted uploads still in it) goes.
+        for stale in server_dir.glob("superlink.db*"):
+            stale.unlink()
         superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
         wait_for_port(connect, port, 60, superlink)
         for key in site_public_keys:
             # Only registered sites may join under --enable-supernode-auth (Flower's Control API,
             # reached on loopback).
             reg = subprocess.run([flower_bin("flwr"), "supernode", "register", str(Path(key).resolve()), "brainrecon"],
-                                 env=env, cwd=server_dir, capture_output=True, text=True, timeout=120)
+                                 env=env, cwd=server_dir, capture_output=True, text=True, timeout=120, check=False)
             if reg.returncode != 0:
                 raise BrainreconError(f"Could not register site key {key}: {(reg.stdout + reg.stderr).strip()[-500:]}")
         if ready is not None:
@@ -372,11 +384,6 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         stop_flower_processes(flwr_home)
         restore_sigterm(previous)
         lock.release()
-    # The SuperLink's database still holds the sites' last uploads (as deleted rows): once the
-    # federation has finished nothing but the global shared tensors is kept. (After a failure
-    # it stays, for --resume, readable by its owner only.)
-    for leftover in server_dir.glob("superlink.db*"):
-        leftover.unlink()
     return server_dir
 
 
@@ -388,7 +395,7 @@ __all__ = [
     "make_strategy",
     "save_global",
     "serve",
-    "server_transport",
     "server_main",
+    "server_transport",
     "write_app",
 ]

@@ -33,9 +33,9 @@ from brainrecon.federation.supervise import (
     DirectoryLock,
     flower_env,
     free_port,
+    owner_only,
     raise_on_sigterm,
     require_flwr,
-    owner_only,
     restore_sigterm,
     stop_all,
     stop_flower_processes,
@@ -227,7 +227,7 @@ def check_site_input(subject: int, data: str, state_dir: Path) -> None:
     if previous.is_file():
         try:
             before = int(read_json(previous)["subject"])
-        except Exception:
+        except (BrainreconError, OSError, KeyError, TypeError, ValueError):  # unreadable: rewritten below
             before = None
         if before is not None and before != subject:
             raise BrainreconError(f"--state-dir {state_dir} holds the site of subject {before}, not {subject}; "

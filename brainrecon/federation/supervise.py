@@ -37,8 +37,13 @@ def require_flwr():
 
 
 def flower_env(base: Mapping[str, str] | None = None, flwr_home: str | os.PathLike | None = None) -> dict[str, str]:
-    """The environment for Flower processes: telemetry off unless the user chose otherwise."""
+    """The environment for Flower processes: telemetry off unless the user chose otherwise, and
+    this Python's scripts first on ``PATH`` (Flower starts ``flower-superexec``,
+    ``flwr-serverapp`` and ``flwr-clientapp`` by name, also when the venv is not activated)."""
     env = dict(os.environ if base is None else base)
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in env.get("PATH", "").split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (scripts, env.get("PATH", "")) if p)
     env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if flwr_home is not None:
@@ -250,8 +255,8 @@ def _main_thread() -> bool:
 
 
 __all__ = [
-    "DirectoryLock",
     "INSTALL_HINT",
+    "DirectoryLock",
     "flower_bin",
     "flower_env",
     "flower_processes",
