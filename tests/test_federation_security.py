@@ -219,12 +219,12 @@ def test_the_site_accepts_the_app_the_server_ships():
 
     from flwr.cli.build import build_fab_from_disk
 
-    from brainrecon.federation import node
+    from brainrecon.federation import bundle
 
     with tempfile.TemporaryDirectory() as d:
         ours = build_fab_from_disk(server.write_app(Path(d) / "app"))
-    assert node.app_refusal(ours) is None
-    assert "refused to run an unreadable app" in node.app_refusal(b"not a zip")
+    assert bundle.app_refusal(ours) is None
+    assert "refused to run an unreadable app" in bundle.app_refusal(b"not a zip")
 
 
 def test_non_loopback_addresses_need_credentials(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ split where the privacy boundary is:
                its run after the last round, and :func:`~.site.run_site`
                (``brainrecon federate site``);
 ``app``        the ServerApp and ClientApp Flower loads (``brainrecon.federation.app:server_app``);
+``bundle``     the Flower app (FAB) the server ships and the check that an app is it;
 ``link``       Flower's SuperLink with its Control and Runtime APIs answering loopback only;
 ``node``       Flower's SuperNode refusing every app but brainrecon's BrainGuard app (by content hash);
 ``supervise``  starting and stopping the processes, finding the ones a crash left, one lock

@@ -7,7 +7,7 @@ Flower 1.42 serves its Fleet API (what sites use), its Control API (``flwr run``
    request whose peer is not a loopback address is answered 403 before Flower sees it.
 2. The Control API starts one run, and only brainrecon's BrainGuard app: a ``start-run`` whose
    Flower app bundle (FAB) is not, byte for byte, the one this brainrecon builds
-   (:func:`~brainrecon.federation.node.app_refusal`), or any ``start-run`` after the first, is
+   (:func:`~brainrecon.federation.bundle.app_refusal`), or any ``start-run`` after the first, is
    answered 403 with one line. So even a process on the server's own machine cannot make the
    sites' SuperNodes (which refuse foreign apps anyway) or this server run other code, nor
    start brainrecon's app a second time with a run configuration of its own.
@@ -52,7 +52,7 @@ def _start_run_refusal(body: bytes) -> str | None:
     """Why a ``start-run`` request with this body is refused; None for brainrecon's app."""
     from flwr.proto.control_pb2 import StartRunRequest
 
-    from brainrecon.federation.node import app_refusal
+    from brainrecon.federation.bundle import app_refusal
 
     request = StartRunRequest()
     try:

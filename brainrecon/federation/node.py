@@ -3,7 +3,7 @@
 A SuperNode executes whatever Flower app (FAB) the SuperLink hands it. Flower's own app
 verification (``--trusted-entities``) needs apps signed through Flower's platform, so a site
 checks the app itself: the FAB it receives must be, byte for byte, the one
-:func:`~brainrecon.federation.server.app_files` builds (its name, version and content hash).
+:func:`~brainrecon.federation.bundle.app_files` builds (its name, version and content hash).
 Anything else is refused with one line, and Flower's error reply goes back, before the FAB is
 stored, so no code of it ever runs at the site (Flower runs a ClientApp only from a stored FAB).
 
@@ -12,46 +12,9 @@ stored, so no code of it ever runs at the site (Flower runs a ClientApp only fro
 
 from __future__ import annotations
 
-import hashlib
-import io
 import sys
-import zipfile
 
-import tomllib
-
-from brainrecon.federation.server import APP_NAME, APP_VERSION, app_files
-
-_EXPECTED: str | None = None
-
-
-def expected_app_hash() -> str:
-    """SHA-256 of the FAB Flower builds from brainrecon's BrainGuard app (what the server ships)."""
-    global _EXPECTED
-    if _EXPECTED is None:
-        from flwr.cli.build import build_fab_from_files
-
-        _EXPECTED = hashlib.sha256(build_fab_from_files(app_files())[0]).hexdigest()
-    return _EXPECTED
-
-
-def _describe(content: bytes) -> str:
-    """Name and version a FAB declares (read as data, never imported)."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(content)) as fab:
-            project = tomllib.loads(fab.read("pyproject.toml").decode("utf-8")).get("project", {})
-        return f"'{project.get('name', '?')}' {project.get('version', '?')}"
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not our app
-        return "an unreadable app"
-
-
-def app_refusal(content: bytes, who: str = "this site") -> str | None:
-    """Why ``who`` refuses to run the FAB ``content``; None for brainrecon's BrainGuard app."""
-    found = hashlib.sha256(content).hexdigest()
-    if found == expected_app_hash():
-        return None
-    return (f"refused to run {_describe(content)} (sha256 {found[:16]}): {who} runs only "
-            f"brainrecon's '{APP_NAME}' {APP_VERSION} (sha256 {expected_app_hash()[:16]}, same brainrecon "
-            f"and flwr versions as the server)")
+from brainrecon.federation.bundle import app_refusal, expected_app_hash
 
 
 def _install_check() -> None:
@@ -84,8 +47,35 @@ def _install_check() -> None:
     sci._verify_fab = lambda fab, trusted_entities: fab.verifications.get("brainrecon") == "ok"
 
 
+#: Environment variable naming the file this SuperNode writes once the SuperLink has admitted it.
+ADMITTED_ENV = "BRAINRECON_SITE_ADMITTED"
+
+
+def _install_admission_mark() -> None:
+    """Write the file ``$BRAINRECON_SITE_ADMITTED`` names when the SuperLink gives this
+    SuperNode its node id, so ``federate site`` can tell a server that restarted and forgot
+    this site (reconnect) from one that never admitted it (stop, one line)."""
+    import os
+    from pathlib import Path
+
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    mark = os.environ.get(ADMITTED_ENV)
+    if not mark:
+        return
+    real = InMemoryNodeState.set_node_id
+
+    def set_node_id(self, node_id):
+        real(self, node_id)
+        if node_id is not None:
+            Path(mark).write_text(str(node_id), encoding="utf-8")
+
+    InMemoryNodeState.set_node_id = set_node_id
+
+
 def main(argv: list[str] | None = None) -> None:
     _install_check()
+    _install_admission_mark()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
@@ -96,4 +86,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["app_refusal", "expected_app_hash", "main"]
+__all__ = ["ADMITTED_ENV", "app_refusal", "expected_app_hash", "main"]

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from brainrecon.decoders.brainguard.federated import site_round
 from brainrecon.errors import BrainreconError
+from brainrecon.federation.node import ADMITTED_ENV
 from brainrecon.federation.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SUBJECT
 from brainrecon.federation.supervise import (
     DirectoryLock,
@@ -242,6 +243,22 @@ def check_site_input(subject: int, data: str, state_dir: Path) -> None:
                               f"{type(exc).__name__}: {exc}") from None
 
 
+def _supervise_node(process, finished: Path, host: str, port: int) -> int | None:
+    """Wait for the SuperNode ``process``: None once the federation has ended for this site
+    (its last round done and the server no longer answering), else the SuperNode's exit code."""
+    gone = 0
+    while process.poll() is None:
+        time.sleep(1.0)
+        if not finished.is_file():
+            continue
+        # The last round is done and its reply on its way; the federation has ended when
+        # the server stops answering (it stops once it has every site's last reply).
+        gone = 0 if _answers(host, port) else gone + 1
+        if gone >= 3:
+            return None
+    return process.returncode
+
+
 def _answers(host: str, port: int) -> bool:
     """Whether something accepts connections on ``host:port``."""
     import socket
@@ -290,25 +307,34 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
         args += ["--auth-supernode-private-key", str(Path(auth_private_key).resolve())]
     finished = state_dir / SITE_FINISHED
     finished.unlink(missing_ok=True)
+    admitted = flwr_home / "admitted"
+    env = flower_env(flwr_home=flwr_home)
+    env[ADMITTED_ENV] = str(admitted)
     host, _, server_port = server.rpartition(":")
     previous = raise_on_sigterm()
     process = None
     try:
         stop_flower_processes(flwr_home)  # what a crashed SuperNode of this site left running
-        process = subprocess.Popen(args, env=flower_env(flwr_home=flwr_home))
-        process.own_group = False
-        gone = 0
-        while process.poll() is None:
-            time.sleep(1.0)
-            if not finished.is_file():
-                continue
-            # The last round is done and its reply on its way; the federation has ended when
-            # the server stops answering (it stops once it has every site's last reply).
-            gone = 0 if _answers(host.strip("[]"), int(server_port)) else gone + 1
-            if gone >= 3:
+        while True:
+            admitted.unlink(missing_ok=True)
+            process = subprocess.Popen(args, env=env)
+            process.own_group = False
+            code = _supervise_node(process, finished, host.strip("[]"), int(server_port))
+            if code is None:
                 print(f"federation finished; this site wrote its run to {read_json(finished)['run']}", flush=True)
                 return 0
-        return process.returncode
+            if code != 0 or finished.is_file():
+                return code
+            # Flower's SuperNode stops (code 0) when the SuperLink answers 401 for it.
+            if not admitted.is_file():
+                print(f"The server at {server} did not admit this site: with SuperNode authentication its "
+                      f"public key must be registered there (the server's --site-public-key).",
+                      file=sys.stderr, flush=True)
+                return 1
+            # It had been admitted: the server restarted (with --resume) and no longer knows it.
+            print("the server no longer knows this site (restarted?); connecting again", flush=True)
+            stop_flower_processes(flwr_home)
+            time.sleep(2.0)
     finally:
         if process is not None:
             stop_all([process])
