@@ -163,7 +163,7 @@ def _credentials(directory):
     (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (directory / "server.pem").write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     (directory / "server.key").write_bytes(pem_key(server_key))
-    for s in (1, 2):
+    for s in (1, 2, 3):
         key = ec.generate_private_key(ec.SECP384R1())
         (directory / f"site-{s}").write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
@@ -189,7 +189,7 @@ def test_tls_with_supernode_authentication_end_to_end(tmp_path, allow_loopback):
                    "--ssl-ca-certfile", str(keys / "ca.pem"), "--enable-supernode-auth",
                    "--site-public-key", str(keys / "site-1.pub"), "--site-public-key", str(keys / "site-2.pub"),
                    "--round-timeout", "200"], env=env, log=tmp_path / "server.log"))
-        for s in (1, 2):
+        for s in (1, 2, 3):  # site 3's key was not registered at the server
             started.append(supervise.start_process(
                 CLI + ["site", "--subject", str(s), "--data", DATA, "--server", f"127.0.0.1:{port}",
                        "--root-certificates", str(keys / "ca.pem"), "--auth-private-key", str(keys / f"site-{s}"),
@@ -200,9 +200,14 @@ def test_tls_with_supernode_authentication_end_to_end(tmp_path, allow_loopback):
         except subprocess.TimeoutExpired:
             code = "no exit after 400 s"
         assert code == 0, _log_tails(tmp_path)
+        started[3].wait(timeout=60)
     finally:
         supervise.stop_all(started)
-        for home in (tmp_path / "server", tmp_path / "site-1", tmp_path / "site-2"):
+        for home in (tmp_path / "server", tmp_path / "site-1", tmp_path / "site-2", tmp_path / "site-3"):
             supervise.stop_flower_processes(home / "flwr-home")
     _assert_all_gone(started)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["brainguard-subj01-pixels", "brainguard-subj02-pixels"]
+    # The unregistered site was not admitted: one line, exit code 1, no traceback.
+    assert started[3].returncode == 1, _log_tails(tmp_path)
+    text = (tmp_path / "site-3.log").read_text()
+    assert "did not admit this site" in text and "Traceback" not in text, text

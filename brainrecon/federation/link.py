@@ -11,6 +11,8 @@ Flower 1.42 serves its Fleet API (what sites use), its Control API (``flwr run``
    answered 403 with one line. So even a process on the server's own machine cannot make the
    sites' SuperNodes (which refuse foreign apps anyway) or this server run other code, nor
    start brainrecon's app a second time with a run configuration of its own.
+3. Until the server has registered the sites' keys (the file ``$BRAINRECON_FLEET_GATE`` names
+   exists), the Fleet API answers 503, which a SuperNode retries.
 
 ``python -m brainrecon.federation.link ARGS`` is ``flower-superlink ARGS`` with those rules.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import sys
 
 #: Path prefixes another machine may use: the Fleet API and the health check.
@@ -40,9 +43,19 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
-async def _refuse(send, reason: str) -> None:
+#: Environment variable naming a file: until it exists the Fleet API answers 503 (retry later),
+#: so that sites connecting while the server registers their keys are not refused.
+FLEET_GATE_ENV = "BRAINRECON_FLEET_GATE"
+
+
+def _fleet_open() -> bool:
+    gate = os.environ.get(FLEET_GATE_ENV)
+    return not gate or os.path.exists(gate)
+
+
+async def _refuse(send, reason: str, status: int = 403) -> None:
     body = json.dumps({"detail": reason}).encode()
-    await send({"type": "http.response.start", "status": 403,
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -79,6 +92,9 @@ class LoopbackOnly:
         client = scope.get("client") or (None, None)
         if not path.startswith(PUBLIC_PREFIXES) and not is_loopback(client[0]):
             return await _refuse(send, "The Control and Runtime APIs of this SuperLink are loopback only.")
+        if path.startswith("/v1/fleet/") and not _fleet_open():
+            # Sites retry on 503: none is turned away before its key is registered.
+            return await _refuse(send, "This server is starting; try again.", status=503)
         if path.rstrip("/") != START_RUN:
             return await self.app(scope, receive, send)
         # Read the whole request, judge it, then hand Flower the same bytes.
@@ -129,4 +145,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["PUBLIC_PREFIXES", "START_RUN", "LoopbackOnly", "is_loopback", "main"]
+__all__ = ["FLEET_GATE_ENV", "PUBLIC_PREFIXES", "START_RUN", "LoopbackOnly", "is_loopback", "main"]

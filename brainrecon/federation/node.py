@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from brainrecon.federation.bundle import app_refusal, expected_app_hash
+from brainrecon.federation.supervise import ADMITTED_ENV
 
 
 def _install_check() -> None:
@@ -45,10 +46,6 @@ def _install_check() -> None:
 
     sci._pull_and_store_message = pull
     sci._verify_fab = lambda fab, trusted_entities: fab.verifications.get("brainrecon") == "ok"
-
-
-#: Environment variable naming the file this SuperNode writes once the SuperLink has admitted it.
-ADMITTED_ENV = "BRAINRECON_SITE_ADMITTED"
 
 
 def _install_admission_mark() -> None:
@@ -86,4 +83,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["ADMITTED_ENV", "app_refusal", "expected_app_hash", "main"]
+__all__ = ["app_refusal", "expected_app_hash", "main"]

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from brainrecon.decoders.brainguard.federated import aggregate
 from brainrecon.errors import BrainreconError
 from brainrecon.federation.bundle import APP_MODULE, app_files
+from brainrecon.federation.link import FLEET_GATE_ENV, is_loopback
 from brainrecon.federation.records import (
     ARRAYS,
     METRICS,
@@ -225,8 +226,6 @@ def server_transport(host: str, *, insecure: bool = False, ssl_certfile: str | N
     certificate files) and SuperNode authentication, or an explicit ``insecure=True`` (a
     warning names the risk). Raises :class:`BrainreconError` otherwise.
     """
-    from brainrecon.federation.link import is_loopback
-
     files = [ssl_certfile, ssl_keyfile, ssl_ca_certfile]
     if any(files) and not all(files):
         raise BrainreconError("TLS needs all three of --ssl-certfile, --ssl-keyfile and --ssl-ca-certfile.")
@@ -310,7 +309,10 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         # an earlier brainrecon left here (with deleted uploads still in it) goes.
         for stale in server_dir.glob("superlink.db*"):
             stale.unlink()
-        superlink = start_process(args, env=env, log=server_dir / "superlink.log", new_group=False)
+        gate = flwr_home / "fleet-open"
+        gate.unlink(missing_ok=True)
+        superlink = start_process(args, env={**env, FLEET_GATE_ENV: str(gate)}, log=server_dir / "superlink.log",
+                                  new_group=False)
         wait_for_port(connect, port, 60, superlink)
         for key in site_public_keys:
             # Only registered sites may join under --enable-supernode-auth (Flower's Control API,
@@ -319,6 +321,7 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
                                  env=env, cwd=server_dir, capture_output=True, text=True, timeout=120, check=False)
             if reg.returncode != 0:
                 raise BrainreconError(f"Could not register site key {key}: {(reg.stdout + reg.stderr).strip()[-500:]}")
+        gate.touch()  # sites may join now
         if ready is not None:
             ready()
         log(f"SuperLink listening on {host}:{port}; waiting for {min_sites} site(s)")

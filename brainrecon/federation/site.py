@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from brainrecon.decoders.brainguard.federated import site_round
 from brainrecon.errors import BrainreconError
-from brainrecon.federation.node import ADMITTED_ENV
 from brainrecon.federation.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, SUBJECT
 from brainrecon.federation.supervise import (
+    ADMITTED_ENV,
     DirectoryLock,
     flower_env,
     free_port,
@@ -323,13 +323,15 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
             if code is None:
                 print(f"federation finished; this site wrote its run to {read_json(finished)['run']}", flush=True)
                 return 0
-            if code != 0 or finished.is_file():
+            if finished.is_file() or (code != 0 and admitted.is_file()):
                 return code
-            # Flower's SuperNode stops (code 0) when the SuperLink answers 401 for it.
+            # Flower's SuperNode stops when the SuperLink answers 401 for it: with code 0 once
+            # it was admitted, 305 ("failed to activate") before.
             if not admitted.is_file():
-                print(f"The server at {server} did not admit this site: with SuperNode authentication its "
-                      f"public key must be registered there (the server's --site-public-key).",
-                      file=sys.stderr, flush=True)
+                print(f"The server at {server} did not admit this site (Flower exit code {code}): with TLS, "
+                      f"--root-certificates must be the CA that signed the server's certificate; with SuperNode "
+                      f"authentication, this site's public key must be registered at the server "
+                      f"(its --site-public-key).", file=sys.stderr, flush=True)
                 return 1
             # It had been admitted: the server restarted (with --resume) and no longer knows it.
             print("the server no longer knows this site (restarted?); connecting again", flush=True)

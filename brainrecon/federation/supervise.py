@@ -23,6 +23,8 @@ from pathlib import Path
 from brainrecon.errors import BrainreconError
 
 INSTALL_HINT = "pip install 'brainrecon[federated]'"
+#: Environment variable naming the file a site's SuperNode writes once the SuperLink admitted it.
+ADMITTED_ENV = "BRAINRECON_SITE_ADMITTED"
 
 
 def require_flwr():
@@ -255,6 +257,7 @@ def _main_thread() -> bool:
 
 
 __all__ = [
+    "ADMITTED_ENV",
     "INSTALL_HINT",
     "DirectoryLock",
     "flower_bin",
