@@ -65,9 +65,9 @@ def task_identity(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
-def _instruction(arrays: ArrayRecord, server_round: int, rounds: int = 2) -> Message:
+def _instruction(arrays: ArrayRecord, server_round: int, rounds: int = 2, node: int = 7) -> Message:
     config = ConfigRecord({"server-round": server_round, "num-rounds": rounds, "sites": 2})
-    return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=7,
+    return Message(content=RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                    message_type="train")
 
 
@@ -162,8 +162,8 @@ def test_site_upload_is_shared_tensors_and_sample_count(tmp_path, task_identity,
         site.site_train(_instruction(arrays, 5, rounds=6), context)
 
 
-def _reply(arrays: dict, metrics: dict) -> Message:
-    instruction = _instruction(ArrayRecord(), 1)
+def _reply(arrays: dict, metrics: dict, node: int = 7) -> Message:
+    instruction = _instruction(ArrayRecord(), 1, node=node)
     content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(arrays), "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=instruction)
 
@@ -178,10 +178,22 @@ def test_server_refuses_private_keys_and_extra_metrics(task_identity):
         strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "loss": 0.5}), _reply(ok, {"num-examples": 5})])
     with pytest.raises(BrainreconError, match="1 of the required 2 sites replied"):
         strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3})])
-    # One site per subject: a second site of subject 1 is refused, naming both nodes.
-    with pytest.raises(BrainreconError, match=r"nodes 7 and 7 are both sites of subject 1; .* one site per subject"):
-        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "subject": 1}),
-                                     _reply(ok, {"num-examples": 3, "subject": 1})])
+    # One site per subject: a second site of subject 1 is refused (its upload not averaged, no
+    # more rounds for it), and a round short of sites without it waits (TooFewReplies).
+    with pytest.raises(server.TooFewReplies, match=r"1 of the required 2 sites replied \(node 8: a second site of subject 1\)"):
+        strategy.aggregate_train(1, [_reply(ok, {"num-examples": 3, "subject": 1}, node=7),
+                                     _reply(ok, {"num-examples": 3, "subject": 1}, node=8)])
+    assert strategy.sites == {1: 7} and strategy.refused == {8: 1}
+    arrays, metrics = strategy.aggregate_train(2, [
+        _reply({"head.weight": torch.full((2, 2), 9.0)}, {"num-examples": 3, "subject": 1}, node=8),
+        _reply({"head.weight": torch.full((2, 2), 1.0)}, {"num-examples": 1, "subject": 1}, node=7),
+        _reply({"head.weight": torch.full((2, 2), 4.0)}, {"num-examples": 3, "subject": 2}, node=9)])
+    torch.testing.assert_close(arrays.to_torch_state_dict()["head.weight"], torch.full((2, 2), 3.25))
+    # A site restarted alone comes back as a new node: it replaces its subject's old one.
+    strategy.aggregate_train(3, [_reply(ok, {"num-examples": 1, "subject": 1}, node=10),
+                                 _reply(ok, {"num-examples": 3, "subject": 2}, node=9)])
+    assert strategy.sites == {1: 10, 2: 9} and strategy.refused == {8: 1}
+    strategy = server.make_strategy(2)
     # The accepted case is brainrecon's own weighted average (n_s / sum n).
     arrays, metrics = strategy.aggregate_train(1, [_reply({"head.weight": torch.full((2, 2), 1.0)}, {"num-examples": 1}),
                                                    _reply({"head.weight": torch.full((2, 2), 4.0)}, {"num-examples": 3})])

@@ -98,35 +98,42 @@ def test_a_site_killed_and_restarted_alone_rejoins_and_the_result_is_unchanged(t
 
 @pytest.mark.slow
 def test_the_server_refuses_a_second_site_for_the_same_subject(tmp_path, allow_loopback):
-    """Two sites of subject 1 with different state directories: refused by the server, naming the
-    subject, instead of being averaged as two subjects."""
+    """Two sites of subject 1 (different state directories) and one of subject 2: the server
+    refuses the second site of subject 1, naming it, instead of averaging it as a third subject;
+    the federation goes on with one site per subject."""
     port = supervise.free_port()
     env = supervise.flower_env()
     env["TQDM_DISABLE"] = "1"
     started = []
+    sites = {"1a": 1, "1b": 1, "2": 2}
     try:
         started.append(supervise.start_process(
-            CLI + ["server", "--rounds", "1", "--sites", "2", "--port", str(port), "--server-dir",
-                   str(tmp_path / "server"), "--params", json.dumps({**PARAMS, "rounds": 1, "target": "pixels"}),
-                   "--round-timeout", "60"], env=env, log=tmp_path / "server.log"))
-        for state in ("a", "b"):
+            CLI + ["server", "--rounds", "2", "--sites", "2", "--port", str(port), "--server-dir",
+                   str(tmp_path / "server"), "--params", json.dumps({**PARAMS, "rounds": 2, "target": "pixels"}),
+                   "--round-timeout", "120"], env=env, log=tmp_path / "server.log"))
+        for name, subject in sites.items():
             started.append(supervise.start_process(
-                CLI + ["site", "--subject", "1", "--data", DATA, "--server", f"127.0.0.1:{port}",
-                       "--state-dir", str(tmp_path / state), "--out", str(tmp_path / "runs"), "--no-evaluate"],
-                env=env, log=tmp_path / f"site-{state}.log"))
+                CLI + ["site", "--subject", str(subject), "--data", DATA, "--server", f"127.0.0.1:{port}",
+                       "--state-dir", str(tmp_path / name), "--out", str(tmp_path / "runs"), "--no-evaluate"],
+                env=env, log=tmp_path / f"site-{name}.log"))
         try:
             code = started[0].wait(timeout=300)
         except subprocess.TimeoutExpired:
             code = "no exit after 300 s"
     finally:
         supervise.stop_all(started)
-        for home in (tmp_path / "server", tmp_path / "a", tmp_path / "b"):
-            supervise.stop_flower_processes(home / "flwr-home")
+        for home in ("server", *sites):
+            supervise.stop_flower_processes(tmp_path / home / "flwr-home")
     _assert_all_gone(started)
-    assert code == 1, _log_tails(tmp_path)
-    assert "are both sites of subject 1; a federation has one site per subject" in \
-        (tmp_path / "server.log").read_text(), _log_tails(tmp_path)
-    assert not (tmp_path / "server" / server.SERVER_GLOBAL).exists()
+    assert code == 0, _log_tails(tmp_path)
+    run_log = (tmp_path / "server" / "run.log").read_text()
+    refusals = [line for line in run_log.splitlines() if "as a second site of subject 1" in line]
+    assert len(refusals) == 1 and "it gets no more rounds" in refusals[0], run_log
+    # The refused site trained round 1 only (its upload not averaged), the others both rounds.
+    last = {name: max(int(p.name[6:11]) for p in (tmp_path / name).glob("state-*.json")) for name in sites}
+    assert last["2"] == 2 and sorted([last["1a"], last["1b"]]) == [1, 2], last
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["brainguard-subj01-pixels", "brainguard-subj02-pixels"]
+    assert json.loads((tmp_path / "server" / server.SERVER_STATUS).read_text())["finished"] is True
 
 
 def _credentials(directory):

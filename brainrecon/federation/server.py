@@ -71,13 +71,14 @@ def _strategy_base():
 
 
 def make_strategy(min_sites: int, server_dir: str | os.PathLike | None = None, offset: int = 0,
-                  rounds: int | None = None):
+                  rounds: int | None = None, sites: dict | None = None, refused: dict | None = None):
     """A :class:`BrainGuardFedAvg` needing ``min_sites`` sites per round.
 
     With ``server_dir`` it saves the global shared tensors and ``status.json`` after every
     round (round numbers continue after ``offset`` completed ones), so ``--resume`` works.
     """
-    return _strategy_class()(min_sites=min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
+    return _strategy_class()(min_sites=min_sites, server_dir=server_dir, offset=offset, rounds=rounds,
+                             sites=sites, refused=refused)
 
 
 _STRATEGY = None
@@ -97,34 +98,60 @@ def _strategy_class():
         evaluated centrally (the global backbone needs a site's private layer).
         """
 
-        def __init__(self, min_sites: int = 2, server_dir=None, offset: int = 0, rounds: int | None = None):
+        def __init__(self, min_sites: int = 2, server_dir=None, offset: int = 0, rounds: int | None = None,
+                     sites: dict | None = None, refused: dict | None = None):
             super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=int(min_sites),
                              min_available_nodes=int(min_sites), weighted_by_key=NUM_EXAMPLES)
             self.min_sites = int(min_sites)
             self.server_dir = None if server_dir is None else Path(server_dir)
             self.offset, self.rounds = int(offset), rounds
             self.round_ends: list[float] = []  # time.monotonic() after each round's average
+            # One site per subject: subject -> its node, and the nodes refused as second sites
+            # (node -> subject); they get no more rounds. Shared across redone rounds.
+            self.sites = {} if sites is None else sites
+            self.refused = {} if refused is None else refused
+
+        def configure_train(self, server_round, arrays, config, grid):
+            messages = super().configure_train(server_round, arrays, config, grid)
+            return [m for m in messages if m.metadata.dst_node_id not in self.refused]
+
+        def _one_site_per_subject(self, server_round, valid):
+            """The replies to average: a second site of a subject that has one is refused."""
+            by_subject: dict = {}
+            for m in valid:
+                metrics = m.content.metric_records.get(METRICS)
+                subject = None if metrics is None or SUBJECT not in metrics else int(metrics[SUBJECT])
+                by_subject.setdefault(subject, []).append(m)
+            kept = []
+            for subject, replies in by_subject.items():
+                if subject is None:
+                    kept += replies
+                    continue
+                nodes = [m.metadata.src_node_id for m in replies]
+                # The subject's known site if it replied (else a restarted one replaces it), else the first.
+                site = self.sites.get(subject) if self.sites.get(subject) in nodes else nodes[0]
+                self.sites[subject] = site
+                kept += [m for m in replies if m.metadata.src_node_id == site]
+                for node in nodes:
+                    if node != site:
+                        self.refused[node] = subject
+                        print(f"brainrecon server: round {server_round}: refused node {node} as a second site of "
+                              f"subject {subject} (node {site} is its site; a federation has one site per "
+                              f"subject); it gets no more rounds: stop it.", flush=True)
+            return kept
 
         def aggregate_train(self, server_round, replies):
             replies = list(replies)
             failed = [m for m in replies if m.has_error()]
-            valid = [m for m in replies if not m.has_error()]
+            valid = self._one_site_per_subject(server_round, [m for m in replies if not m.has_error()])
             if len(valid) < self.min_sites:
-                reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+                reasons = [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed]
+                reasons += [f"node {n}: a second site of subject {s}" for n, s in self.refused.items()]
+                why = f" ({'; '.join(reasons)})" if reasons else ""
                 raise TooFewReplies(
-                    f"Round {server_round}: {len(valid)} of the required {self.min_sites} sites "
-                    f"replied{f' ({reasons})' if reasons else ''}."
+                    f"Round {server_round}: {len(valid)} of the required {self.min_sites} sites replied{why}."
                 )
-            states, counts, subjects = [], [], {}
-            for m in valid:
-                metrics = m.content.metric_records.get(METRICS)
-                subject = None if metrics is None or SUBJECT not in metrics else int(metrics[SUBJECT])
-                if subject is not None and subject in subjects:
-                    raise BrainreconError(
-                        f"Round {server_round}: nodes {subjects[subject]} and {m.metadata.src_node_id} are both "
-                        f"sites of subject {subject}; a federation has one site per subject. The second was "
-                        f"refused: stop it and start the missing subject's site.")
-                subjects[subject] = m.metadata.src_node_id
+            states, counts = [], []
             for m in valid:
                 site = f"node {m.metadata.src_node_id}"
                 content = m.content
@@ -182,28 +209,37 @@ def server_main(grid, context) -> None:
     started = time.monotonic()
     round_ends: list[float] = []
     waiting_since = None
-    while offset < rounds:
-        strategy = make_strategy(min_sites, server_dir=server_dir, offset=offset, rounds=rounds)
-        train_config = ConfigRecord({"num-rounds": rounds, "round-offset": offset, "sites": min_sites})
-        try:
-            strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - offset,
-                           train_config=train_config, timeout=round_timeout)
-            round_ends += strategy.round_ends
-            break
-        except TooFewReplies as exc:
-            # A site dropped out (killed, restarting with its --state-dir): redo the round from
-            # the last global model with the sites connected then, for up to --round-timeout.
-            # A site that already did the round redoes it from its saved state: same upload.
-            round_ends += strategy.round_ends
-            done = int(read_json(status_path)["rounds_completed"]) if status_path.is_file() else 0
-            if done > offset or waiting_since is None:
-                waiting_since = time.monotonic()
-            if time.monotonic() - waiting_since > round_timeout:
-                raise
-            print(f"{exc} Waiting up to {round_timeout:.0f} s for the site(s) to come back.", flush=True)
-            time.sleep(5.0)
-            if status_path.is_file() and done > 0:
-                offset, initial = saved()
+    sites: dict = {}  # subject -> node, kept over redone rounds
+    refused: dict = {}  # second sites of a subject: node -> subject
+    try:
+        while offset < rounds:
+            strategy = make_strategy(min_sites, server_dir=server_dir, offset=offset, rounds=rounds,
+                                     sites=sites, refused=refused)
+            train_config = ConfigRecord({"num-rounds": rounds, "round-offset": offset, "sites": min_sites})
+            try:
+                strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds - offset,
+                               train_config=train_config, timeout=round_timeout)
+                round_ends += strategy.round_ends
+                break
+            except TooFewReplies as exc:
+                # A site dropped out (killed, restarting with its --state-dir): redo the round from
+                # the last global model with the sites connected then, for up to --round-timeout.
+                # A site that already did the round redoes it from its saved state: same upload.
+                round_ends += strategy.round_ends
+                done = int(read_json(status_path)["rounds_completed"]) if status_path.is_file() else 0
+                if done > offset or waiting_since is None:
+                    waiting_since = time.monotonic()
+                if time.monotonic() - waiting_since > round_timeout:
+                    raise
+                print(f"{exc} Waiting up to {round_timeout:.0f} s for the site(s) to come back.", flush=True)
+                time.sleep(5.0)
+                if status_path.is_file() and done > 0:
+                    offset, initial = saved()
+    except BrainreconError as exc:
+        # One line for `federate server` to show (the traceback stays in run.log).
+        status = read_json(status_path) if status_path.is_file() else {"rounds_completed": offset}
+        write_json_atomic(status_path, {**status, "finished": False, "error": str(exc)})
+        raise
     ends = [started, *round_ends]
     write_json_atomic(status_path, {"rounds_completed": rounds, "rounds": rounds, "finished": True,
                                     "round_seconds": [b - a for a, b in itertools.pairwise(ends)]})
@@ -305,6 +341,8 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
             log(f"stopped {len(leftovers)} Flower process(es) an earlier server left running: pids {leftovers}")
         if status.exists() and not resume:
             status.unlink()
+        elif status.exists() and "error" in read_json(status):  # the failure of an earlier attempt
+            write_json_atomic(status, {k: v for k, v in read_json(status).items() if k != "error"})
         # The SuperLink keeps its state (the sites' uploads among it) in memory only; a database
         # an earlier brainrecon left here (with deleted uploads still in it) goes.
         for stale in server_dir.glob("superlink.db*"):
@@ -334,6 +372,8 @@ def serve(*, params: Mapping[str, Any], rounds: int, min_sites: int, server_dir:
         finally:
             stop_all([run])
         done = read_json(status) if status.is_file() else {}
+        if done.get("error"):
+            raise BrainreconError(f"The federated run failed: {done['error']}")
         if returncode != 0 or not done.get("finished"):
             tail = "\n".join(run_log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
             raise BrainreconError(
