@@ -253,3 +253,57 @@ def test_hdf5_of_the_wrong_shape(me2, tmp_path):
     f.write_bytes(b"not hdf5")
     with pytest.raises(DataError, match="could not be opened as HDF5"):
         load_dataset(str(root))
+
+
+# ------------------------------------------------------------------ decoders on the new sources
+def _heldout_correlation(pred, truth):
+    p, t = pred.reshape(len(pred), -1), truth.reshape(len(truth), -1)
+    return float(np.mean([np.corrcoef(a, b)[0, 1] for a, b in zip(p, t)]))
+
+
+@pytest.mark.parametrize("trials", ["average", "single"])
+@pytest.mark.parametrize("source", ["me1", "me2"])
+def test_ridge_fits_end_to_end(source, trials, request, tmp_path):
+    import warnings
+
+    from brainrecon.decoders import load_decoder
+    from brainrecon.decoders.ridge import RidgeDecoder
+    from brainrecon.targets import get_target
+
+    root = request.getfixturevalue(source)
+    root = root[0] if source == "me1" else root
+    ds = load_dataset(str(root), subjects=[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder = RidgeDecoder(target_options={"size": 4}, trials=trials, device="numpy").fit(ds.train)
+    truth = get_target("pixels", size=4).load(ds.test, 1, progress=False)
+    pred = decoder.predict(ds.test)[1]
+    assert pred.shape == truth.shape
+    assert _heldout_correlation(pred, truth) > 0.3
+    assert _heldout_correlation(pred, truth) > _heldout_correlation(pred, np.roll(truth, 1, axis=0)) + 0.1
+    decoder.save(tmp_path / "ridge")
+    assert load_decoder(tmp_path / "ridge").get_params()["trials"] == trials  # the choice is recorded
+
+
+def test_ridge_single_uses_every_trial(me2):
+    from brainrecon.decoders.ridge import RidgeDecoder
+
+    ds = load_dataset(str(me2))
+    avg = RidgeDecoder(target_options={"size": 4}, device="numpy", alphas=[1.0]).fit(ds.train)
+    single = RidgeDecoder(target_options={"size": 4}, device="numpy", alphas=[1.0], trials="single").fit(ds.train)
+    X, _ = ds.train.trial_voxels(1)
+    np.testing.assert_allclose(single.x_mean_, X.mean(axis=0), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(single.coef_, avg.coef_)
+    with pytest.raises(DataError, match="Unknown trials"):
+        RidgeDecoder(trials="both").fit(ds.train)
+
+
+def test_brainguard_fits_on_mindeye2(me2):
+    from brainrecon.decoders.brainguard import BrainGuardDecoder
+
+    ds = load_dataset(str(me2))
+    decoder = BrainGuardDecoder(hidden=16, n_blocks=1, sync_layers=1, rounds=2, batch_size=8, device="cpu", progress=False,
+                                target_options={"size": 4}, dfl_num_pre_loss=2, trials="single",
+                                validation="dataset").fit(ds.train)
+    assert decoder.federation_["n_train"] == {"1": ds.train.n_images(1) - len(ds.validation.ids(1))}
+    assert decoder.predict(ds.test)[1].shape == (ds.test.n_images(1), 4, 4, 3)
