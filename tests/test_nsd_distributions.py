@@ -210,7 +210,7 @@ def test_truncated_shard(me1, tmp_path):
 def test_sample_missing_a_key(me1, tmp_path):
     root = _copy(me1[1], tmp_path)
     (root / "train" / "train_subj01" / "sample000000003.coco73k.npy").unlink()
-    with pytest.raises(DataError, match=r"sample000000003 has no coco73k\.npy"):
+    with pytest.raises(DataError, match=r"sample000000003 has no sample000000003\.coco73k\.npy"):
         load_dataset(str(root), subjects=[1])
 
 

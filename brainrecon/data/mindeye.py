@@ -62,7 +62,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from brainrecon.data.dataset import Dataset, SplitArrays, TrialAverages, Trials
-from brainrecon.data.webdataset import LazyImages, Member, MemberReader, scan_folder, scan_tar
+from brainrecon.data.webdataset import LazyImages, Member, MemberReader, _one_line, scan_folder, scan_tar
 from brainrecon.errors import BrainreconWarning, DataError
 
 MINDEYE1_VARIANTS = ("webdataset_avg_split", "webdataset_avg_new")
@@ -147,6 +147,8 @@ def _read_mindeye1_split(root: Path, split: str, subject: int, reader: MemberRea
     members: dict[str, dict[str, Member]] = {}
     for src in sources:
         found = scan_tar(src, _FIX_ME1) if layout == "tar" else scan_folder(src)
+        if not found:
+            raise DataError(f"{src} holds no samples; {_FIX_ME1}.")
         for key, m in found.items():
             members.setdefault(key, {}).update(m)
     if not members:
@@ -154,24 +156,25 @@ def _read_mindeye1_split(root: Path, split: str, subject: int, reader: MemberRea
     samples = []
     for key in sorted(members):
         m = members[key]
-        where = m.get(VOXELS_KEY) or next(iter(m.values()))
-        for need in (VOXELS_KEY, "coco73k.npy"):
+        where = next(iter(m.values())).path
+        where = where if layout == "tar" else where.parent
+        for need in (VOXELS_KEY, "coco73k.npy", "trial.npy", "num_uniques.npy"):
             if need not in m:
-                raise DataError(f"{where.where(key)}: sample {key} has no {need} member (it has "
+                raise DataError(f"{where}: sample {key} has no {key}.{need} (it has "
                                 f"{', '.join(sorted(m))}); {_FIX_ME1}.")
         if not any(k in m for k in IMAGE_KEYS):
-            raise DataError(f"{where.where(key)}: sample {key} has no image (jpg/png) member; {_FIX_ME1}.")
+            raise DataError(f"{where}: sample {key} has no image ({key}.jpg or {key}.png); {_FIX_ME1}.")
         nsd_id = _scalar(reader, m["coco73k.npy"], f"{key}.coco73k.npy", 0, 73000)
-        n_unique = (_scalar(reader, m["num_uniques.npy"], f"{key}.num_uniques.npy", 1, 4)
-                    if "num_uniques.npy" in m else 3)
-        trial = _scalar(reader, m["trial.npy"], f"{key}.trial.npy", 0, 10 ** 7) if "trial.npy" in m else -1
+        n_unique = _scalar(reader, m["num_uniques.npy"], f"{key}.num_uniques.npy", 1, 4)
+        trial = _scalar(reader, m["trial.npy"], f"{key}.trial.npy", 0, 10 ** 7)
         samples.append(_Sample(key, m, nsd_id, n_unique, trial, split))
     return samples, layout
 
 
 def _scalar(reader: MemberReader, member: Member, name: str, lo: int, hi: int) -> int:
     arr = reader.npy(member, name)
-    if arr.size != 1 or arr.dtype.kind not in "iuf" or not lo <= float(arr.reshape(-1)[0]) < hi:
+    value = arr.reshape(-1)[0] if arr.size == 1 and arr.dtype.kind in "iuf" else None
+    if value is None or not np.isfinite(value) or float(value) != int(value) or not lo <= int(value) < hi:
         raise DataError(f"{member.where(name)} holds {arr.dtype} of shape {arr.shape}"
                         f"{' = ' + str(arr.reshape(-1)[:3].tolist()) if arr.size else ''}, expected one integer in "
                         f"[{lo}, {hi}); {reader.fix}.")
@@ -192,7 +195,7 @@ class _Stacks:
         s = self.samples[i]
         name = f"{s.key}.{VOXELS_KEY}"
         arr = self.reader.npy(s.members[VOXELS_KEY], name)
-        if arr.ndim != 2 or arr.shape[0] < 1 or arr.dtype.kind != "f":
+        if arr.ndim != 2 or arr.shape[0] != 3 or arr.dtype.kind != "f":
             raise DataError(f"{s.members[VOXELS_KEY].where(name)} holds {arr.dtype} of shape {arr.shape}, expected "
                             f"float (3, n_voxels): an image's repetitions; {self.reader.fix}.")
         if hasattr(self, "shape") and arr.shape != self.shape[1:]:
@@ -350,7 +353,10 @@ def _behav_rows(tars: list[Path], subject: int) -> np.ndarray:
     reader = MemberReader(_FIX_ME2)
     rows = []
     for tar in tars:
-        for key, m in sorted(scan_tar(tar, _FIX_ME2).items()):
+        found = scan_tar(tar, _FIX_ME2)
+        if not found:
+            raise DataError(f"{tar} holds no samples; {_FIX_ME2}.")
+        for key, m in sorted(found.items()):
             if "behav.npy" not in m:
                 raise DataError(f"{tar}: sample {key} has no behav.npy member (it has {', '.join(sorted(m))}); "
                                 f"{_FIX_ME2}.")
@@ -359,6 +365,10 @@ def _behav_rows(tars: list[Path], subject: int) -> np.ndarray:
                 raise DataError(f"{m['behav.npy'].where(key + '.behav.npy')} holds shape {b.shape}, expected (1, "
                                 f"{N_BEHAV}) behaviour columns; {_FIX_ME2}.")
             row = b[0]
+            used = row[[0, 1, 5]]
+            if b.dtype.kind not in "iuf" or not np.all(np.isfinite(used)) or np.any(used != np.round(used)):
+                raise DataError(f"{m['behav.npy'].where(key + '.behav.npy')} holds {b.dtype} values {used.tolist()} in "
+                                f"columns 0, 1, 5 (73k id, subject, global trial), expected integers; {_FIX_ME2}.")
             if int(row[1]) != subject:
                 raise DataError(f"{m['behav.npy'].where(key + '.behav.npy')} is a trial of subject {int(row[1])}, but "
                                 f"it sits in subject {subject}'s folder; the files of two subjects are mixed up; "
@@ -390,7 +400,7 @@ class _CocoImages:
         try:
             block = np.asarray(self.dset[uniq]) if len(uniq) else np.zeros((0,) + tuple(self.dset.shape[1:]))
         except OSError as exc:
-            raise DataError(f"{self.path}: images could not be read ({exc}); the file is damaged or truncated; "
+            raise DataError(f"{self.path}: images could not be read ({_one_line(exc)}); the file is damaged or truncated; "
                             f"{_FIX_ME2}.") from None
         out = np.clip(np.rint(block.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
         out = out.transpose(0, 2, 3, 1)[inverse]
@@ -421,7 +431,7 @@ class _H5Rows:
             block = np.asarray(self.dset[uniq], dtype=np.float32) if len(uniq) else \
                 np.zeros((0, self.shape[1]), np.float32)
         except OSError as exc:
-            raise DataError(f"{self.path}: betas could not be read ({exc}); the file is damaged or truncated; "
+            raise DataError(f"{self.path}: betas could not be read ({_one_line(exc)}); the file is damaged or truncated; "
                             f"{_FIX_ME2}.") from None
         out = block[inverse]
         return out[0] if single else out
@@ -437,7 +447,7 @@ def _open_h5(path: Path, name: str, ndim: int, what: str) -> Any:
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
-        raise DataError(f"{path} could not be opened as HDF5 ({exc}); the file is damaged, truncated or not "
+        raise DataError(f"{path} could not be opened as HDF5 ({_one_line(exc)}); the file is damaged, truncated or not "
                         f"HDF5; {_FIX_ME2}.") from None
     if name not in f or not isinstance(f[name], h5py.Dataset):
         raise DataError(f"{path} has no dataset {name!r} (it has {', '.join(f.keys()) or 'nothing'}); expected "
@@ -563,7 +573,7 @@ def find_captions(root: Path) -> Any:
             try:
                 arr = np.load(f, mmap_mode="r", allow_pickle=False)
             except (ValueError, OSError) as exc:
-                raise DataError(f"{f} is not a readable caption array ({exc}); download it again from "
+                raise DataError(f"{f} is not a readable caption array ({_one_line(exc)}); download it again from "
                                 f"pscotti/naturalscenesdataset (annots/).") from None
             if arr.ndim != 2 or arr.shape[0] != 73000 or arr.dtype.kind not in "US":
                 raise DataError(f"{f} holds {arr.dtype} of shape {arr.shape}, expected strings (73000, 5); download "

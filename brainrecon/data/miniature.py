@@ -131,7 +131,7 @@ def write_mindeye1(root: str | Path, *, subjects: Sequence[int] = (1,), n_voxels
 def write_mindeye2(root: str | Path, *, subjects: Sequence[int] = (1,), n_voxels: int = 40, n_images: int = 30,
                    n_shared: int = 10, n_sessions: int = 3, old_test_sessions: int | None = None,
                    noise: float = 0.5, seed: int = 0, image_rows: int | None = None, image_size: int = 224,
-                   image_file: bool = True, chunk_rows: int = 4096) -> Path:
+                   image_file: bool = True, chunk_rows: int = 1024) -> Path:
     """Write ``pscotti/mindeyev2``'s layout for ``subjects``: ``betas_all_subjXX_fp32_renorm.hdf5``
     (dataset ``betas``, (n_sessions * 750, V) float32, row = global trial),
     ``wds/subjXX/train/{0..n_sessions-1}.tar`` (non-shared trials of each session),
@@ -155,33 +155,40 @@ def write_mindeye2(root: str | Path, *, subjects: Sequence[int] = (1,), n_voxels
         ids = np.concatenate([shared, own])
         reps = _repetitions(len(ids), rng)
         events = [(int(i), r) for i, n in zip(ids, reps) for r in range(n)]
-        slots = rng.choice(n_sessions * 60, size=len(events), replace=False)  # 60 used slots per session
-        trial_of = (slots // 60) * SESSION_TRIALS + (slots % 60) * 11
+        # Trials spread over the sessions' 750 slots (at most 750 per session).
+        per_session = min(SESSION_TRIALS, max(60, -(-len(events) // n_sessions)))
+        if len(events) > per_session * n_sessions:
+            raise ValueError(f"{len(events)} trials do not fit in {n_sessions} sessions of {SESSION_TRIALS}")
+        slots = rng.choice(n_sessions * per_session, size=len(events), replace=False)
+        trial_of = (slots // per_session) * SESSION_TRIALS + (slots % per_session) * (SESSION_TRIALS // per_session)
         V = n_voxels
-        signal = dict(zip(ids.tolist(), _signal(ids, V, seed)))
+        signal = _signal(ids, V, seed)
+        row_of_id = {int(i): k for k, i in enumerate(ids)}
+        order = np.argsort(trial_of)
         with h5py.File(root / f"betas_all_subj{subject:02d}_fp32_renorm.hdf5", "w") as f:
             d = f.create_dataset("betas", shape=(n_trials_total, V), dtype="float32",
                                  chunks=(min(64, n_trials_total), V))
-            order = np.argsort(trial_of)
-            rows = np.zeros((n_trials_total, V), dtype=np.float32) if n_trials_total * V < 5e7 else None
-            for k in order:
-                nsd_id, _ = events[k]
-                value = signal[nsd_id] + noise * rng.standard_normal(V).astype(np.float32)
-                if rows is not None:
-                    rows[trial_of[k]] = value
-                else:
-                    d[trial_of[k]] = value
-            if rows is not None:
-                d[:] = rows
+            # Written in blocks of whole chunks, in trial order (one pass over the file).
+            k = 0
+            for start in range(0, n_trials_total, chunk_rows):
+                stop = min(n_trials_total, start + chunk_rows)
+                block = np.zeros((stop - start, V), dtype=np.float32)
+                while k < len(order) and trial_of[order[k]] < stop:
+                    nsd_id, _ = events[order[k]]
+                    block[trial_of[order[k]] - start] = (signal[row_of_id[nsd_id]]
+                                                         + noise * rng.standard_normal(V).astype(np.float32))
+                    k += 1
+                d[start:stop] = block
         shards: dict[str, list] = {}
-        for k in np.argsort(trial_of):
+        shared_set = set(shared.tolist())
+        for k in order:
             nsd_id, _ = events[k]
             t = int(trial_of[k])
             session = t // SESSION_TRIALS
             behav = np.full((1, N_BEHAV), -1.0, dtype=np.float64)
             behav[0, :6] = [nsd_id, subject, session + 1, (t % SESSION_TRIALS) // 63 + 1, t % 63 + 1, t]
-            behav[0, 16] = float(nsd_id in set(shared.tolist()))
-            is_shared = nsd_id in set(shared.tolist())
+            is_shared = nsd_id in shared_set
+            behav[0, 16] = float(is_shared)
             targets = []
             if is_shared:
                 targets.append("new_test/0")

@@ -41,9 +41,11 @@ def scan_tar(path: Path, fix: str) -> dict[str, dict[str, Member]]:
     """
     samples: dict[str, dict[str, Member]] = {}
     size = path.stat().st_size
+    end = 0
     try:
         with tarfile.open(path, "r:") as tf:
             for info in tf:
+                end = max(end, info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
                 if not info.isfile():
                     continue
                 if info.offset_data + info.size > size:
@@ -52,9 +54,16 @@ def scan_tar(path: Path, fix: str) -> dict[str, dict[str, Member]]:
                 key, ext = _split_name(os.path.basename(info.name))
                 if ext:
                     samples.setdefault(key, {})[ext] = Member(path, info.offset_data, info.size)
+        # A shard cut exactly between two members still reads as a shorter archive: the end-of-archive
+        # marker (two zero blocks after the last member) tells the two apart.
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
     except (tarfile.TarError, EOFError, OSError) as exc:
-        raise DataError(f"{path} could not be read as a tar shard ({exc}); it is truncated or damaged; "
+        raise DataError(f"{path} could not be read as a tar shard ({_one_line(exc)}); it is truncated or damaged; "
                         f"{fix}.") from None
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise DataError(f"{path} is truncated: it ends without the end-of-archive marker after byte {end}; {fix}.")
     return samples
 
 
@@ -93,7 +102,7 @@ class MemberReader:
             f.seek(member.offset)
             data = f.read(member.size)
         except OSError as exc:
-            raise DataError(f"{member.where(name)} could not be read ({exc}); {self.fix}.") from None
+            raise DataError(f"{member.where(name)} could not be read ({_one_line(exc)}); {self.fix}.") from None
         if len(data) != member.size:
             raise DataError(f"{member.where(name)} is truncated ({len(data)} of {member.size} bytes); {self.fix}.")
         return data
@@ -103,7 +112,7 @@ class MemberReader:
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
-            raise DataError(f"{member.where(name)} is not a readable .npy array ({exc}); {self.fix}.") from None
+            raise DataError(f"{member.where(name)} is not a readable .npy array ({_one_line(exc)}); {self.fix}.") from None
 
     def image(self, member: Member, name: str) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
@@ -113,7 +122,7 @@ class MemberReader:
             with Image.open(io.BytesIO(data)) as im:
                 return np.asarray(im.convert("RGB"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DataError(f"{member.where(name)} is not a readable image ({exc}); {self.fix}.") from None
+            raise DataError(f"{member.where(name)} is not a readable image ({_one_line(exc)}); {self.fix}.") from None
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -165,3 +174,7 @@ class LazyImages:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self[slice(None)]
         return arr if dtype is None else arr.astype(dtype)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
