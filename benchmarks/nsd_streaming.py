@@ -3,7 +3,7 @@
 Writes a random MindEye2 download in the published layout (``betas_all_subj01_fp32_renorm.hdf5``,
 ``wds/subj01/{train,new_test,test}/*.tar``, ``coco_images_224_float16.hdf5``; see
 :func:`brainrecon.data.miniature.write_mindeye2`) and measures, each step in a fresh process so
-that its peak resident set size (``ru_maxrss``) is its own:
+that its peak resident set size (``VmHWM``) is its own:
 
 * ``open``: ``load_dataset`` (reads every behaviour row of the shards, no betas, no images);
 * ``averages``: the training split's per-image averages (streams every training trial of the
@@ -45,6 +45,19 @@ SIZES = {
 }
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size. VmHWM belongs to the address space made by exec, so
+    unlike ``ru_maxrss`` it does not carry the parent's peak over (the parent wrote the data)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _step(root: str, step: str) -> dict:
     import numpy as np
 
@@ -67,7 +80,7 @@ def _step(root: str, step: str) -> dict:
     seconds = time.perf_counter() - t0 if step != "open" else t_open
     info = ds.info()["subjects"][1]
     return {"step": step, "seconds": seconds, "open_seconds": t_open, "kept_mb": kept / 2 ** 20,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": _peak_rss_mb(),
             "n_trials": info["trials"]["train"]["n_trials"], "n_images": info["n_train"],
             "n_voxels": info["n_voxels"]}
 

@@ -150,7 +150,7 @@ class TrialAverages:
                           progress=len(self.trials) > 20 * self.chunk)
             out.setflags(write=False)
             self._full = out
-        return self._full if dtype is None else self._full.astype(dtype)
+        return self._full if dtype is None or np.dtype(dtype) == self._full.dtype else self._full.astype(dtype)
 
 
 class RowSubset:
@@ -581,6 +581,9 @@ class Split:
 def _finite(X: np.ndarray, nan_policy: str, subject: int, where: str) -> np.ndarray:
     if nan_policy not in NAN_POLICIES:
         raise DataError(f"Unknown nan_policy {nan_policy!r}; valid: 'error', 'zero'.")
+    # Checked in row blocks: no full-size mask beside a large array unless something is wrong.
+    if all(np.isfinite(X[i:i + 4096]).all() for i in range(0, X.shape[0], 4096)):
+        return X
     bad = ~np.isfinite(X)
     n_bad = int(bad.sum())
     if n_bad:

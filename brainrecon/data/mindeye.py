@@ -397,13 +397,19 @@ class _CocoImages:
         rows = np.atleast_1d(np.arange(self.shape[0])[index])
         want = self.ids[rows]
         uniq, inverse = np.unique(want, return_inverse=True)
+        out = np.empty((len(uniq),) + self.shape[1:], dtype=np.uint8)
         try:
-            block = np.asarray(self.dset[uniq]) if len(uniq) else np.zeros((0,) + tuple(self.dset.shape[1:]))
+            for start in range(0, len(uniq), 32):  # bounded float temporaries
+                block = np.asarray(self.dset[uniq[start:start + 32]], dtype=np.float32)
+                block *= 255.0
+                np.rint(block, out=block)
+                np.clip(block, 0, 255, out=block)
+                out[start:start + 32] = block.transpose(0, 2, 3, 1)
         except OSError as exc:
-            raise DataError(f"{self.path}: images could not be read ({_one_line(exc)}); the file is damaged or truncated; "
-                            f"{_FIX_ME2}.") from None
-        out = np.clip(np.rint(block.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-        out = out.transpose(0, 2, 3, 1)[inverse]
+            raise DataError(f"{self.path}: images could not be read ({_one_line(exc)}); the file is damaged or "
+                            f"truncated; {_FIX_ME2}.") from None
+        if len(uniq) != len(want) or not np.array_equal(uniq, want):
+            out = out[inverse]
         return out[0] if single else out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -413,6 +419,8 @@ class _CocoImages:
 
 class _H5Rows:
     """Rows ``rows`` of an HDF5 dataset (sorted reads), a DataError naming the file on failure."""
+
+    BLOCK = 256
 
     def __init__(self, dset: Any, rows: np.ndarray, path: Path):
         self.dset, self.rows, self.path = dset, np.asarray(rows, dtype=np.int64), path
@@ -427,18 +435,28 @@ class _H5Rows:
         single = isinstance(index, (int, np.integer))
         want = np.atleast_1d(self.rows[index])
         uniq, inverse = np.unique(want, return_inverse=True)
+        out = np.empty((len(uniq), self.shape[1]), dtype=np.float32)
         try:
-            block = np.asarray(self.dset[uniq], dtype=np.float32) if len(uniq) else \
-                np.zeros((0, self.shape[1]), np.float32)
+            # Contiguous blocks over the requested span, keeping the rows asked for: sequential reads
+            # with bounded temporary memory (h5py's point selection of thousands of rows is slow).
+            k = 0
+            while k < len(uniq):
+                start = int(uniq[k])
+                stop = min(start + self.BLOCK, int(uniq[-1]) + 1)
+                j = int(np.searchsorted(uniq, stop))
+                block = self.dset[start:stop]
+                out[k:j] = block[uniq[k:j] - start]
+                k = j
         except OSError as exc:
-            raise DataError(f"{self.path}: betas could not be read ({_one_line(exc)}); the file is damaged or truncated; "
-                            f"{_FIX_ME2}.") from None
-        out = block[inverse]
+            raise DataError(f"{self.path}: betas could not be read ({_one_line(exc)}); the file is damaged or "
+                            f"truncated; {_FIX_ME2}.") from None
+        if len(uniq) != len(want) or not np.array_equal(uniq, want):
+            out = out[inverse]
         return out[0] if single else out
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self[slice(None)]
-        return arr if dtype is None else arr.astype(dtype)
+        return arr if dtype is None or np.dtype(dtype) == arr.dtype else arr.astype(dtype)
 
 
 def _open_h5(path: Path, name: str, ndim: int, what: str) -> Any:

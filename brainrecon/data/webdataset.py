@@ -39,6 +39,12 @@ def scan_tar(path: Path, fix: str) -> dict[str, dict[str, Member]]:
 
     A truncated or damaged shard is a :class:`DataError` naming it and ``fix``.
     """
+    try:
+        fast = _scan_plain_tar(path)
+    except OSError as exc:
+        raise DataError(f"{path} could not be read as a tar shard ({_one_line(exc)}); {fix}.") from None
+    if fast is not None:
+        return fast
     samples: dict[str, dict[str, Member]] = {}
     size = path.stat().st_size
     end = 0
@@ -65,6 +71,43 @@ def scan_tar(path: Path, fix: str) -> dict[str, dict[str, Member]]:
     if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
         raise DataError(f"{path} is truncated: it ends without the end-of-archive marker after byte {end}; {fix}.")
     return samples
+
+
+def _scan_plain_tar(path: Path) -> dict[str, dict[str, Member]] | None:
+    """The common case read fast: a tar of plain ustar/GNU headers (names under 100 bytes, regular
+    files), each checked by its checksum, ending in the end-of-archive marker. None for anything
+    else (pax or long-name headers, links, damage): :func:`scan_tar` then reads it with
+    :mod:`tarfile`, which explains what is wrong. Python's ``tarfile`` spends ~0.1 ms per header;
+    a MindEye2 subject's shards have about 100,000 members."""
+    samples: dict[str, dict[str, Member]] = {}
+    size = path.stat().st_size
+    block = tarfile.BLOCKSIZE
+    with open(path, "rb") as f:
+        pos = 0
+        while True:
+            f.seek(pos)
+            header = f.read(block)
+            if len(header) < block:
+                return None
+            if header == bytes(block):
+                return samples if f.read(block) == bytes(block) else None
+            try:
+                chksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
+                length = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError:
+                return None
+            if chksum != sum(header[:148]) + 256 + sum(header[156:]) or header[156:157] not in (b"0", b"\0"):
+                return None
+            if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+                return None  # a prefix field: leave long paths to tarfile
+            data = pos + block
+            if data + length > size:
+                return None
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            key, ext = _split_name(os.path.basename(name))
+            if ext:
+                samples.setdefault(key, {})[ext] = Member(path, data, length)
+            pos = data + -(-length // block) * block
 
 
 def scan_folder(path: Path) -> dict[str, dict[str, Member]]:
