@@ -368,6 +368,9 @@ def world(tmp_path_factory):
         prepare_surfaces(copy / "NSD", 1, copy / "data", progress=False)
         return _use(copy / "data")
 
+    with_trials = top / "prepared-trials"
+    _prepare(root, with_trials, keep_repetitions=True)
+
     mini = {"subjects": (1,), "n_voxels": 12, "n_train": 10, "n_val": 3, "n_test": 5, "duplicates": 2}
     me1 = top / "me1"
     write_mindeye1(me1, **mini)
@@ -378,6 +381,7 @@ def world(tmp_path_factory):
     wds = "webdataset_avg_split"
 
     scenarios = {
+        "prepared-trials": (with_trials, lambda copy, scratch: _use(copy), _use(with_trials), False),
         "mindeye1": (me1, lambda copy, scratch: _use(copy / wds), _use(me1 / wds), False),
         "mindeye1-folders": (me1f, lambda copy, scratch: _use(copy / wds), _use(me1f / wds), False),
         "mindeye2": (me2, lambda copy, scratch: _use(copy), _use(me2), False),
@@ -409,6 +413,8 @@ LAYOUT = {
     "per-sample": {"NSD/fmri_npy/01_label.npy": "npy", "NSD/fmri_npy/01_norm/surf_000004.npy": "npy",
                    "NSD/vc_roi.npz": "npz"},
     "full-brain": {"NSD/fmri/01_norm.h5": "hdf5", "NSD/vc_roi.npz": "npz"},
+    "prepared-trials": {f"subj01/{s}_trials_{k}.npy": "npy" for s in ("train", "test")
+                        for k in ("voxels", "rows", "repetition", "trial")},
     "mindeye1": {"webdataset_avg_split/train/train_subj01_0.tar": "tar", "webdataset_avg_split/val/val_subj01_0.tar": "tar",
                  "webdataset_avg_split/test/test_subj01_1.tar": "tar", "webdataset_avg_split/metadata_subj01.json": "json"},
     "mindeye1-folders": {f"webdataset_avg_split/train/train_subj01/sample000000000.{ext}": fam for ext, fam in (

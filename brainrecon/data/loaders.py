@@ -50,8 +50,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays
-from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST
+from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays, Trials
+from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST, TRIAL_FILES
 from brainrecon.errors import DataError
 from brainrecon.io import load_array, read_json
 
@@ -349,6 +349,7 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
                 images=get("images"),
                 captions=get("captions"),
                 surfaces=get("surfaces"),
+                trials=_read_trials(d, split, files["voxels"], _FIX_BR),
             )
         _check_voxel_counts(voxel_files["train"], voxel_files["test"], _FIX_BR)
         data[s] = splits
@@ -360,6 +361,34 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
         name=manifest.get("name", f"brainrecon:{path.name}"),
         ids_are_nsd=manifest.get("ids_are_nsd", True),
     )
+
+
+def _read_trials(d: Path, split: str, voxels: tuple[Path, Any], fix: str) -> Trials | None:
+    """The single trials written by ``prepare-nsd --keep-repetitions``, checked against the averages."""
+    paths = {k: d / name.format(split=split) for k, name in TRIAL_FILES.items()}
+    present = [k for k, p in paths.items() if p.exists()]
+    if not present:
+        return None
+    if len(present) != len(paths):
+        missing = [str(paths[k]) for k in paths if k not in present]
+        raise DataError(f"{missing[0]} is missing but {paths[present[0]].name} is present (single trials come as "
+                        f"{len(paths)} files); {fix}.")
+    vox = _checked(paths["voxels"], "voxels", load_array(paths["voxels"], mmap=True, fix=fix), fix)
+    arrays = {k: _checked(paths[k], "ids", load_array(paths[k], fix=fix), fix) for k in ("rows", "repetition", "trial")}
+    n_trials, n_images = vox.shape[0], voxels[1].shape[0]
+    for k, a in arrays.items():
+        if a.shape[0] != n_trials:
+            raise DataError(f"{paths[k]} has {a.shape[0]} rows but {paths['voxels']} has {n_trials}; {fix}.")
+    rows = arrays["rows"]
+    if vox.shape[1] != voxels[1].shape[1]:
+        raise DataError(f"{paths['voxels']} has {vox.shape[1]} voxels per trial but {voxels[0]} has "
+                        f"{voxels[1].shape[1]}; {fix}.")
+    if n_trials == 0 or rows.min() < 0 or rows.max() >= n_images or np.unique(rows).size != n_images:
+        raise DataError(f"{paths['rows']} must give every one of the {n_images} images of {voxels[0].name} at least "
+                        f"one trial, and no other row; {fix}.")
+    if arrays["repetition"].min() < 0:
+        raise DataError(f"{paths['repetition']} holds negative repetition indices; {fix}.")
+    return Trials(vox, rows=rows, repetition=arrays["repetition"], trial=arrays["trial"])
 
 
 def read_brainrecon_manifest(path: str | os.PathLike, *, fix: str) -> dict[str, Any]:
