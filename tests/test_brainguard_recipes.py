@@ -25,7 +25,8 @@ EXPECTED = {
         "batch_size": 50, "lr": 3e-4, "weight_decay": 1e-2, "decay_layernorm": True,
         "mse_weight": 2e4, "softclip_tau": 0.05, "softclip_weight": 1.0, "dfl_eta": 1.0,
         "dfl_grad_scale": 1000.0, "dfl_threshold": 50.0, "dfl_num_pre_loss": 10,
-        "ema": "inverted", "ema_decay": 0.999, "warmup_epochs": 2.0, "validation_fraction": 0.05,
+        "ema": "inverted", "ema_decay": 0.999, "warmup_epochs": 2.0, "validation": "dataset",
+        "validation_fraction": 0.0, "trials": "single",
         "calibration": "none", "sync_layers": 1, "sync_tensors": None,
     },
 }
@@ -187,3 +188,58 @@ def test_auto_calibration_is_norm_on_pixels():
     decoder.calibration = "token"
     assert not np.array_equal(auto, decoder.predict(data.test)[1])
     assert BrainGuardDecoder(target="ipadapter", calibration="auto")._calibration_kind() == "token"
+
+
+def test_released_recipe_trains_on_single_repetitions_and_the_val_split(tmp_path, monkeypatch):
+    """brainguard-released on MindEye1 data: batch b of every epoch feeds repetition b % 3 of each
+    sample (the released ``voxel[:, train_i % 3]``), the model is selected on the val shards."""
+    from brainrecon.data import load_dataset
+    from brainrecon.data.miniature import write_mindeye1
+
+    ds = load_dataset(str(write_mindeye1(tmp_path, subjects=(1, 2), n_train=30, n_val=6)))
+    seen = []
+    original = federated.Client.training_batches
+
+    def spy(self):
+        for b, (x, y) in enumerate(original(self)):
+            seen.append((self.subject, b, self.repetitions_used[-1], x.detach().clone()))
+            yield x, y
+
+    monkeypatch.setattr(federated.Client, "training_batches", spy)
+    params = apply_recipe("brainguard", "brainguard-released", {**TINY, "batch_size": 8, "rounds": 2})
+    decoder = BrainGuardDecoder(**params).fit(ds.train)
+    assert decoder.federation_["n_train"] == {"1": 30, "2": 30}  # the val shards' 6 images held out
+    assert any("val" in rec for rec in decoder.history_)  # clients validated every round
+    assert {b for _, b, _, _ in seen} == {0, 1, 2, 3}
+    for s in (1, 2):
+        stack = ds.train.trial_stack(s)
+        avg = ds.train.voxels(s)
+        mean, std = avg.mean(axis=0, dtype=np.float64), avg.std(axis=0, dtype=np.float64)
+        z = ((stack - mean) / np.where(std > 1e-8, std, 1.0)).astype(np.float32)
+        fit_rows = np.setdiff1d(np.arange(len(avg)), ds.train.validation_rows(s))
+        for subject, b, rep, x in seen:
+            if subject != s:
+                continue
+            assert rep == b % 3
+            # Every row is that repetition of one of the subject's training (not validation) images.
+            candidates = torch.from_numpy(z[fit_rows, rep])
+            dist = torch.cdist(x, candidates, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+            assert float(dist.max()) < 1e-4
+            # ... and not the average (single-trial rows differ from averages where an image has 2+ trials).
+            other = torch.from_numpy(((avg[fit_rows] - mean) / std).astype(np.float32))
+            exact = torch.cdist(x, other, compute_mode="donot_use_mm_for_euclid_dist")
+            assert float(exact.min(dim=1).values.max()) > 1e-3 or rep == 2
+
+
+def test_single_trials_need_data_with_trials():
+    from brainrecon.data import from_arrays
+
+    rng = np.random.default_rng(0)
+    data = from_arrays({1: {"train_voxels": rng.standard_normal((20, 8)).astype(np.float32),
+                            "test_voxels": rng.standard_normal((4, 8)).astype(np.float32),
+                            "train_images": np.zeros((20, 8, 8, 3), np.uint8),
+                            "test_images": np.zeros((4, 8, 8, 3), np.uint8)}})
+    with pytest.raises(DataError, match="has no single trials.*trials='average'"):
+        BrainGuardDecoder(**TINY, trials="single").fit(data.train)
+    with pytest.raises(DataError, match="Unknown trials 'one'"):
+        BrainGuardDecoder(**TINY, trials="one").fit(data.train)

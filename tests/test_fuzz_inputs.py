@@ -1,11 +1,13 @@
 """Fuzz every input file brainrecon reads: the NSD release prepare-nsd consumes, prepare-nsd's own
 work folder (state, staged sessions, half-copied images) and manifest, a prepared brainrecon
-folder, a Brain-Diffuser folder, an .h5 arrays file and NeuroPictor's surface maps.
+folder, a Brain-Diffuser folder, an .h5 arrays file, NeuroPictor's surface maps, MindEye1's
+webdataset (tar shards and extracted folders) and MindEye2's HDF5 + behaviour shards.
 
 Each corruption (truncation at 10/50/90 %, the last byte cut, an empty file, garbage bytes, a
 directory in place of the file, and per format: not-JSON, JSON of the wrong kind, a missing,
 null or wrongly typed field; an array of the wrong dtype or shape; a missing HDF5 dataset or one
-of the wrong shape or dtype; a .mat without its variables; a NIfTI of the wrong shape) is applied
+of the wrong shape or dtype; a .mat without its variables; a NIfTI of the wrong shape; a tar shard without one member of its first sample, with that
+member's array of the wrong shape or its bytes garbled, or with no members) is applied
 to one file of a hard-linked copy. Then the reader runs (prepare-nsd, then opening the dataset
 and reading every array). Each case must end in a :class:`BrainreconError` whose message names
 the file, or give exactly the intact result; anything else (a raw exception, a different answer)
@@ -36,6 +38,7 @@ import scipy.io
 from brainrecon.data import load_dataset
 from brainrecon.data import nsd
 from brainrecon.data.nsd import prepare as nsd_prepare  # where the preparation looks its helpers up
+from brainrecon.data.miniature import write_mindeye1, write_mindeye2
 from brainrecon.data.nsd import prepare_nsd
 from brainrecon.errors import BrainreconError
 
@@ -66,6 +69,11 @@ def _use(path: Path) -> dict:
             out[f"{s} {split} images"] = part.images(s) if part._arrays(s).images is not None else None
             out[f"{s} {split} captions"] = part.captions(s)
             out[f"{s} {split} surfaces"] = part.surfaces(s)
+            if part.has_trials(s):
+                t = part.trials(s)
+                out[f"{s} {split} trials"] = {"voxels": part.trial_voxels(s)[0], "rows": t.rows,
+                                              "repetition": t.repetition, "trial": t.trial}
+        out[f"{s} validation ids"] = ds.validation.ids(s) if len(ds.validation_rows[s]) else None
     return out
 
 
@@ -248,8 +256,40 @@ def _nifti_cases(path: Path) -> dict:
     return cases
 
 
+def _tar_cases(path: Path) -> dict:
+    import tarfile
+
+    with tarfile.open(path) as tf:
+        members = [(m.name, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    first = members[0][0].split(".", 1)[0]
+
+    def writer(new):
+        def write(p):
+            p.unlink()
+            with tarfile.open(p, "w", format=tarfile.USTAR_FORMAT) as out:
+                for name, data in new:
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    out.addfile(info, io.BytesIO(data))
+        return write
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(2))
+    cases = {"no members": writer([])}
+    for name, _ in members:
+        if name.split(".", 1)[0] != first:
+            continue
+        ext = name.split(".", 1)[1]
+        cases[f"without {ext} of the first sample"] = writer([(n, d) for n, d in members if n != name])
+        cases[f"{ext} garbled"] = writer([(n, d if n != name else b"\x93NUMPY garbage" + d[:7])
+                                          for n, d in members])
+        if ext.endswith(".npy"):
+            cases[f"{ext} a (2,) array"] = writer([(n, d if n != name else buf.getvalue()) for n, d in members])
+    return cases
+
+
 FAMILIES = {"json": _json_cases, "npy": _npy_cases, "npz": _npz_cases, "hdf5": _h5_cases, "mat": _mat_cases,
-            "nifti": _nifti_cases}
+            "nifti": _nifti_cases, "tar": _tar_cases, "image": lambda path: {}}
 
 
 # --------------------------------------------------------------------------- the files
@@ -328,7 +368,23 @@ def world(tmp_path_factory):
         prepare_surfaces(copy / "NSD", 1, copy / "data", progress=False)
         return _use(copy / "data")
 
+    with_trials = top / "prepared-trials"
+    _prepare(root, with_trials, keep_repetitions=True)
+
+    mini = {"subjects": (1,), "n_voxels": 12, "n_train": 10, "n_val": 3, "n_test": 5, "duplicates": 2}
+    me1 = top / "me1"
+    write_mindeye1(me1, **mini)
+    me1f = top / "me1-folders"
+    write_mindeye1(me1f, layout="folders", **mini)
+    me2 = top / "me2"
+    write_mindeye2(me2, subjects=(1,), n_voxels=12, n_images=10, n_shared=5, n_sessions=2, image_size=16)
+    wds = "webdataset_avg_split"
+
     scenarios = {
+        "prepared-trials": (with_trials, lambda copy, scratch: _use(copy), _use(with_trials), False),
+        "mindeye1": (me1, lambda copy, scratch: _use(copy / wds), _use(me1 / wds), False),
+        "mindeye1-folders": (me1f, lambda copy, scratch: _use(copy / wds), _use(me1f / wds), False),
+        "mindeye2": (me2, lambda copy, scratch: _use(copy), _use(me2), False),
         "nsd": (root, lambda copy, scratch: _prepare(copy, scratch / "out"), intact_nsd, False),
         "manifest": (prepared, lambda copy, scratch: _prepare(root, copy, overwrite=True), intact_nsd, False),
         "killed": (killed, lambda copy, scratch: _prepare(root, copy), intact_nsd, True),
@@ -357,6 +413,15 @@ LAYOUT = {
     "per-sample": {"NSD/fmri_npy/01_label.npy": "npy", "NSD/fmri_npy/01_norm/surf_000004.npy": "npy",
                    "NSD/vc_roi.npz": "npz"},
     "full-brain": {"NSD/fmri/01_norm.h5": "hdf5", "NSD/vc_roi.npz": "npz"},
+    "prepared-trials": {f"subj01/{s}_trials_{k}.npy": "npy" for s in ("train", "test")
+                        for k in ("voxels", "rows", "repetition", "trial")},
+    "mindeye1": {"webdataset_avg_split/train/train_subj01_0.tar": "tar", "webdataset_avg_split/val/val_subj01_0.tar": "tar",
+                 "webdataset_avg_split/test/test_subj01_1.tar": "tar", "webdataset_avg_split/metadata_subj01.json": "json"},
+    "mindeye1-folders": {f"webdataset_avg_split/train/train_subj01/sample000000000.{ext}": fam for ext, fam in (
+        ("nsdgeneral.npy", "npy"), ("coco73k.npy", "npy"), ("trial.npy", "npy"), ("num_uniques.npy", "npy"),
+        ("jpg", "image"))},
+    "mindeye2": {"betas_all_subj01_fp32_renorm.hdf5": "hdf5", "coco_images_224_float16.hdf5": "hdf5",
+                 "wds/subj01/train/0.tar": "tar", "wds/subj01/new_test/0.tar": "tar"},
 }
 CASES = [(s, rel) for s in LAYOUT for rel in LAYOUT[s]]
 

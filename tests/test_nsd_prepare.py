@@ -220,6 +220,37 @@ def test_brainrecon_format_matches_reference_recipe(release, prepared):
         f"{s}_{k}.npy" for s in ("train", "test") for k in ("voxels", "ids", "images", "captions"))
 
 
+def test_keep_repetitions_writes_the_single_trials(release, tmp_path):
+    """Single trials in chronological order, each image's trials averaging to its row; raw and z-scored."""
+    for zscore in ("none", "session"):
+        out = tmp_path / zscore
+        _prepare(release, out, zscore=zscore, keep_repetitions=True)
+        ref = reference(release, 1, 3, zscore=zscore)
+        mask = release["masks"][1] > 0
+        fmri = np.concatenate([b.astype(np.float32)[mask].T for b in release["betas"][1][:3]])
+        ds = load_dataset(out)
+        for split in ("train", "test"):
+            part = getattr(ds, split)
+            t = part.trials(1)
+            X, rows = part.trial_voxels(1)
+            assert (np.diff(t.trial) > 0).all()
+            if zscore == "none":
+                np.testing.assert_array_equal(X, fmri[t.trial])
+            for r in range(part.n_images(1)):
+                np.testing.assert_allclose(X[rows == r].mean(0), ref[f"{split}_voxels"][r], rtol=1e-5, atol=1e-4)
+                reps = t.repetition[rows == r]
+                np.testing.assert_array_equal(reps, np.arange(len(reps)))
+        manifest = json.loads((out / "brainrecon-data.json").read_text())
+        assert manifest["source"]["keep_repetitions"] is True
+        assert sorted(p.name for p in out.iterdir()) == ["brainrecon-data.json", "subj01"]
+    with pytest.raises(DataError, match="keep_repetitions=True needs format='brainrecon'"):
+        _prepare(release, tmp_path / "bd", format="brain-diffuser", keep_repetitions=True)
+    # A missing trial file is named.
+    (tmp_path / "none" / "subj01" / "test_trials_rows.npy").unlink()
+    with pytest.raises(DataError, match="test_trials_rows.npy is missing"):
+        load_dataset(tmp_path / "none")
+
+
 def test_zscore_session_matches_reference(release, tmp_path):
     _prepare(release, tmp_path / "z", zscore="session")
     ref = reference(release, 1, 3, zscore="session")

@@ -74,18 +74,53 @@ def decoders_describe(name: str = typer.Argument(..., help="Decoder name.")) -> 
 
 @data_app.command("info")
 def data_info(data: Optional[str] = DataOpt) -> None:
-    """Summarise a dataset: subjects, counts, voxels, image size, fingerprints."""
+    """Summarise a dataset per subject: source, voxels, images / single trials / repetitions per
+    split, the validation split, the test set and its convention, the source's normalisation."""
     from brainrecon.data import load_dataset
 
     ds = load_dataset(data)
     info = ds.info()
     console.print(f"[bold]{info['name']}[/bold]  ({info['spec'].get('kind')}; NSD ids: {info['ids_are_nsd']})")
-    table = Table()
-    for col in ("subject", "train", "test", "voxels", "image", "captions", "surfaces", "fingerprint"):
-        table.add_column(col)
+    console.print(f"normalisation: {info['normalisation']}")
+    report = getattr(ds, "source_report", {})
     for s, row in info["subjects"].items():
-        table.add_row(str(s), str(row["n_train"]), str(row["n_test"]), str(row["n_voxels"]),
-                      "×".join(map(str, row["image_shape"] or ())) or "–",
-                      "yes" if row["captions"] else "no", "yes" if row["surfaces"] else "no",
-                      row["fingerprint"])
-    console.print(table)
+        image = "×".join(map(str, row["image_shape"] or ())) or "none"
+        console.print(f"[bold]subject {s}[/bold]: {row['n_voxels']} voxels; images {image}; captions "
+                      f"{'yes' if row['captions'] else 'no'}; surfaces {'yes' if row['surfaces'] else 'no'}; "
+                      f"fingerprint {row['fingerprint']}")
+        for split, n in (("train", row["n_train"]), ("test", row["n_test"])):
+            console.print(f"  {split}: {n} images; {_trials_text(row['trials'][split])}"
+                          + (f"; test set: {row['test_convention']}" if split == "test" else ""))
+        origin = ("the source's validation split" if row["validation"] == "source" else row["validation"])
+        console.print(f"  validation: {row['n_validation']} training images ({origin})")
+        notes = report.get(str(s))
+        if notes:
+            read = ", ".join(f"{k} {v}" for k, v in notes["samples"].items())
+            console.print(f"  samples read: {read}; duplicates dropped: {notes['duplicates_dropped']}"
+                          f" ({notes['duplicates_disagreeing']} disagreeing on their trials)")
+
+
+def _trials_text(summary) -> str:
+    if summary is None:
+        return "no single trials (averages only)"
+    reps = ", ".join(f"{k}×: {v}" for k, v in summary["repetitions"].items())
+    return f"{summary['n_trials']} single trials (images seen {reps})"
+
+
+@data_app.command("verify")
+def data_verify(
+    first: str = typer.Argument(..., help="First source (any --data value)."),
+    second: str = typer.Argument(..., help="Second source (any --data value)."),
+    subject: int = typer.Option(1, "--subject", help="Subject to compare."),
+    max_images: int = typer.Option(64, "--max-images", help="Test images whose pixels are compared."),
+) -> None:
+    """Compare two sources of one subject: test ids and convention, voxel counts, per-voxel
+    correlation of averaged betas over shared images, image equality after resizing."""
+    from brainrecon.data import load_dataset
+    from brainrecon.data.verify import verify_sources
+
+    report = verify_sources(load_dataset(first, subjects=[subject]), load_dataset(second, subjects=[subject]),
+                            subject, max_images=max_images)
+    console.print(report.text(), markup=False, highlight=False)
+    if not report.ok:
+        raise typer.Exit(2)

@@ -25,6 +25,7 @@ def prepare_nsd_command(
     format: PrepFormat = typer.Option("brainrecon", "--format", help="brainrecon | brain-diffuser (Brain-Diffuser's file names)."),
     beta_version: str = typer.Option("betas_fithrf_GLMdenoise_RR", "--beta-version", help="GLM folder of the betas."),
     ncsnr_threshold: Optional[float] = typer.Option(None, "--ncsnr-threshold", help="Keep nsdgeneral voxels with noise-ceiling SNR above this (the beta version's ncsnr.nii.gz), as MindEye2's preparation; recorded in the fingerprint."),
+    keep_repetitions: bool = typer.Option(False, "--keep-repetitions", help="Also write every single trial (brainrecon format), for decoders that train on single trials."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace this subject's prepared files."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -33,7 +34,7 @@ def prepare_nsd_command(
 
     r = prepare_nsd(nsd_root, subject, out, sessions=sessions, test_set=test_set, zscore=zscore,
                     captions=captions, format=format, beta_version=beta_version, overwrite=overwrite,
-                    progress=progress, ncsnr_threshold=ncsnr_threshold)
+                    progress=progress, ncsnr_threshold=ncsnr_threshold, keep_repetitions=keep_repetitions)
     console.print(
         f"subject {r['subject']}: {r['n_train']} train / {r['n_test']} test images, {r['n_voxels']} voxels, "
         f"{r['n_sessions']} sessions ({r['format']} format) -> {r['out']}"

@@ -1,6 +1,7 @@
-"""Data: one :class:`Dataset` type, loaders, the synthetic default, NSD preparation."""
+"""Data: one :class:`Dataset` type (averages, single trials, a validation split), loaders (prepared NSD,
+Brain-Diffuser, MindEye1 and MindEye2 distributions, arrays), the synthetic default, NSD preparation."""
 
-from brainrecon.data.dataset import Dataset, Split, SplitArrays, from_arrays
+from brainrecon.data.dataset import Dataset, Split, SplitArrays, Trials, from_arrays
 from brainrecon.data.loaders import (
     ENV_VAR,
     dataset_from_spec,
@@ -15,6 +16,7 @@ __all__ = [
     "Dataset",
     "Split",
     "SplitArrays",
+    "Trials",
     "dataset_from_spec",
     "from_arrays",
     "load_arrays_file",

@@ -8,11 +8,24 @@ A :class:`Dataset` holds, per subject and per split (``train`` / ``test``):
 - ``images``: uint8 (n, H, W, 3), read lazily (memory-mapped ``.npy``, HDF5, or generated on
   demand) — a full NSD stimulus set is never loaded whole;
 - ``captions`` (optional): strings of shape (n, k);
-- ``surfaces`` (optional): 2-D cortical surface maps of shape (n, H, W) (NeuroPictor's input).
+- ``surfaces`` (optional): 2-D cortical surface maps of shape (n, H, W) (NeuroPictor's input);
+- ``trials`` (optional): the single trials behind the averaged ``voxels`` (:class:`Trials`: each
+  trial's voxels, the row of its image in the split, its 0-based repetition index and its global
+  NSD trial number where the source gives it).
 
-Decoders receive a :class:`Split` (``dataset.train`` or ``dataset.test``). A fingerprint per
-subject identifies the data and the split; runs record it and the leaderboard ranks only runs
-with the same fingerprint.
+Rows of ``voxels`` are per-image averages (what ridge, the leaderboard and evaluation use); where a
+source carries single trials, the average of an image's trials equals its row of ``voxels``.
+
+Every dataset has a named **validation split**: a subset of the training images given by
+``Dataset.validation_rows`` — the source's own validation images where it has them (MindEye1's
+``val`` shards), else a seeded hold-out of ``VALIDATION_FRACTION`` of each subject's training images
+(seed ``VALIDATION_SEED``; never test images). ``dataset.train`` still holds every training image
+(validation included: ridge and Brain-Diffuser fit on all of them); decoders that select a model by
+validation fit on the training images outside it. The validation ids enter the fingerprint.
+
+Decoders receive a :class:`Split` (``dataset.train``, ``dataset.validation`` or ``dataset.test``). A
+fingerprint per subject identifies the data and the split; runs record it and the leaderboard ranks
+only runs with the same fingerprint.
 """
 
 from __future__ import annotations
@@ -27,7 +40,146 @@ import numpy as np
 from brainrecon.errors import DataError
 
 SPLITS = ("train", "test")
+#: The named splits a :class:`Split` can be: the two stored ones and the validation subset of ``train``.
+SPLIT_NAMES = ("train", "validation", "test")
 NAN_POLICIES = ("error", "zero")
+#: Default share of a subject's training images held out as its validation split, when the
+#: source has none (MindEye1 holds out 300 of 8,859, about 3.4 %; BrainGuard's earlier brainrecon
+#: recipe held out 5 %, kept here).
+VALIDATION_FRACTION = 0.05
+VALIDATION_SEED = 0
+#: Repetitions in the released BrainGuard / MindEye1 stacks (``voxel[:, batch_index % 3]``).
+STACK_REPETITIONS = 3
+
+
+@dataclass
+class Trials:
+    """The single trials of one subject in one split.
+
+    Attributes
+    ----------
+    voxels : array-like of shape (n_trials, n_voxels)
+        One row per trial (may be lazy: HDF5 rows, tar members).
+    rows : int array of shape (n_trials,)
+        Row of the trial's image in the split (its image id is ``split.ids(subject)[rows]``).
+    repetition : int array of shape (n_trials,)
+        0-based repetition index of the trial among its image's trials (chronological where the
+        source says when each trial happened).
+    trial : int array of shape (n_trials,)
+        Global NSD trial number (0-based, chronological) where the source gives it, else -1.
+    """
+
+    voxels: Any
+    rows: np.ndarray
+    repetition: np.ndarray
+    trial: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        self.repetition = np.asarray(self.repetition, dtype=np.int64)
+        n = len(self.rows)
+        self.trial = (np.full(n, -1, dtype=np.int64) if self.trial is None
+                      else np.asarray(self.trial, dtype=np.int64))
+        shape = tuple(np.shape(self.voxels))
+        if len(shape) != 2 or shape[0] != n or self.repetition.shape != (n,) or self.trial.shape != (n,):
+            raise DataError(f"Trials: voxels of shape {shape}, {n} image rows, {self.repetition.shape[0]} "
+                            f"repetition indices and {self.trial.shape[0]} trial numbers do not match.")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class TrialAverages:
+    """Per-image averages of single trials, read lazily: ``shape`` (n_images, V); indexing reads
+    only the trials of the requested images; the whole array is computed once, streaming the
+    trials in row order (so an HDF5 source is read sequentially), then kept."""
+
+    def __init__(self, trials: Trials, n_images: int, chunk: int = 512):
+        self.trials = trials
+        self.n_images = int(n_images)
+        self.shape = (self.n_images, int(np.shape(trials.voxels)[1]))
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+        self.chunk = int(chunk)
+        self.counts = np.bincount(trials.rows, minlength=self.n_images)
+        if self.counts.shape[0] != self.n_images or (self.counts == 0).any():
+            missing = np.flatnonzero(self.counts[:self.n_images] == 0)[:5].tolist()
+            raise DataError(f"Trials: image rows {missing} have no trial; every image needs at least one.")
+        self._full: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n_images
+
+    def _average(self, trial_index: np.ndarray, image_rows: np.ndarray, out_rows: np.ndarray,
+                 out: np.ndarray, progress: bool = False) -> None:
+        # Read trials in increasing source order (HDF5 needs it; disks like it).
+        order = np.argsort(trial_index, kind="stable")
+        trial_index, out_rows = trial_index[order], out_rows[order]
+        steps = range(0, len(trial_index), self.chunk)
+        if progress:
+            from tqdm.auto import tqdm
+
+            from brainrecon.progress import bar_disabled
+            steps = tqdm(steps, desc="averaging single trials", disable=bar_disabled(True))
+        for start in steps:
+            block = np.asarray(self.trials.voxels[trial_index[start:start + self.chunk]], dtype=np.float32)
+            np.add.at(out, out_rows[start:start + self.chunk], block)
+        out /= self.counts[image_rows][:, None].astype(np.float32)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if self._full is not None:
+            return self._full[index]
+        if isinstance(index, (int, np.integer)):
+            return self[np.array([int(index)])][0]
+        rows = np.arange(self.n_images)[index]
+        rows = np.atleast_1d(rows)
+        if len(rows) == self.n_images and np.array_equal(rows, np.arange(self.n_images)):
+            return np.asarray(self)
+        position = {int(r): k for k, r in enumerate(np.unique(rows))}
+        uniq = np.array(sorted(position), dtype=np.int64)
+        picked = np.flatnonzero(np.isin(self.trials.rows, uniq))
+        out = np.zeros((len(uniq), self.shape[1]), dtype=np.float32)
+        out_rows = np.array([position[int(r)] for r in self.trials.rows[picked]], dtype=np.int64)
+        self._average(picked, uniq, out_rows, out)
+        return out[np.searchsorted(uniq, rows)]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if self._full is None:
+            out = np.zeros(self.shape, dtype=np.float32)
+            self._average(np.arange(len(self.trials)), np.arange(self.n_images), self.trials.rows.copy(), out,
+                          progress=len(self.trials) > 20 * self.chunk)
+            out.setflags(write=False)
+            self._full = out
+        return self._full if dtype is None or np.dtype(dtype) == self._full.dtype else self._full.astype(dtype)
+
+
+class RowSubset:
+    """Rows ``rows`` of an array-like, read lazily (what ``dataset.validation`` holds)."""
+
+    def __init__(self, source: Any, rows: np.ndarray):
+        self.source = source
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows),) + tuple(np.shape(source)[1:])
+        self.dtype = getattr(source, "dtype", np.asarray(source[:0]).dtype)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if isinstance(index, (int, np.integer)):
+            return np.asarray(self.source[int(self.rows[index])])
+        picked = np.atleast_1d(self.rows[index])
+        order = np.argsort(picked, kind="stable")
+        uniq, inverse = np.unique(picked[order], return_inverse=True)
+        block = np.asarray(self.source[uniq]) if len(uniq) else np.asarray(self.source[0:0])
+        out = np.empty((len(picked),) + block.shape[1:], dtype=block.dtype)
+        out[order] = block[inverse]
+        return out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self[np.arange(self.shape[0])]
+        return arr if dtype is None else arr.astype(dtype)
 
 
 @dataclass
@@ -41,6 +193,8 @@ class SplitArrays:
     surfaces: Any = None
     #: Optional callable voxels (n, V) -> surfaces (n, H, W), used when ``surfaces`` is None.
     surface_fn: Callable[[np.ndarray], np.ndarray] | None = None
+    #: Optional single trials behind ``voxels`` (:class:`Trials`).
+    trials: Trials | None = None
 
     def __post_init__(self) -> None:
         self.ids = np.asarray(self.ids, dtype=np.int64)
@@ -56,15 +210,20 @@ class Dataset:
         ``subject -> {"train": SplitArrays, "test": SplitArrays}``.
     spec : dict
         JSON-able description from which :func:`brainrecon.data.dataset_from_spec` re-opens
-        the same data (stored in run records).
+        the same data (stored in run records). Optional ``validation_fraction`` and
+        ``validation_seed`` set the hold-out used where the source has no validation split.
     name : str
         Short human-readable name.
+    validation_rows : dict, optional
+        ``subject -> rows of its training split`` that the source names as validation images;
+        subjects missing here get a seeded hold-out.
     """
 
     subjects_data: dict[int, dict[str, SplitArrays]]
     spec: dict[str, Any]
     name: str = "dataset"
     ids_are_nsd: bool = False
+    validation_rows: dict[int, np.ndarray] = field(default_factory=dict)
     _fingerprints: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,8 +241,33 @@ class Dataset:
                     f"Subject {subject}: train has {n_vox['train']} voxels but test has "
                     f"{n_vox['test']}; both splits must come from the same ROI mask."
                 )
+        given = {int(k): np.asarray(v, dtype=np.int64) for k, v in (self.validation_rows or {}).items()}
+        self.validation_origin: dict[int, str] = {}
+        rows: dict[int, np.ndarray] = {}
+        for subject in self.subjects_data:
+            n = int(np.shape(self.subjects_data[subject]["train"].voxels)[0])
+            if subject in given:
+                r = np.unique(given[subject])
+                if len(r) and (r[0] < 0 or r[-1] >= n):
+                    raise DataError(f"Subject {subject}: validation rows must lie in 0..{n - 1} (the training "
+                                    f"split), got {r[0]}..{r[-1]}.")
+                rows[subject], self.validation_origin[subject] = r, "source"
+            else:
+                rows[subject] = holdout_rows(n, subject, self.validation_fraction, self.validation_seed)
+                self.validation_origin[subject] = "holdout"
+        self.validation_rows = rows
+        self._subsets: dict[tuple[int, str], SplitArrays] = {}
         self.train = Split(self, "train")
+        self.validation = Split(self, "validation")
         self.test = Split(self, "test")
+
+    @property
+    def validation_fraction(self) -> float:
+        return float(self.spec.get("validation_fraction", VALIDATION_FRACTION))
+
+    @property
+    def validation_seed(self) -> int:
+        return int(self.spec.get("validation_seed", VALIDATION_SEED))
 
     @property
     def subjects(self) -> list[int]:
@@ -94,12 +278,38 @@ class Dataset:
 
     def _get(self, subject: int, split: str) -> SplitArrays:
         try:
+            if split == "validation":
+                return self._validation_arrays(int(subject))
             return self.subjects_data[int(subject)][split]
         except KeyError:
             raise DataError(
                 f"Subject {subject} is not in this dataset ({self.name}); "
                 f"available subjects: {self.subjects}."
             ) from None
+
+    def _validation_arrays(self, subject: int) -> SplitArrays:
+        key = (subject, "validation")
+        if key not in self._subsets:
+            train = self.subjects_data[subject]["train"]
+            rows = self.validation_rows[subject]
+            if not len(rows):
+                raise DataError(f"Subject {subject} has no validation images: its training split has "
+                                f"{np.shape(train.voxels)[0]} image(s).")
+            trials = None
+            if train.trials is not None:
+                keep = np.flatnonzero(np.isin(train.trials.rows, rows))
+                trials = Trials(RowSubset(train.trials.voxels, keep),
+                                np.searchsorted(rows, train.trials.rows[keep]),
+                                train.trials.repetition[keep], train.trials.trial[keep])
+
+            def sub(a: Any) -> Any:
+                return None if a is None else RowSubset(a, rows)
+
+            self._subsets[key] = SplitArrays(
+                voxels=sub(train.voxels), ids=np.asarray(train.ids)[rows], images=sub(train.images),
+                captions=None if train.captions is None else np.asarray(train.captions)[rows],
+                surfaces=sub(train.surfaces), surface_fn=train.surface_fn, trials=trials)
+        return self._subsets[key]
 
     def select(self, subjects: Sequence[int]) -> "Dataset":
         """A dataset restricted to ``subjects`` (same arrays, no copy)."""
@@ -112,12 +322,15 @@ class Dataset:
             spec=spec,
             name=self.name,
             ids_are_nsd=self.ids_are_nsd,
+            validation_rows={s: self.validation_rows[s] for s in subjects
+                             if self.validation_origin[s] == "source"},
         )
         ds._fingerprints = {s: f for s, f in self._fingerprints.items() if s in subjects}
         return ds
 
     def fingerprint(self, subject: int) -> str:
-        """Hash of what identifies this subject's data and split (source, ids, shapes, content sample)."""
+        """Hash of what identifies this subject's data and split (source, ids, shapes, content
+        sample, the validation images)."""
         subject = int(subject)
         if subject not in self._fingerprints:
             h = hashlib.sha256()
@@ -143,28 +356,81 @@ class Dataset:
                     for row in rows:
                         h.update(np.ascontiguousarray(
                             np.asarray(arrays.surfaces[row], dtype=np.float32)).tobytes())
+                if arrays.trials is not None:
+                    h.update(b"trials")
+                    h.update(np.ascontiguousarray(arrays.trials.rows).tobytes())
+                    h.update(np.ascontiguousarray(arrays.trials.repetition).tobytes())
+            # The validation images: a model selected on other images is another experiment.
+            h.update(b"validation")
+            h.update(np.ascontiguousarray(
+                np.asarray(self._get(subject, "train").ids)[self.validation_rows[subject]]).tobytes())
             self._fingerprints[subject] = h.hexdigest()[:16]
         return self._fingerprints[subject]
 
     def info(self) -> dict[str, Any]:
-        """A summary: per subject, counts, voxels, image size, what is present."""
+        """A summary: per subject, counts, voxels, image size, what is present; trials,
+        repetitions and the validation split; the test-set convention and the normalisation
+        the source applied (where the source says)."""
         rows = {}
         for s in self.subjects:
             tr, te = self._get(s, "train"), self._get(s, "test")
             img_shape = tuple(np.shape(tr.images)[1:]) if tr.images is not None else None
+            n_test = int(np.shape(te.voxels)[0])
             rows[s] = {
                 "n_train": int(np.shape(tr.voxels)[0]),
-                "n_test": int(np.shape(te.voxels)[0]),
+                "n_test": n_test,
                 "n_voxels": self.n_voxels(s),
                 "image_shape": img_shape,
                 "captions": tr.captions is not None,
                 "surfaces": tr.surfaces is not None or tr.surface_fn is not None,
                 "fingerprint": self.fingerprint(s),
+                "n_validation": int(len(self.validation_rows[s])),
+                "validation": self.validation_origin[s] if self.validation_origin[s] == "source" else
+                f"hold-out {self.validation_fraction:g} of training images, seed {self.validation_seed}",
+                "test_convention": test_convention(n_test, self.ids_are_nsd),
+                "trials": {split: _trial_summary(self._get(s, split)) for split in SPLITS},
             }
-        return {"name": self.name, "spec": self.spec, "ids_are_nsd": self.ids_are_nsd, "subjects": rows}
+        return {"name": self.name, "spec": self.spec, "ids_are_nsd": self.ids_are_nsd,
+                "normalisation": self.spec.get("normalisation", "as stored (not stated by the source)"),
+                "subjects": rows}
 
     def __repr__(self) -> str:
         return f"Dataset(name={self.name!r}, subjects={self.subjects})"
+
+
+def holdout_rows(n: int, subject: int, fraction: float = VALIDATION_FRACTION,
+                 seed: int = VALIDATION_SEED) -> np.ndarray:
+    """The seeded validation hold-out of ``n`` training images: ``round(fraction * n)`` rows (at
+    least one, leaving at least one for training), sorted; a function of (seed, subject, n) only."""
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"validation_fraction must be in [0, 1), got {fraction!r}.",
+                        parameters=("validation_fraction",))
+    if n < 2 or fraction == 0.0:
+        return np.zeros(0, dtype=np.int64)
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    order = np.random.default_rng([int(seed), int(subject), 7919]).permutation(n)
+    return np.sort(order[:k]).astype(np.int64)
+
+
+def test_convention(n_test: int, ids_are_nsd: bool) -> str:
+    """Which published test set ``n_test`` images are: NSD's shared images seen in sessions 1-37
+    (982, the pre-2023 papers) or in all 40 sessions (1000, MindEye2), else "other"."""
+    if ids_are_nsd and n_test == 982:
+        return "982 (shared images of sessions 1-37)"
+    if ids_are_nsd and n_test == 1000:
+        return "1000 (shared images of all 40 sessions)"
+    return f"other ({n_test} images)"
+
+
+def _trial_summary(arrays: SplitArrays) -> dict[str, Any] | None:
+    t = arrays.trials
+    if t is None:
+        return None
+    per_image = np.bincount(t.rows, minlength=int(np.shape(arrays.voxels)[0]))
+    hist = np.bincount(per_image)
+    return {"n_trials": int(len(t)), "n_images": int(len(per_image)),
+            "repetitions": {str(k): int(v) for k, v in enumerate(hist) if v}}
 
 
 class Split:
@@ -174,8 +440,8 @@ class Split:
     """
 
     def __init__(self, dataset: Dataset, name: str):
-        if name not in SPLITS:
-            raise DataError(f"Unknown split {name!r}; valid splits: 'train', 'test'.")
+        if name not in SPLIT_NAMES:
+            raise DataError(f"Unknown split {name!r}; valid splits: 'train', 'validation', 'test'.")
         self.dataset = dataset
         self.name = name
 
@@ -205,21 +471,8 @@ class Split:
             What to do with NaN or infinite values: raise a :class:`DataError` naming how many
             and which subject, or replace them by 0.
         """
-        if nan_policy not in NAN_POLICIES:
-            raise DataError(f"Unknown nan_policy {nan_policy!r}; valid: 'error', 'zero'.")
         X = np.asarray(self._arrays(subject).voxels, dtype=np.float32)
-        bad = ~np.isfinite(X)
-        n_bad = int(bad.sum())
-        if n_bad:
-            if nan_policy == "error":
-                rows = int(bad.any(axis=1).sum())
-                raise DataError(
-                    f"Subject {subject} ({self.name} split): {n_bad} voxel values are NaN or "
-                    f"infinite, in {rows} of {X.shape[0]} rows. Fix the data, or pass "
-                    f"nan_policy='zero' to replace them with 0.", parameters=("nan_policy",)
-                )
-            X = np.where(bad, np.float32(0), X)
-        return X
+        return _finite(X, nan_policy, subject, f"{self.name} split")
 
     def images(self, subject: int, index: Any = None) -> np.ndarray:
         """Stimulus images as uint8 of shape (n, H, W, 3), read lazily.
@@ -269,6 +522,81 @@ class Split:
     def fingerprint(self, subject: int) -> str:
         return self.dataset.fingerprint(subject)
 
+    # ------------------------------------------------------------------ trials and validation
+    def has_trials(self, subject: int) -> bool:
+        """Whether this split carries the single trials behind its averages."""
+        return self._arrays(subject).trials is not None
+
+    def trials(self, subject: int) -> Trials:
+        """The single trials (:class:`Trials`); a :class:`DataError` when the source has none."""
+        t = self._arrays(subject).trials
+        if t is None:
+            raise DataError(
+                f"Subject {subject} ({self.name} split) has no single trials in this dataset "
+                f"({self.dataset.name}): its source stores per-image averages only. Use a source that "
+                f"keeps repetitions (MindEye1 webdataset, MindEye2 HDF5, synthetic), or pass "
+                f"trials='average'.", parameters=("trials",))
+        return t
+
+    def trial_voxels(self, subject: int, nan_policy: str = "error") -> tuple[np.ndarray, np.ndarray]:
+        """Single-trial voxels, float32 (n_trials, V), and the row of each trial's image."""
+        t = self.trials(subject)
+        X = _finite(np.asarray(t.voxels, dtype=np.float32), nan_policy, subject, f"{self.name} split, single trials")
+        return X, t.rows
+
+    def trial_stack(self, subject: int, repetitions: int = STACK_REPETITIONS,
+                    nan_policy: str = "error") -> np.ndarray:
+        """Each image's trials as float32 (n_images, repetitions, V), padded as MindEye1's webdataset
+        (and hence BrainGuard's released training) stores them: an image seen once repeats its trial,
+        one seen twice gets the mean of its two as third row (MedARC's webdataset creation code,
+        ``fMRI-Algonauts-Challenge-2023 src/algo_webdataset_creation.py``); more trials than
+        ``repetitions`` keep the first ones. The mean over axis 1 is the image's average."""
+        t = self.trials(subject)
+        X, rows = self.trial_voxels(subject, nan_policy)
+        n = self.n_images(subject)
+        out = np.empty((n, repetitions, X.shape[1]), dtype=np.float32)
+        filled = np.zeros(n, dtype=np.int64)
+        order = np.lexsort((t.repetition, rows))
+        for k in order:
+            r = rows[k]
+            if filled[r] < repetitions:
+                out[r, filled[r]] = X[k]
+                filled[r] += 1
+        for count in range(1, repetitions):
+            for r in np.flatnonzero(filled == count):
+                if count == 1:
+                    out[r, 1:] = out[r, 0]
+                else:
+                    out[r, count:] = out[r, :count].mean(axis=0)
+        return out
+
+    def validation_rows(self, subject: int) -> np.ndarray:
+        """Rows of this (training) split that form the dataset's validation split."""
+        if self.name != "train":
+            raise DataError(f"validation_rows is defined on the training split, not {self.name!r}.")
+        self.dataset._get(subject, "train")
+        return self.dataset.validation_rows[int(subject)]
+
+
+def _finite(X: np.ndarray, nan_policy: str, subject: int, where: str) -> np.ndarray:
+    if nan_policy not in NAN_POLICIES:
+        raise DataError(f"Unknown nan_policy {nan_policy!r}; valid: 'error', 'zero'.")
+    # Checked in row blocks: no full-size mask beside a large array unless something is wrong.
+    if all(np.isfinite(X[i:i + 4096]).all() for i in range(0, X.shape[0], 4096)):
+        return X
+    bad = ~np.isfinite(X)
+    n_bad = int(bad.sum())
+    if n_bad:
+        if nan_policy == "error":
+            rows = int(bad.any(axis=1).sum())
+            raise DataError(
+                f"Subject {subject} ({where}): {n_bad} voxel values are NaN or "
+                f"infinite, in {rows} of {X.shape[0]} rows. Fix the data, or pass "
+                f"nan_policy='zero' to replace them with 0.", parameters=("nan_policy",)
+            )
+        X = np.where(bad, np.float32(0), X)
+    return X
+
 
 def _as_uint8_images(block: Any) -> np.ndarray:
     arr = np.asarray(block)
@@ -298,6 +626,14 @@ def _validate_split_arrays(arrays: SplitArrays, subject: int, split: str) -> Non
                 f"Subject {subject} ({split}): {n} voxel rows but {np.shape(value)[0]} {field_name}; "
                 f"the splits are mismatched."
             )
+    if arrays.trials is not None:
+        t = arrays.trials
+        if np.shape(t.voxels)[1] != shape[1]:
+            raise DataError(f"Subject {subject} ({split}): single trials have {np.shape(t.voxels)[1]} voxels but "
+                            f"the averages have {shape[1]}.")
+        if len(t) and (t.rows.min() < 0 or t.rows.max() >= n or len(np.unique(t.rows)) != n):
+            raise DataError(f"Subject {subject} ({split}): the single trials' image rows must cover every one of "
+                            f"the {n} images and no other.")
     if arrays.images is not None:
         ishape = np.shape(arrays.images)
         if len(ishape) != 4 or ishape[-1] != 3:

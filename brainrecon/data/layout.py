@@ -14,6 +14,10 @@ MANIFEST = "brainrecon-data.json"
 ARRAYS = ("voxels", "ids", "images", "captions", "surfaces")
 #: brainrecon format: array -> file name in ``subjXX/`` (``.format(split=...)``).
 BRAINRECON_FILES = {name: "{split}_" + name + ".npy" for name in ARRAYS}
+#: Single trials kept by ``prepare-nsd --keep-repetitions`` (brainrecon format): trial voxels (n_trials, V),
+#: the row of each trial's image in the split, its repetition index and its global NSD trial number.
+TRIAL_ARRAYS = ("voxels", "rows", "repetition", "trial")
+TRIAL_FILES = {name: "{split}_trials_" + name + ".npy" for name in TRIAL_ARRAYS}
 #: Brain-Diffuser's ``processed_data/subjXX/`` names (``.format(split=..., n=subject)``). The ids
 #: file is written beside them by ``brainrecon prepare-nsd --format brain-diffuser``;
 #: Brain-Diffuser itself has none and ignores it.
@@ -24,4 +28,4 @@ BRAIN_DIFFUSER_FILES = {
     "ids": "nsd_{split}_ids_sub{n}.npy",
 }
 
-__all__ = ["ARRAYS", "BRAINRECON_FILES", "BRAIN_DIFFUSER_FILES", "MANIFEST"]
+__all__ = ["ARRAYS", "BRAINRECON_FILES", "BRAIN_DIFFUSER_FILES", "MANIFEST", "TRIAL_ARRAYS", "TRIAL_FILES"]

@@ -17,10 +17,24 @@ Supported sources (detected from what the directory or file holds):
 ``synthetic``
     The built-in synthetic dataset: NSD's eight subjects, 1 to 8, subjects 1, 2, 5 and 7
     unless ``subjects`` chooses others; ``synthetic:n_train=200,n_test=16`` sets its options.
+``mindeye1``
+    MindEye1's ``webdataset_avg_split`` / ``webdataset_avg_new`` (HF
+    ``pscotti/naturalscenesdataset``): the ``.tar`` shards as published or the folders they
+    extract to; single trials (repetitions) kept, the ``val`` shards as validation split
+    (:mod:`brainrecon.data.mindeye`).
+``mindeye2``
+    MindEye2's ``pscotti/mindeyev2`` download: ``betas_all_subjXX_fp32_renorm.hdf5``,
+    ``wds/subjXX/{train,new_test,test}/*.tar`` and ``coco_images_224_float16.hdf5``, read lazily.
 ``arrays``
     One ``.h5`` / ``.hdf5`` file with datasets ``subjXX/{train,test}_{voxels,images,ids,
     captions,surfaces}`` (images and ids optional), or a directory of such ``.npy`` files
     without a manifest.
+
+Source options follow the path after ``::`` as ``key=value`` pairs, e.g.
+``mindeye2/::test_set=982`` or ``processed_data::validation_fraction=0.1,validation_seed=3``:
+``test_set`` (MindEye2: 1000 or 982), ``sessions`` (MindEye2: training sessions 1..N),
+``validation_fraction`` and ``validation_seed`` (the hold-out used where a source has no
+validation split). They are recorded in the dataset's spec and fingerprint.
 
 Location precedence (the first one given wins): an explicit ``source`` argument (the CLI's
 ``--data`` flag passes it), the ``BRAINRECON_DATA`` environment variable, then the built-in
@@ -36,8 +50,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays
-from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST
+from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays, Trials
+from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST, TRIAL_FILES
 from brainrecon.errors import DataError
 from brainrecon.io import load_array, read_json
 
@@ -84,7 +98,8 @@ def load_dataset(
         if subjects is not None:
             options["subjects"] = subjects
         return make_synthetic(**options)
-    path = Path(source).expanduser()
+    path_text, options = split_source_options(str(source))
+    path = Path(path_text).expanduser()
     if not path.exists():
         raise DataError(
             f"Data not found at {path}. Places tried, in order: {'; '.join(tried)}. "
@@ -92,20 +107,55 @@ def load_dataset(
             f"file), set {ENV_VAR}, or omit both to use the built-in synthetic dataset.", parameters=("source",)
         )
     kind = detect_format(path)
-    if kind == "brainrecon":
-        ds = load_brainrecon(path, subjects=subjects)
-    elif kind == "brain-diffuser":
-        ds = load_brain_diffuser(path, subjects=subjects)
-    elif kind == "arrays":
-        ds = load_arrays_file(path, subjects=subjects)
+    if kind in ("mindeye1", "mindeye2"):
+        from brainrecon.data.mindeye import load_mindeye1, load_mindeye2
+
+        loader = load_mindeye1 if kind == "mindeye1" else load_mindeye2
+        return loader(path, subjects=subjects, options=options)
+    if kind in _LOADERS:
+        unknown = set(options) - {"validation_fraction", "validation_seed"}
+        if unknown:
+            raise DataError(f"Unknown option(s) {sorted(unknown)} for {kind} data; valid: validation_fraction, "
+                            f"validation_seed.")
+        ds = _LOADERS[kind](path, subjects=subjects)
+        if options:
+            ds = _with_validation_options(ds, options)
     else:
         raise DataError(
             f"{path} holds no recognised data layout. Expected one of: a {MANIFEST} manifest "
             f"(brainrecon prepare-nsd), Brain-Diffuser files "
-            f"(subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}), or an .h5 file with "
+            f"(subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}), MindEye1's "
+            f"webdataset_avg_split (train/train_subjXX_0.tar or extracted train/train_subjXX/), MindEye2's "
+            f"pscotti/mindeyev2 (betas_all_subjXX_fp32_renorm.hdf5 + wds/subjXX/), or an .h5 file with "
             f"subjXX/train_voxels datasets. Places tried: {'; '.join(tried)}."
         )
     return ds
+
+
+_OPTION_KINDS = {"test_set": str, "sessions": int, "validation_fraction": float, "validation_seed": int}
+
+
+def split_source_options(source: str) -> tuple[str, dict[str, Any]]:
+    """``"PATH::key=value,..."`` -> (PATH, options); see the module docstring for the keys."""
+    path, sep, rest = source.partition("::")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")) if sep else ():
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in _OPTION_KINDS:
+            raise DataError(f"Bad data option {item!r} in {source!r}; write PATH::key=value,... with keys "
+                            f"{', '.join(sorted(_OPTION_KINDS))}.", parameters=("source",))
+        try:
+            options[key] = _OPTION_KINDS[key](value.strip())
+        except ValueError:
+            raise DataError(f"Data option {key}={value!r} is not a {_OPTION_KINDS[key].__name__}.",
+                            parameters=("source",)) from None
+    return path, options
+
+
+def _with_validation_options(ds: Dataset, options: dict[str, Any]) -> Dataset:
+    spec = dict(ds.spec, **options)
+    return Dataset(ds.subjects_data, spec=spec, name=ds.name, ids_are_nsd=ds.ids_are_nsd)
 
 
 def _synthetic_options(source: str) -> dict[str, Any]:
@@ -131,6 +181,12 @@ def detect_format(path: Path) -> str | None:
         return "brainrecon"
     if _brain_diffuser_subjects(path):
         return "brain-diffuser"
+    from brainrecon.data.mindeye import mindeye1_root, mindeye2_subjects
+
+    if path.is_dir() and mindeye2_subjects(path):
+        return "mindeye2"
+    if path.is_dir() and mindeye1_root(path) is not None:
+        return "mindeye1"
     return None
 
 
@@ -293,6 +349,7 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
                 images=get("images"),
                 captions=get("captions"),
                 surfaces=get("surfaces"),
+                trials=_read_trials(d, split, files["voxels"], _FIX_BR),
             )
         _check_voxel_counts(voxel_files["train"], voxel_files["test"], _FIX_BR)
         data[s] = splits
@@ -304,6 +361,34 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
         name=manifest.get("name", f"brainrecon:{path.name}"),
         ids_are_nsd=manifest.get("ids_are_nsd", True),
     )
+
+
+def _read_trials(d: Path, split: str, voxels: tuple[Path, Any], fix: str) -> Trials | None:
+    """The single trials written by ``prepare-nsd --keep-repetitions``, checked against the averages."""
+    paths = {k: d / name.format(split=split) for k, name in TRIAL_FILES.items()}
+    present = [k for k, p in paths.items() if p.exists()]
+    if not present:
+        return None
+    if len(present) != len(paths):
+        missing = [str(paths[k]) for k in paths if k not in present]
+        raise DataError(f"{missing[0]} is missing but {paths[present[0]].name} is present (single trials come as "
+                        f"{len(paths)} files); {fix}.")
+    vox = _checked(paths["voxels"], "voxels", load_array(paths["voxels"], mmap=True, fix=fix), fix)
+    arrays = {k: _checked(paths[k], "ids", load_array(paths[k], fix=fix), fix) for k in ("rows", "repetition", "trial")}
+    n_trials, n_images = vox.shape[0], voxels[1].shape[0]
+    for k, a in arrays.items():
+        if a.shape[0] != n_trials:
+            raise DataError(f"{paths[k]} has {a.shape[0]} rows but {paths['voxels']} has {n_trials}; {fix}.")
+    rows = arrays["rows"]
+    if vox.shape[1] != voxels[1].shape[1]:
+        raise DataError(f"{paths['voxels']} has {vox.shape[1]} voxels per trial but {voxels[0]} has "
+                        f"{voxels[1].shape[1]}; {fix}.")
+    if n_trials == 0 or rows.min() < 0 or rows.max() >= n_images or np.unique(rows).size != n_images:
+        raise DataError(f"{paths['rows']} must give every one of the {n_images} images of {voxels[0].name} at least "
+                        f"one trial, and no other row; {fix}.")
+    if arrays["repetition"].min() < 0:
+        raise DataError(f"{paths['repetition']} holds negative repetition indices; {fix}.")
+    return Trials(vox, rows=rows, repetition=arrays["repetition"], trial=arrays["trial"])
 
 
 def read_brainrecon_manifest(path: str | os.PathLike, *, fix: str) -> dict[str, Any]:
@@ -441,13 +526,22 @@ def dataset_from_spec(spec: dict[str, Any]) -> Dataset:
         if "n_voxels" in options:
             options["n_voxels"] = {int(k): int(v) for k, v in options["n_voxels"].items()}
         return make_synthetic(**options)
-    if kind in ("brain-diffuser", "brainrecon", "arrays"):
+    options = {k: spec[k] for k in _OPTION_KINDS if k in spec}
+    if kind in ("brain-diffuser", "brainrecon", "arrays", "mindeye1", "mindeye2"):
         path = Path(spec["path"])
         if not path.exists():
             raise DataError(
                 f"The run's data is no longer at {path}; pass its new location as source.", parameters=("source",)
             )
-        loader = {"brain-diffuser": load_brain_diffuser, "brainrecon": load_brainrecon,
-                  "arrays": load_arrays_file}[kind]
-        return loader(path, subjects=subjects)
-    raise DataError(f"Unknown dataset kind {kind!r} in a run record; valid: synthetic, brain-diffuser, brainrecon, arrays.")
+        if kind in ("mindeye1", "mindeye2"):
+            from brainrecon.data.mindeye import load_mindeye1, load_mindeye2
+
+            loader = load_mindeye1 if kind == "mindeye1" else load_mindeye2
+            return loader(path, subjects=subjects, options=options)
+        ds = _LOADERS[kind](path, subjects=subjects)
+        return _with_validation_options(ds, options) if options else ds
+    raise DataError(f"Unknown dataset kind {kind!r} in a run record; valid: synthetic, brain-diffuser, brainrecon, "
+                    f"arrays, mindeye1, mindeye2.")
+
+
+_LOADERS = {"brain-diffuser": load_brain_diffuser, "brainrecon": load_brainrecon, "arrays": load_arrays_file}

@@ -78,7 +78,7 @@ class Site:
         self.dataset = load_dataset(settings["data"], subjects=[self.subject])
         self.target_shape, n_tokens, token_dim = self.decoder._target_layout()
         self.data = self.decoder._site_data(self.dataset.train, self.subject, self.target_shape)
-        V = int(self.data.voxels.shape[1])
+        V = int(self.data.voxels.shape[-1])
         model = self.decoder._initial_models(self.config, {self.subject: V}, n_tokens, token_dim)[self.subject]
         device = client_devices(self.decoder.device, 1)[0]
         self.client = Client(self.subject, self.data.voxels, self.data.targets, model, self.config, device,

@@ -32,6 +32,10 @@ Files read, relative to the NSD root::
    Brain-Diffuser's ``np.mean`` over float32 rows.
 5. Rows are ordered by the image's first appearance (Brain-Diffuser's order), and the 0-based
    73k id of every row is kept.
+6. With ``keep_repetitions=True`` (brainrecon format) every single trial is also written, in
+   chronological order and in the averages' units: ``subjXX/{split}_trials_voxels.npy`` (n_trials,
+   V) float32, ``_rows.npy`` (the row of its image), ``_repetition.npy`` (0-based rank among the
+   image's trials) and ``_trial.npy`` (the 0-based global trial), streamed to disk per session.
 
 Units
 -----

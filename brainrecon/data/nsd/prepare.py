@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from brainrecon.data.layout import BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST
+from brainrecon.data.layout import BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST, TRIAL_FILES
 from brainrecon.data.nsd.release import (
     _DOWNLOAD_HINT,
     BETA_VERSION,
@@ -58,6 +58,7 @@ def prepare_nsd(
     progress: bool = True,
     name: str | None = None,
     ncsnr_threshold: float | None = None,
+    keep_repetitions: bool = False,
 ) -> dict[str, Any]:
     """Prepare one NSD subject from the raw release (see :mod:`brainrecon.data.nsd` for the recipe).
 
@@ -92,6 +93,11 @@ def prepare_nsd(
         Keep only nsdgeneral voxels whose noise-ceiling SNR (``ncsnr.nii.gz`` of the chosen
         beta version) exceeds this value, the voxel selection of MindEye2's preparation;
         recorded in the dataset's source (so in its fingerprint).
+    keep_repetitions : bool
+        Also write every single trial beside the averages (brainrecon format:
+        ``{split}_trials_{voxels,rows,repetition,trial}.npy``; the voxels in the same units as
+        the averages, which are their means), so that decoders can train on single trials. The
+        trial voxels are written to disk session by session (about 1.7 GB for a 40-session subject).
 
     Returns
     -------
@@ -110,6 +116,9 @@ def prepare_nsd(
         raise DataError(f"Unknown format {format!r}; valid: 'brainrecon', 'brain-diffuser'.")
     if zscore not in ZSCORE_MODES:
         raise DataError(f"Unknown zscore mode {zscore!r}; valid: 'none', 'session'.")
+    if format == "brain-diffuser" and keep_repetitions:
+        raise DataError("Brain-Diffuser's file layout has no place for single trials; keep_repetitions=True needs "
+                        "format='brainrecon'.", parameters=("format", "keep_repetitions"))
     if format == "brain-diffuser" and zscore != "none":
         raise DataError("format='brain-diffuser' writes raw betas as Brain-Diffuser's files hold them; "
                         "zscore='session' is only available with format='brainrecon'.",
@@ -133,6 +142,8 @@ def prepare_nsd(
         "voxel_order": "nibabel C order over (X, Y, Z) of nsdgeneral > 0",
         "row_order": "first appearance",
     }
+    if keep_repetitions:
+        source["keep_repetitions"] = True
     if ncsnr_threshold is not None:
         source["ncsnr_threshold"] = float(ncsnr_threshold)
         source["voxel_order"] = f"nibabel C order over (X, Y, Z) of nsdgeneral > 0 and ncsnr > {float(ncsnr_threshold):g}"
@@ -183,7 +194,8 @@ def prepare_nsd(
     state = _load_state(partial, subject, mask, release.mask)
 
     staged = _stage_sessions(release, plan, mask, partial, state, progress)
-    voxels = _average(plan, staged, n_voxels, zscore, progress)
+    trial_files = _trial_files(plan, partial) if keep_repetitions else None
+    voxels = _average(plan, staged, n_voxels, zscore, progress, trial_files)
     images = _copy_images(release.stimuli, plan, partial, state, progress)
     caps = _read_captions(captions, plan) if captions is not None else None
 
@@ -200,6 +212,9 @@ def prepare_nsd(
         os.replace(images[split], build / names["images"].format(**fill))
         if caps is not None:
             write_array_atomic(build / names["captions"].format(**fill), caps[split])
+        if trial_files is not None:
+            for key, path in trial_files[split].items():
+                os.replace(path, build / TRIAL_FILES[key].format(**fill))
     summary = {
         "subject": subject,
         "out": subject_dir,
@@ -400,8 +415,35 @@ def zscore_session(betas: np.ndarray) -> np.ndarray:
     z[:, std == 0] = 0.0
     return z.astype(np.float32)
 
-def _average(plan: TrialPlan, staged: list[Path], n_voxels: int, zscore: str, progress: bool) -> dict[str, np.ndarray]:
+def _trial_files(plan: TrialPlan, partial: Path) -> dict[str, dict[str, Path]]:
+    """Rows, repetition indices and trial numbers of each split's single trials (chronological),
+    written now; the voxel file is filled by :func:`_average`."""
+    files: dict[str, dict[str, Path]] = {}
+    for code, split in ((0, "train"), (1, "test")):
+        trial = np.flatnonzero(plan.trial_split == code).astype(np.int64)
+        rows = plan.trial_row[trial].astype(np.int64)
+        repetition = np.zeros(len(rows), dtype=np.int64)
+        seen = np.zeros(plan.ids(split).size, dtype=np.int64)
+        for k, r in enumerate(rows):
+            repetition[k] = seen[r]
+            seen[r] += 1
+        files[split] = {}
+        for key, arr in (("rows", rows), ("repetition", repetition), ("trial", trial)):
+            path = partial / f"trials_{split}_{key}.npy"
+            write_array_atomic(path, arr)
+            files[split][key] = path
+        files[split]["voxels"] = partial / f"trials_{split}_voxels.npy"
+    return files
+
+
+def _average(plan: TrialPlan, staged: list[Path], n_voxels: int, zscore: str, progress: bool,
+             trial_files: dict[str, dict[str, Path]] | None = None) -> dict[str, np.ndarray]:
     sums = {split: np.zeros((plan.ids(split).size, n_voxels), dtype=np.float32) for split in _SPLITS}
+    # Single trials go to disk session by session (a memory-mapped .npy), never whole in memory.
+    singles = {split: np.lib.format.open_memmap(trial_files[split]["voxels"], mode="w+", dtype=np.float32,
+                                                shape=(int((plan.trial_split == code).sum()), n_voxels))
+               for code, split in ((0, "train"), (1, "test"))} if trial_files is not None else None
+    written = {split: 0 for split in _SPLITS}
     counts = {split: np.zeros(plan.ids(split).size, dtype=np.int64) for split in _SPLITS}
     with progress_bar(progress, total=len(staged), desc=f"subj{plan.subject:02d} average", unit="session") as bar:
         for s, path in enumerate(staged):
@@ -422,8 +464,15 @@ def _average(plan: TrialPlan, staged: list[Path], n_voxels: int, zscore: str, pr
                 # In trial order, so sums match a chronological np.mean bit for bit.
                 np.add.at(sums[split], rows, values[sel])
                 np.add.at(counts[split], rows, 1)
+                if singles is not None:
+                    singles[split][written[split]:written[split] + len(sel)] = values[sel]
+                    written[split] += len(sel)
             del values
             bar.update(1)
+    if singles is not None:
+        for split in _SPLITS:
+            singles[split].flush()
+        del singles
     for split in _SPLITS:
         if (counts[split] == 0).any():  # cannot happen with a consistent plan
             raise DataError(f"Internal error: {int((counts[split] == 0).sum())} {split} images without trials.")

@@ -37,6 +37,8 @@ from brainrecon.recipes import Recipe
 from brainrecon.targets import get_target
 
 NAN_POLICIES = ("error", "zero")
+VALIDATIONS = ("fraction", "dataset")
+TRIALS = ("average", "single")
 _PREDICT_BATCH = 256
 # Parameters that do not change what training computes: a checkpoint written under other
 # values of these can be resumed.
@@ -100,10 +102,24 @@ class BrainGuardDecoder(Decoder):
     decay_layernorm : bool
         Also decay LayerNorm weights, as the released code does by accident of its
         parameter-name matching (biases are never decayed).
+    validation : {"fraction", "dataset"}
+        Where each subject's validation images come from: ``"dataset"`` is the data's named
+        validation split (``dataset.validation``: MindEye1's ``val`` shards, which the released
+        code validates on, else the data's seeded hold-out); ``"fraction"`` holds out
+        ``validation_fraction`` of the training images at the client (seeded by ``seed``). Either
+        way the client trains on the other training images, scores its model on the validation
+        images (their averaged voxels) after every local epoch and keeps the best, as the released
+        code keeps ``client{id}_best.pth``.
     validation_fraction : float
-        Share of each subject's training samples held out (at the client) to score the
-        model after every local epoch; the subject keeps its best-scoring model, as the
-        released code keeps ``client{id}_best.pth``. 0 keeps the last model.
+        Share held out with ``validation="fraction"``; 0 validates nothing and keeps the last model.
+    trials : {"average", "single"}
+        What a training batch holds: each image's averaged voxels, or — as the released code
+        trains on MindEye1's (3, V) stacks — one single trial per image, repetition
+        ``batch_index % 3`` for every sample of the batch (``clients/client.py``: ``voxel[:,
+        train_i % 3]``), images seen fewer than 3 times padded as MindEye1 pads them
+        (:meth:`~brainrecon.data.Split.trial_stack`). The Dynamic Fusion Learner, validation and
+        prediction use averages either way; the voxel standardisation uses the averages' statistics.
+        Needs data with single trials.
     calibration : {"auto", "token", "norm", "none"}
         Output scale (see :func:`~brainrecon.decoders.brainguard.model.fit_calibration`);
         can be changed after fitting. The loss only sees each prediction's direction, so
@@ -186,7 +202,9 @@ class BrainGuardDecoder(Decoder):
         ema_decay: float = 0.999,
         warmup_epochs: float = 2.0,
         decay_layernorm: bool = False,
+        validation: str = "fraction",
         validation_fraction: float = 0.0,
+        trials: str = "average",
         calibration: str = "auto",
         seed: int = 0,
         device: str = "auto",
@@ -222,7 +240,9 @@ class BrainGuardDecoder(Decoder):
         self.ema_decay = ema_decay
         self.warmup_epochs = warmup_epochs
         self.decay_layernorm = decay_layernorm
+        self.validation = validation
         self.validation_fraction = validation_fraction
+        self.trials = trials
         self.calibration = calibration
         self.seed = seed
         self.device = device
@@ -304,6 +324,11 @@ class BrainGuardDecoder(Decoder):
             raise DataError(
                 f"Unknown nan_policy {self.nan_policy!r}. Valid choices: 'error', 'zero'."
             )
+        if self.validation not in VALIDATIONS:
+            raise DataError(f"Unknown validation {self.validation!r}. Valid choices: "
+                            f"{', '.join(map(repr, VALIDATIONS))}.")
+        if self.trials not in TRIALS:
+            raise DataError(f"Unknown trials {self.trials!r}. Valid choices: {', '.join(map(repr, TRIALS))}.")
 
     def _fit_subjects(self, train) -> list[int]:
         if self.subjects is None:
@@ -342,7 +367,7 @@ class BrainGuardDecoder(Decoder):
         voxel_stats = {s: sites[s].stats for s in subjects}
         tensors = {s: (sites[s].voxels, sites[s].targets) for s in subjects}
         devices = client_devices(self.device, len(subjects))
-        models = self._initial_models(config, {s: tensors[s][0].shape[1] for s in subjects},
+        models = self._initial_models(config, {s: tensors[s][0].shape[-1] for s in subjects},
                                       n_tokens, token_dim)
         clients = [Client(s, tensors[s][0], tensors[s][1], models[s], config, dev,
                           sites[s].val_voxels, sites[s].val_targets)
@@ -354,7 +379,7 @@ class BrainGuardDecoder(Decoder):
             "params": {k: jsonable(v) for k, v in self.get_params().items()
                        if k not in _RESUME_FREE and k != "subjects"},
             "subjects": subjects,
-            "n_voxels": {str(s): int(tensors[s][0].shape[1]) for s in subjects},
+            "n_voxels": {str(s): int(tensors[s][0].shape[-1]) for s in subjects},
             "n_samples": {str(s): int(tensors[s][0].shape[0]) for s in subjects},
             "fingerprints": {str(s): train.fingerprint(s) for s in subjects},
             "target_shape": list(target_shape),
@@ -419,17 +444,31 @@ class BrainGuardDecoder(Decoder):
         Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
         Yt = torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim))
         stats = (mean.astype(np.float32), std.astype(np.float32))
-        n_val = round(float(self.validation_fraction) * len(X))
-        if self.validation_fraction and not 1 <= n_val < len(X):
-            raise DataError(
-                f"validation_fraction={self.validation_fraction} leaves subject {s} "
-                f"{n_val} validation and {len(X) - n_val} training samples; both need at least one."
-            )
-        if not n_val:
-            return SiteData(Xs, Yt, None, None, stats)
-        order = np.random.default_rng(np.random.SeedSequence([int(self.seed), s, 3])).permutation(len(X))
-        val, fit = torch.from_numpy(np.sort(order[:n_val])), torch.from_numpy(np.sort(order[n_val:]))
-        return SiteData(Xs[fit], Yt[fit], Xs[val], Yt[val], stats)
+        if self.validation == "dataset":
+            val_rows = np.asarray(train.validation_rows(s), dtype=np.int64)
+            if not 1 <= len(val_rows) < len(X):
+                raise DataError(f"Subject {s}: the dataset's validation split has {len(val_rows)} of {len(X)} training "
+                                f"images; both validation and training need at least one.")
+        else:
+            n_val = round(float(self.validation_fraction) * len(X))
+            if self.validation_fraction and not 1 <= n_val < len(X):
+                raise DataError(
+                    f"validation_fraction={self.validation_fraction} leaves subject {s} "
+                    f"{n_val} validation and {len(X) - n_val} training samples; both need at least one."
+                )
+            order = np.random.default_rng(np.random.SeedSequence([int(self.seed), s, 3])).permutation(len(X))
+            val_rows = np.sort(order[:n_val])
+        fit_rows = np.setdiff1d(np.arange(len(X)), val_rows)
+        if self.trials == "single":
+            stack = train.trial_stack(s, nan_policy=self.nan_policy)
+            train_voxels = torch.from_numpy(((stack[fit_rows] - mean) / std).astype(np.float32))
+        else:
+            train_voxels = Xs[torch.from_numpy(fit_rows)]
+        fit_t = torch.from_numpy(fit_rows)
+        if not len(val_rows):
+            return SiteData(train_voxels, Yt[fit_t], None, None, stats)
+        val = torch.from_numpy(val_rows)
+        return SiteData(train_voxels, Yt[fit_t], Xs[val], Yt[val], stats)
 
     def _set_fitted(self, clients: list[Client], voxel_stats: dict, target_shape: tuple[int, ...],
                     history: list, *, rounds: int, n_sites: int) -> None:
@@ -439,7 +478,7 @@ class BrainGuardDecoder(Decoder):
             s = client.subject
             model = client.final_model()
             model.eval()
-            raw = _raw_predict(model, client.voxels, client.device)
+            raw = _raw_predict(model, client.average_voxels, client.device)
             self.calibration_stats_[s] = fit_calibration(
                 raw, client.targets.cpu().numpy(), kind="token")
             model.set_generator(None)
@@ -454,7 +493,7 @@ class BrainGuardDecoder(Decoder):
             "rounds_completed": int(rounds),
         }
         self.history_ = history
-        self.n_voxels_ = {c.subject: int(c.voxels.shape[1]) for c in clients}
+        self.n_voxels_ = {c.subject: int(c.voxels.shape[-1]) for c in clients}
         self.subjects_ = [c.subject for c in clients]
 
     def _initial_models(self, config: TrainConfig, n_voxels: dict[int, int], n_tokens: int,
@@ -642,7 +681,8 @@ class BrainGuardDecoder(Decoder):
 
 @dataclass
 class SiteData:
-    """One subject's training tensors (standardised voxels, token targets) at its site."""
+    """One subject's training tensors at its site: standardised voxels ((n, V) averages, or
+    (n, 3, V) single-trial stacks), token targets, the validation images' averages and targets."""
 
     voxels: torch.Tensor
     targets: torch.Tensor

@@ -281,8 +281,12 @@ class Client:
     Parameters
     ----------
     subject : int
-    voxels : tensor of shape (n, V)
-        Standardised training voxels (stays on the client).
+    voxels : tensor of shape (n, V) or (n, R, V)
+        Standardised training voxels (stays on the client): one averaged row per image, or each
+        image's ``R`` single trials (``Split.trial_stack``). With trials, the client trains as the
+        released ``clients/client.py`` does — every sample of batch ``b`` of an epoch uses
+        repetition ``b % R`` (``voxel[:, train_i % 3]``) — and the Dynamic Fusion Learner sees the
+        averages (the mean over the R rows), as the released ``utils/DFL.py`` does.
     targets : tensor of shape (n, n_tokens, token_dim)
     model : BrainGuardNet
         Already initialised (shared layers from the common initialisation).
@@ -304,6 +308,10 @@ class Client:
         self.voxels = voxels.to(self.device)
         self.targets = targets.to(self.device)
         self.n_samples = int(voxels.shape[0])
+        #: Per-image averages (what the fusion learner and calibration see).
+        self.average_voxels = self.voxels.mean(dim=1) if self.voxels.ndim == 3 else self.voxels
+        #: The repetition index each batch of the last training epoch used (None: averages).
+        self.repetitions_used: list[int | None] = []
         self.val_voxels = None if val_voxels is None else val_voxels.to(self.device)
         self.val_targets = None if val_targets is None else val_targets.to(self.device)
         self.best_score: float | None = None
@@ -338,11 +346,26 @@ class Client:
 
     # -------------------------------------------------------------- data
     def batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch of shuffled ``(voxels, targets)`` batches on the client's device."""
+        """One epoch of shuffled ``(averaged voxels, targets)`` batches on the client's device."""
         order = torch.randperm(self.n_samples, generator=self.shuffle_generator)
         for start in range(0, self.n_samples, self.config.batch_size):
             idx = order[start:start + self.config.batch_size].to(self.device)
-            yield self.voxels[idx], self.targets[idx]
+            yield self.average_voxels[idx], self.targets[idx]
+
+    def training_batches(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        """One training epoch: like :meth:`batches`, but with single trials each batch ``b`` takes
+        every sample's repetition ``b % R`` (the released rule); recorded in ``repetitions_used``."""
+        self.repetitions_used = []
+        order = torch.randperm(self.n_samples, generator=self.shuffle_generator)
+        for b, start in enumerate(range(0, self.n_samples, self.config.batch_size)):
+            idx = order[start:start + self.config.batch_size].to(self.device)
+            if self.voxels.ndim == 3:
+                rep = b % int(self.voxels.shape[1])
+                self.repetitions_used.append(rep)
+                yield self.voxels[idx, rep], self.targets[idx]
+            else:
+                self.repetitions_used.append(None)
+                yield self.voxels[idx], self.targets[idx]
 
     # -------------------------------------------------------------- one round
     def receive(self, global_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -366,7 +389,7 @@ class Client:
         total, count = 0.0, 0
         decay = self.config.ema_decay
         for _ in range(int(epochs)):
-            for inputs, targets in self.batches():
+            for inputs, targets in self.training_batches():
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.config.loss(self.model(inputs), targets)
                 loss.backward()

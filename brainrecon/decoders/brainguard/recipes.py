@@ -38,7 +38,9 @@ _SHARED_VALUES = {
     "ema": "inverted",
     "ema_decay": 0.999,
     "warmup_epochs": 2.0,
-    "validation_fraction": 0.05,
+    "validation": "dataset",
+    "validation_fraction": 0.0,
+    "trials": "single",
     "calibration": "none",
 }
 
@@ -68,10 +70,16 @@ def _shared_notes(src: str) -> dict[str, str]:
                 f"each step (inverted decay); the server averages model_ema."),
         "ema_decay": f"{src} main.py: ema_decay 0.999.",
         "warmup_epochs": f"{src} clients/client.py set_lr_scheduler: pct_start = 2 / (global_rounds * local_steps).",
-        "validation_fraction": ("Best-by-validation model per client as in clients/client.py (saves client*_best.pth "
-                                "on a higher mean validation cosine similarity); the released code validates on "
-                                "MindEye's separate val split, which brainrecon data lack: the 5 % hold-out is "
-                                "brainrecon's choice, not a released value."),
+        "validation": (f"{src} clients/client.py + utils/data.py get_dls: best-by-validation model per client "
+                       f"(client*_best.pth on a higher mean validation cosine similarity, voxels averaged over the "
+                       f"3 repetitions) on MindEye1's webdataset_avg_split/val split: the dataset's named validation "
+                       f"split (the val shards with MindEye1 data; the data's seeded hold-out with other sources)."),
+        "validation_fraction": "Unused: validation='dataset' takes the data's validation split.",
+        "trials": (f"{src} clients/client.py: voxel = voxel[:, train_i % 3] - one repetition per sample, the same "
+                   f"index for the whole batch, chosen by the batch's index in the epoch; utils/DFL.py and "
+                   f"validation use the mean of the 3. brainrecon trains on each distinct image once per epoch; "
+                   f"the released get_dls(length=8859) takes the first 8,859 sample keys of the train folder, "
+                   f"duplicates included (fMRI-reconstruction-NSD #55)."),
     }
 
 

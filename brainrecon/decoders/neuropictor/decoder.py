@@ -638,7 +638,8 @@ class NeuroPictorDecoder(Decoder):
             Uses ``train.surfaces(subject)`` ``(n, S, S)``, ``train.images(subject, idx)``
             (resized to ``image_size``) and ``train.captions(subject)`` (empty when absent).
         validation : brainrecon.data.Split, optional
-            Source of the validation grids (default: the first training samples).
+            Source of the validation grids (default: the dataset's named validation split,
+            ``train.dataset.validation`` — the source's own or its seeded hold-out of training images).
 
         Returns
         -------
@@ -714,7 +715,9 @@ class NeuroPictorDecoder(Decoder):
                       **dataclasses.asdict(sizes), "image_size": self.image_size,
                       "encoder_eps": float(self.encoder_eps), "global_batch": plan["global_batch"]},
         )
-        validate = self._validation_callback(validation if validation is not None else train,
+        if validation is None:
+            validation = getattr(getattr(train, "dataset", None), "validation", train)
+        validate = self._validation_callback(validation,
                                              subjects, geometry, use_aux, empty)
         stats: dict = {}
         losses = train_module.run_training(

@@ -17,6 +17,7 @@ from brainrecon.errors import DataError
 from brainrecon.io import check_arrays, load_npz
 
 RESCALES = ("none", "train", "test")
+TRIALS = ("average", "single")
 _WEIGHTS_FILE = "ridge_weights.npz"
 
 
@@ -60,6 +61,13 @@ class RidgeDecoder(Decoder):
         Solver precision.
     nan_policy : {"error", "zero"}, default "error"
         Non-finite voxel values: raise, or replace by 0.
+    trials : {"average", "single"}, default "average"
+        Fit on each image's averaged voxels (Brain-Diffuser) or on every single trial paired with
+        its image's target (trial-wise training as in Takagi & Nishimoto and MindEye2); the test
+        images are predicted from their averages either way, and the z-scoring statistics come from
+        what was fitted. With single trials the leave-one-out that chooses alpha leaves one *trial*
+        out: the image's other trials stay in, which favours smaller alphas than leaving the image
+        out would. Needs data with single trials.
 
     Attributes
     ----------
@@ -98,6 +106,7 @@ class RidgeDecoder(Decoder):
         device="auto",
         dtype="float32",
         nan_policy="error",
+        trials="average",
     ):
         self.subject = subject
         self.target = target
@@ -109,6 +118,7 @@ class RidgeDecoder(Decoder):
         self.device = device
         self.dtype = dtype
         self.nan_policy = nan_policy
+        self.trials = trials
 
     # ------------------------------------------------------------------ fit / predict
     def _check_rescale(self) -> None:
@@ -138,9 +148,15 @@ class RidgeDecoder(Decoder):
                 f"Subject {subject} is not in the training data; available subjects: "
                 f"{train.subjects}."
             )
-        X = train.voxels(subject, nan_policy=self.nan_policy)
+        if self.trials not in TRIALS:
+            raise DataError(f"Unknown trials {self.trials!r}. Valid choices: {', '.join(map(repr, TRIALS))}.")
         target = get_target(self.target, **(self.target_options or {}))
         Y = np.asarray(target.load(train, subject), dtype=np.float32)
+        if self.trials == "single":
+            X, rows = train.trial_voxels(subject, nan_policy=self.nan_policy)
+            Y = Y[rows]
+        else:
+            X = train.voxels(subject, nan_policy=self.nan_policy)
         if Y.shape[0] != X.shape[0]:
             raise DataError(
                 f"Subject {subject}: {X.shape[0]} voxel rows but {Y.shape[0]} targets."
