@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ import torch
 from brainrecon.decoders.neuropictor.encoder import LAYER_NORM_EPS, FMRIEncoder
 from brainrecon.decoders.neuropictor.weights import load_state_dict_strict
 from brainrecon.errors import BrainreconError, WeightsNotFoundError
+from brainrecon.io import torch_load_weights_only as _load_pickle
 
 #: Official heads (paper supplement: dim 1024, depth 24, 16 heads), used when no yaml is given.
 OFFICIAL_HEADS = 16
@@ -82,30 +82,22 @@ def _key_list(keys) -> str:
     return shown + (f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def torch_load_weights_only(path: str | os.PathLike, what: str) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what to do.
+def torch_load_weights_only(path: str | os.PathLike, what: str, *, hint: str = "",
+                            parameters: tuple[str, ...] = ()) -> Any:
+    """:func:`brainrecon.io.torch_load_weights_only` for NeuroPictor's files (errors are
+    :class:`OfficialFileError`; ``argparse.Namespace``, which the released files hold, is allowed)."""
+    return _load_pickle(path, what, error=OfficialFileError, hint=hint, allowed=(argparse.Namespace,),
+                        parameters=parameters)
 
-    The one pickle brainrecon reads. ``weights_only=True`` rebuilds only tensors, containers
-    and plain values (plus ``argparse.Namespace``, allowed explicitly); anything else is refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"The {what} file {path} does not exist.")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OfficialFileError(
-            f"Refusing to read {path} ({what}): it needs more than tensors and plain values to "
-            f"unpickle ({first}). brainrecon reads official files with torch.load(weights_only=True) "
-            f"only, because a general pickle can run code. If you trust the file, re-save just its "
-            f"weights in a trusted Python session: sd = torch.load(path, weights_only=False); "
-            f"torch.save({{'model': sd['model']}}, 'weights_only.pth') (or the plain state dict for "
-            f"an epoch file), and pass that file."
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise OfficialFileError(f"Cannot read {path} ({what}) with torch.load: {exc}") from exc
+
+def _looks_like_encoder_file(path: str | os.PathLike) -> bool:
+    """A file named like the released fMRI autoencoder (``fMRI2fMRI_UKB/checkpoint_120000.pth``)."""
+    p = Path(path)
+    return bool(re.fullmatch(r"checkpoint[_-]?\d+\.pth", p.name)) or "fMRI2fMRI" in p.as_posix()
+
+
+_ENCODER_HINT = ("This looks like the released fMRI autoencoder (fMRI2fMRI_UKB/checkpoint_120000.pth): pass it as "
+                 "encoder, beside an epoch file or control_sd21_ini.ckpt as the checkpoint.")
 
 
 # ---------------------------------------------------------------------------- yaml
@@ -594,7 +586,16 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
     from brainrecon.decoders.neuropictor import control, model
 
     source = str(checkpoint)
-    obj = torch_load_weights_only(checkpoint, "NeuroPictor checkpoint")
+    looks_like_encoder = _looks_like_encoder_file(checkpoint)
+    obj = torch_load_weights_only(checkpoint, "NeuroPictor checkpoint", hint=_ENCODER_HINT if looks_like_encoder else "",
+                                  parameters=("encoder",) if looks_like_encoder else ())
+    inner = obj.get("model") if isinstance(obj, Mapping) else None
+    if isinstance(inner, Mapping) and inner and all(
+            str(k).removeprefix("module.").startswith("transformer.") for k in inner):
+        raise OfficialFileError(
+            f"{source} is the fMRI autoencoder (its 'model' holds only transformer.* tensors), not a NeuroPictor "
+            f"checkpoint: pass it as encoder, with control_sd21_ini.ckpt or an epoch file as the checkpoint.",
+            parameters=("encoder",))
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping):
