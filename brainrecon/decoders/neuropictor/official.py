@@ -471,15 +471,54 @@ class ImportReport:
     fresh: list[str] = field(default_factory=list)
     frozen_max_diff: dict[str, float] = field(default_factory=dict)
     checks: dict[str, float] = field(default_factory=dict)
+    #: The fMRI encoder's settings the tensors do not fix: heads, LayerNorm eps, dropout, and where
+    #: they came from (None: assumed, the official values).
+    encoder: dict[str, Any] = field(default_factory=dict)
+    #: What was inferred rather than given (subjects, stage), as sentences.
+    inferred: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"imported {self.source}"]
+        if self.encoder:
+            out.append("  " + encoder_settings_line(self.encoder))
+        out += [f"  {line}" for line in self.inferred]
         out += [f"  {k:<22} {v:>6} tensors" for k, v in self.counts.items()]
         out += [f"  ignored {k:<14} {v:>6} tensors" for k, v in self.ignored.items()]
         out += [f"  initialised fresh: {name}" for name in self.fresh]
         out += [f"  {k} equals base_model's within {v:.2e}" for k, v in self.frozen_max_diff.items()]
         out += [f"  check {k:<40} {v:.3e}" for k, v in self.checks.items()]
         return out
+
+
+def encoder_settings_line(settings: Mapping[str, Any]) -> str:
+    """One line on the fMRI encoder's heads, eps and dropout and whether they were assumed."""
+    values = (f"fMRI encoder: {settings.get('heads')} heads, LayerNorm eps {settings.get('eps'):g}, "
+              f"dropout {settings.get('dropout'):g}")
+    if settings.get("from"):
+        return f"{values} (from {settings['from']})"
+    return (f"{values} — ASSUMED (no encoder_config: the official values; the tensors do not fix the "
+            f"head count, and check cannot tell a wrong one: pass the fMRI_AutoEncoder.yaml it was trained with)")
+
+
+def absolute_or_hub(name: str | os.PathLike) -> str:
+    """A local path made absolute (so a saved decoder works from any directory); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def subjects_from_folder(source: str | os.PathLike) -> tuple[list[int], str]:
+    """Subjects of a released epoch file from its own folder's name, and a sentence saying so.
+
+    Only the folder the file is in counts (``finetune_single_sub/sub01/epoch_015.pth`` -> [1]);
+    names further up the path are not read, so a multi-subject file kept under ``.../sub1/...``
+    is not taken for subject 1. No ``subNN`` folder: all eight subjects.
+    """
+    folder = Path(source).parent.name
+    found = re.fullmatch(r"sub(?:j)?[_-]?0*([1-8])", folder)
+    if found:
+        return [int(found.group(1))], f"subjects [{int(found.group(1))}] (inferred from the folder name {folder!r}; pass subjects to override)"
+    return list(range(1, 9)), (f"subjects 1-8 (the folder name {folder!r} names no single subject; pass subjects "
+                               f"for a single-subject file)")
 
 
 def split_official_checkpoint(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict]:
@@ -624,8 +663,11 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
         )
     spec = fmri.official_spec
     report.counts["fmri_encoder"] = len(parts["encoder"]) or len(fmri.state_dict())
+    report.encoder = {"heads": spec.heads, "eps": spec.eps, "dropout": spec.drop,
+                      "from": (str(encoder_config) if encoder_config is not None and not isinstance(encoder_config, Mapping)
+                               else "the given config" if encoder_config is not None else None)}
 
-    base_model = model.SD21_BASE if base_model is None else str(base_model)
+    base_model = model.SD21_BASE if base_model is None else absolute_or_hub(base_model)
     base = model.load_base_components(base_model, seed=seed)
     unet_config = dict(base.unet.config)
     # Frozen parts: convert with diffusers and require equality with base_model's.
