@@ -50,12 +50,13 @@ IMAGE_TOKENS, TEXT_TOKENS, CLIP_DIM = 257, 77, 768
 
 
 def _load_clip(model: str, device: str):
-    """(vision model with projection, text model with projection, tokenizer) from a folder or the hub."""
-    from transformers import (
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        CLIPVisionModelWithProjection,
-    )
+    """(CLIP model, tokenizer) from a folder or the hub.
+
+    The whole ``CLIPModel`` (its vision and text towers and both projections), which is what
+    ``CLIPVisionModelWithProjection`` and ``CLIPTextModelWithProjection`` of the released Clipper
+    read from the same checkpoint.
+    """
+    from transformers import CLIPModel, CLIPTokenizer
 
     from brainrecon.hub import (
         downloads_allowed,
@@ -75,14 +76,13 @@ def _load_clip(model: str, device: str):
             kwargs["local_files_only"] = True
     try:
         with hub_offline_unless_allowed():
-            vision = CLIPVisionModelWithProjection.from_pretrained(source, **kwargs)
-            text = CLIPTextModelWithProjection.from_pretrained(source, **kwargs)
+            model = CLIPModel.from_pretrained(source, **kwargs)
             tokenizer = CLIPTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WeightsNotFoundError(f"Cannot load the CLIP model {model!r} ({first}). {fix}",
                                    parameters=("target_options",)) from exc
-    return vision.to(device).eval(), text.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer
 
 
 def clip_resize(images: np.ndarray, size: int = 224):
@@ -167,14 +167,14 @@ class ClipTarget(TargetSpace):
         """float32 (n, image_tokens, dim): token-0-normalised projected image states of uint8 images."""
         import torch
 
-        vision, _, _ = self._loaded()
-        size = int(vision.config.image_size)
+        model, _ = self._loaded()
+        size = int(model.config.vision_config.image_size)
         out = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                x = clip_resize(images[start:start + self.batch_size], size).to(self._device, vision.dtype)
-                states = vision(pixel_values=x).last_hidden_state
-                states = vision.visual_projection(vision.vision_model.post_layernorm(states))
+                x = clip_resize(images[start:start + self.batch_size], size).to(self._device, model.dtype)
+                states = model.vision_model(pixel_values=x).last_hidden_state
+                states = model.visual_projection(model.vision_model.post_layernorm(states))
                 states = states / states[:, :1].norm(dim=-1, keepdim=True)
                 out.append(states.float().cpu().numpy())
         result = np.concatenate(out)
@@ -187,16 +187,17 @@ class ClipTarget(TargetSpace):
         """float32 (n, text_tokens, dim): projected caption states divided by the pooled embedding's norm."""
         import torch
 
-        _, text, tokenizer = self._loaded()
+        model, tokenizer = self._loaded()
         captions = [str(c) for c in captions]
         out = []
         with torch.no_grad():
             for start in range(0, len(captions), self.batch_size):
                 ids = tokenizer(captions[start:start + self.batch_size], padding="max_length",
                                 max_length=self.text_tokens, truncation=True, return_tensors="pt").input_ids
-                res = text(input_ids=ids.to(self._device))
-                states = text.text_projection(res.last_hidden_state)
-                states = states / res.text_embeds.norm(dim=-1)[:, None, None]
+                res = model.text_model(input_ids=ids.to(self._device))
+                states = model.text_projection(res.last_hidden_state)
+                pooled = model.text_projection(res.pooler_output)  # CLIPTextModelWithProjection's text_embeds
+                states = states / pooled.norm(dim=-1)[:, None, None]
                 out.append(states.float().cpu().numpy())
         result = np.concatenate(out)
         if result.shape[1:] != (self.text_tokens, self.dim):
