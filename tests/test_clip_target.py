@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 IMAGE_TOKENS, TEXT_TOKENS, DIM = 5, 8, 16  # ViT-L/14: 257, 77, 768
 
 
-def save_tiny_clip(directory):
+def save_tiny_clip(directory, text_tokens=TEXT_TOKENS, dim=DIM):
     """A CLIPModel (vision: 28 px, patch 14 -> 4 patches + class token) and a character tokenizer."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
@@ -33,16 +33,16 @@ def save_tiny_clip(directory):
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                              model_max_length=TEXT_TOKENS)
+                              model_max_length=text_tokens)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
     config = CLIPConfig(
         text_config={"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "vocab_size": len(vocab), "max_position_embeddings": TEXT_TOKENS, "bos_token_id": 0,
+                     "vocab_size": len(vocab), "max_position_embeddings": text_tokens, "bos_token_id": 0,
                      "eos_token_id": 1, "pad_token_id": 1},
         vision_config={"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": 28, "patch_size": 14},
-        projection_dim=DIM)
+        projection_dim=dim)
     CLIPModel(config).save_pretrained(directory)
     return directory
 
