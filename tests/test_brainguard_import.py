@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,14 @@ def test_weadl_import_predicts_reconstructs_evaluates_and_continues(tiny_weights
     np.testing.assert_array_equal(run.reconstructions()[:2], direct)
     report = evaluate_run(run, metrics=["PixCorr", "SSIM"], device="cpu", progress=False)
     assert np.isfinite(report["PixCorr"])
+    # predict (from the run's saved decoder) and push (staged, no network) take the imported run
+    from brainrecon import workflows
+    from brainrecon.publish import push
+
+    out = workflows.predict(run.path, out=tmp_path / "pred.npy")
+    np.testing.assert_array_equal(np.load(out), run.predictions())
+    staged = Path(push(run, "lab/weadl-subj01", dry_run=tmp_path / "push"))
+    assert any(p.name == "subject-1.safetensors" for p in staged.rglob("*"))
 
     # continue federated training from the published weights: sizes and target come from the import
     result = runner.invoke(app, ["fit", "--decoder", "brainguard", "--data", SMALL, "--subjects", "1",
