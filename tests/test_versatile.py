@@ -20,11 +20,13 @@ def tiny_components(seed=0):
     """An image UNet, a flat text UNet of the same layout (whose transformers join the image UNet's),
     a VAE and a scheduler config, as in shi-labs/versatile-diffusion but tiny."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import (
+        UNetFlatConditionModel,
+    )
 
     torch.manual_seed(seed)
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
-                  cross_attention_dim=DIM, attention_head_dim=8, norm_num_groups=8)
+    common = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 32),
+                  "cross_attention_dim": DIM, "attention_head_dim": 8, "norm_num_groups": 8}
     image_unet = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **common).eval()
     text_unet = UNetFlatConditionModel(down_block_types=("CrossAttnDownBlockFlat", "DownBlockFlat"),

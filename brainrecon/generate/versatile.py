@@ -30,8 +30,8 @@ id). Each image's starting noise comes from its own CPU generator, so it does no
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -56,7 +56,9 @@ def make_dual(image_unet, text_unet) -> int:
     applied to the two UNets without building the whole pipeline (whose CLIP encoders are not needed).
     """
     from diffusers.models import DualTransformer2DModel
-    from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
+    from diffusers.pipelines.deprecated.versatile_diffusion import (
+        VersatileDiffusionDualGuidedPipeline,
+    )
 
     if not any(isinstance(m, DualTransformer2DModel) for m in image_unet.modules()):
         VersatileDiffusionDualGuidedPipeline._convert_to_dual_attention(
@@ -138,7 +140,9 @@ class VersatileGenerator:
         if self._parts is not None:
             return self._parts
         from diffusers import AutoencoderKL, UNet2DConditionModel
-        from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+        from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import (
+            UNetFlatConditionModel,
+        )
 
         fix = (f"To fix: `huggingface-cli download {DEFAULT_VD_MODEL} --include 'image_unet/*' 'text_unet/*' 'vae/*' "
                f"'scheduler/*' --local-dir DIR` and pass DIR as base_model.")
@@ -228,7 +232,7 @@ class VersatileGenerator:
         import torch
         from tqdm.auto import tqdm
 
-        unet, vae, scheduler = self.load()
+        unet, vae, _ = self.load()
         states = np.asarray(states, dtype=np.float32)
         cross = int(unet.config.cross_attention_dim)
         if states.ndim != 3 or states.shape[2] != cross or states.shape[1] <= self.image_tokens:

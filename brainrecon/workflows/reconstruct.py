@@ -218,7 +218,7 @@ def run_negative_tokens(run) -> tuple[np.ndarray | None, str | None]:
     decoder_dir = run.path / "decoder"
     for path in sorted(decoder_dir.glob("subject-*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
-            if "negative_tokens" in f.keys():
+            if "negative_tokens" in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
                 config = read_json(decoder_dir / "brainrecon.json") if (decoder_dir / "brainrecon.json").is_file() else {}
                 name = ((config.get("state") or {}).get("imported") or {}).get("negative_tokens", "negative_tokens")
                 return np.asarray(f.get_tensor("negative_tokens"), dtype=np.float32), f"{name} (kept with the decoder)"
