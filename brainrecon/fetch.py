@@ -5,7 +5,8 @@ Nothing here runs unless asked (``brainrecon weights --download`` / ``--from`` /
 :mod:`brainrecon.eval.weights` and :func:`brainrecon.hub.downloads_allowed`).
 
 The metric files come from :data:`brainrecon.eval.weights.WEIGHT_FILES`; the optional
-generation weights (``--with ipadapter,sd15,sd21``) are Hugging Face repositories listed
+generation weights (``--with ipadapter,sd15,sd21,versatile-diffusion,clip-vit-l,realistic-vision,sd-vae-ft-mse``)
+and WeADL's published model (``--with weadl``) are Hugging Face repositories listed
 in :data:`EXTRA_REPOS`. A download goes to ``<dest>.part``, continues with an HTTP Range
 request after an interruption, is checked (SHA-256 prefix where the publisher gives one,
 as in torchvision's file names; otherwise the size the server announced) and only then
@@ -46,6 +47,25 @@ EXTRA_REPOS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
         "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/merges.txt",
         "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json")),
+    # BrainGuard's generator (MindBridge's reconstruction): the parts the dual-guided UNet needs.
+    "versatile-diffusion": ("shi-labs/versatile-diffusion", "versatile-diffusion", (
+        "model_index.json", "image_unet/config.json", "image_unet/diffusion_pytorch_model.bin",
+        "text_unet/config.json", "text_unet/diffusion_pytorch_model.bin", "vae/config.json",
+        "vae/diffusion_pytorch_model.bin", "scheduler/scheduler_config.json")),
+    # The clip target space's encoder (BrainGuard / MindBridge Clipper).
+    "clip-vit-l": ("openai/clip-vit-large-patch14", "clip-vit-large-patch14", (
+        "config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+        "special_tokens_map.json")),
+    # WeADL's generator (reconstruct --recipe weadl): Realistic Vision V4.0 and the ft-MSE VAE.
+    "realistic-vision": ("SG161222/Realistic_Vision_V4.0_noVAE", "realistic-vision-v4", (
+        "model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
+        "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/pytorch_model.bin",
+        "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json")),
+    "sd-vae-ft-mse": ("stabilityai/sd-vae-ft-mse", "sd-vae-ft-mse", (
+        "config.json", "diffusion_pytorch_model.safetensors")),
+    # WeADL's deployed model (brainrecon import brainguard --negative-tokens ...).
+    "weadl": ("ig16/visual-brain-decoding-1", "weadl", ("model.pth", "unconditional_embeddings.pt")),
 }
 
 
@@ -98,7 +118,8 @@ def plan(to=None, only=None, with_=None, mirror=None) -> list[FetchItem]:
         Metric names (``CLIP``, ``SwAV``, ``AlexNet(2)``...) or file keys (``alexnet``);
         default every metric file.
     with_ : str or list of str, optional
-        Extra repositories from :data:`EXTRA_REPOS` (``ipadapter``, ``sd15``, ``sd21``).
+        Extra repositories from :data:`EXTRA_REPOS` (``ipadapter``, ``sd15``, ``sd21``,
+        ``versatile-diffusion``, ``clip-vit-l``, ``realistic-vision``, ``sd-vae-ft-mse``, ``weadl``).
     mirror : str, optional
         Base URL of a mirror holding the same file names; default ``$BRAINRECON_MIRROR``.
 

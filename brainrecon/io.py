@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -341,3 +342,51 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"Object of type {type(obj).__name__} is not JSON serialisable")
+
+
+# --------------------------------------------------------------------------- released pickles
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def torch_load_weights_only(path: str | os.PathLike, what: str, *, error: type[BrainreconError] = BrainreconError,
+                            hint: str = "", allowed: tuple = (), parameters: tuple[str, ...] = ()) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what to do.
+
+    The one way brainrecon reads a pickle (released checkpoints of other projects).
+    ``weights_only=True`` rebuilds only tensors, containers and plain values (plus the classes in
+    ``allowed``); anything else is refused with one message that names the class the file
+    needs (torch's own message, less its terminal colour codes), says why, and how to re-save
+    the weights. ``hint`` is appended (e.g. "this looks like the encoder file: pass it as
+    encoder"; ``parameters`` names the library parameters it mentions). Errors are ``error`` (a :class:`BrainreconError` subclass); a missing file is a
+    :class:`~brainrecon.errors.WeightsNotFoundError`.
+    """
+    import pickle
+
+    import torch
+
+    from brainrecon.errors import WeightsNotFoundError
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"The {what} file {path} does not exist.")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = _ANSI.sub("", str(exc))
+        found = _GLOBAL.search(text)
+        needs = (f"the class {found.group(1)}" if found else
+                 (text.strip().splitlines()[0] if text.strip() else type(exc).__name__))
+        cls = error if issubclass(error, BrainreconError) else BrainreconError
+        raise cls(
+            f"Refusing to read {path} ({what}): it needs {needs} to unpickle, more than tensors and plain "
+            f"values. brainrecon reads released files with torch.load(weights_only=True) only, because a "
+            f"general pickle can run code. If you trust the file, re-save just its weights in a trusted "
+            f"Python session (torch.save(state_dict, 'weights_only.pth') with the tensors of "
+            f"torch.load(path, weights_only=False)) and pass that file.{(' ' + hint) if hint else ''}",
+            parameters=parameters,
+        ) from exc
+    except (RuntimeError, EOFError, OSError) as exc:
+        cls = error if issubclass(error, BrainreconError) else BrainreconError
+        raise cls(f"Cannot read {path} ({what}) with torch.load: {_ANSI.sub('', str(exc))}") from exc

@@ -290,3 +290,19 @@ def test_neuropictor_base_model_from_the_hub_is_not_downloaded_unasked(monkeypat
     with pytest.raises(WeightsNotFoundError):
         model.load_base_components(model.SD21_BASE)
     assert attempts == []
+
+
+def test_with_knows_the_published_brainguard_family_files(tmp_path):
+    items = plan(to=tmp_path, only="SwAV", with_="versatile-diffusion,realistic-vision,sd-vae-ft-mse,clip-vit-l,weadl")
+    names = {i.name for i in items}
+    assert {"shi-labs/versatile-diffusion/image_unet/config.json",
+            "shi-labs/versatile-diffusion/text_unet/diffusion_pytorch_model.bin",
+            "SG161222/Realistic_Vision_V4.0_noVAE/unet/config.json",
+            "stabilityai/sd-vae-ft-mse/diffusion_pytorch_model.safetensors",
+            "openai/clip-vit-large-patch14/model.safetensors",
+            "ig16/visual-brain-decoding-1/model.pth",
+            "ig16/visual-brain-decoding-1/unconditional_embeddings.pt"} <= names
+    by_name = {i.name: i for i in items}
+    assert by_name["ig16/visual-brain-decoding-1/model.pth"].dest == tmp_path / "weadl" / "model.pth"
+    assert by_name["shi-labs/versatile-diffusion/vae/config.json"].url.endswith(
+        "/shi-labs/versatile-diffusion/resolve/main/vae/config.json")

@@ -510,3 +510,84 @@ def test_full_size_layout_converts_key_for_key():
     ldm = unet_to_ldm(controlnet.state_dict(), config, "control_model.")
     target = control.controlnet_state_without_embedding(controlnet)
     assert len(target) == 324 and set(sfu.convert_controlnet_checkpoint(ldm, config)) == set(target)
+
+
+# ---------------------------------------------------------------------------- issue 24 §3 follow-ups
+def test_relative_base_model_and_config_are_stored_absolute(released_like, sd_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from brainrecon.workflows.importers import import_neuropictor
+
+    _, path, _, ds = released_like
+    work = tmp_path / "work"
+    shutil.copytree(sd_dir, work / "sd")
+    write_yaml(work / "fMRI_AutoEncoder.yaml", num_heads=4)
+    monkeypatch.chdir(work)
+    out, _ = import_neuropictor(path, work / "imported", base_model="sd", encoder_config="fMRI_AutoEncoder.yaml",
+                                params={"device": "cpu", "num_inference_steps": 2, "progress": False})
+    params = json.loads((out / "brainrecon.json").read_text())["params"]
+    assert params["base_model"] == str((work / "sd").resolve())
+    assert params["encoder_config"] == str((work / "fMRI_AutoEncoder.yaml").resolve())
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved decoder still finds its base model
+    assert load_decoder(out).predict(ds.test)[1].shape[0] == 2
+
+
+def test_assumed_encoder_settings_are_reported_and_described(released_like, sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+    from brainrecon.workflows.importers import import_neuropictor
+
+    _, path, _, _ = released_like
+    out, report = import_neuropictor(path, tmp_path / "assumed", base_model=sd_dir,
+                                     params={"device": "cpu", "progress": False})
+    line = next(x for x in report.lines() if "fMRI encoder:" in x)
+    assert "16 heads, LayerNorm eps 1e-05, dropout 0" in line and "ASSUMED" in line
+    described = CliRunner().invoke(app, ["decoders", "describe", str(out)])
+    assert described.exit_code == 0, described.output
+    assert "16 heads" in described.output and "ASSUMED" in described.output
+    _, given = _import(path, sd_dir)  # a config given: no assumption
+    assert "from the given config" in next(x for x in given.lines() if "fMRI encoder:" in x)
+
+
+def test_subjects_come_from_the_files_own_folder(released_like, sd_dir, tmp_path):
+    import shutil
+
+    _, path, _, _ = released_like
+    multi = tmp_path / "sub1" / "pretrain_multi_sub" / "sub_all_womask" / "epoch_080.pth"
+    multi.parent.mkdir(parents=True)
+    shutil.copy(path, multi)
+    decoder, report = _import(multi, sd_dir)
+    assert decoder.subjects_ == list(range(1, 9))
+    assert any("subjects 1-8" in x and "sub_all_womask" in x for x in report.lines())
+    single = tmp_path / "x" / "sub03" / "epoch_015.pth"
+    single.parent.mkdir(parents=True)
+    shutil.copy(path, single)
+    decoder, report = _import(single, sd_dir)
+    assert decoder.subjects_ == [3] and any("inferred from the folder name 'sub03'" in x for x in report.lines())
+    decoder, report = _import(multi, sd_dir, subjects=[2])
+    assert decoder.subjects_ == [2] and any("subjects [2] (as given)" in x for x in report.lines())
+    assert any(x.strip().startswith("stage finetune") for x in report.lines())
+
+
+def test_the_encoder_file_as_checkpoint_suggests_encoder(sd_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from brainrecon.cli import app
+
+    folder = tmp_path / "fMRI2fMRI_UKB"
+    folder.mkdir()
+    enc = official_encoder_file(folder / "checkpoint_120000.pth", reference_vit())
+    result = CliRunner().invoke(app, ["import", "neuropictor", "--checkpoint", str(enc), "--base-model", sd_dir,
+                                      "--out", str(tmp_path / "np")])
+    assert result.exit_code == 1
+    assert "is the fMRI autoencoder" in result.output and "--encoder" in result.output
+    # A pickle that needs a class: the refusal names it, carries no terminal colour codes, and
+    # (the file being named like the autoencoder) suggests encoder.
+    torch.save({"model": {"transformer.cls_token": torch.zeros(1)}, "obj": _NotWeights()},
+               folder / "checkpoint_1.pth")
+    with pytest.raises(OfficialFileError) as exc:
+        _import(folder / "checkpoint_1.pth", sd_dir)
+    text = str(exc.value)
+    assert "_NotWeights" in text and "\x1b[" not in text and "pass it as encoder" in text
+    assert exc.value.parameters == ("encoder",)

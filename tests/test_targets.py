@@ -65,5 +65,5 @@ def test_cache_resumes_after_interruption(tmp_path):
 
 
 def test_unknown_target():
-    with pytest.raises(BrainreconError, match="Unknown target 'pixel'. Available targets: 'ipadapter', 'pixels'"):
+    with pytest.raises(BrainreconError, match="Unknown target 'pixel'. Available targets: 'clip', 'ipadapter', 'pixels'"):
         get_target("pixel")

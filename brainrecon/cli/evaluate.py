@@ -230,7 +230,7 @@ def weights_cmd(
     download: bool = typer.Option(False, "--download", help="Fetch every missing file (resumable, verified) into --to, $BRAINRECON_WEIGHTS or the torch hub / Hugging Face caches."),
     to: Optional[Path] = typer.Option(None, "--to", help="Folder to fetch or import into (then pass it as --weights-dir)."),
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated metrics or keys, e.g. CLIP,SwAV."),
-    with_: Optional[str] = typer.Option(None, "--with", help="Also the generation weights: ipadapter,sd15,sd21."),
+    with_: Optional[str] = typer.Option(None, "--with", help="Also these Hugging Face repositories: ipadapter, sd15, sd21, versatile-diffusion, clip-vit-l, realistic-vision, sd-vae-ft-mse (generators, the clip target), weadl (WeADL's published model)."),
     mirror: Optional[str] = typer.Option(None, "--mirror", help="Base URL of a mirror with the same file names (or $BRAINRECON_MIRROR)."),
     print_urls: bool = typer.Option(False, "--print-urls", help="Print the downloads instead of fetching them."),
     fmt: UrlFormat = typer.Option("list", "--format", help="For --print-urls: list | sh."),

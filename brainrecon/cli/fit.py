@@ -100,7 +100,7 @@ def fit(
     decoder: str = typer.Option(..., "--decoder", "-d", help=f"Decoder: {' | '.join(available_decoders())} (see `brainrecon decoders`)."),
     data: Optional[str] = DataOpt,
     subjects: Optional[List[str]] = typer.Option(None, "--subjects", "--subject", "-s", help=f"Subject(s): {SUBJECTS_HELP} (default: the data's first subject; multi-subject decoders: all; the synthetic data has NSD's subjects 1-8, by default 1, 2, 5, 7)."),
-    target: str = typer.Option("pixels", "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target space for token/pixel decoders: pixels | ipadapter | clip (default: the recipe's, or with brainguard --init-from the saved decoder's, else pixels)."),
     out: Path = typer.Option(Path("runs"), "--out", help="Directory that receives the run directories."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default <decoder>-subjXX-<target>)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing runs of the same name."),

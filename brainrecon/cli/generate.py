@@ -42,27 +42,32 @@ def embed(
 
 @app.command()
 def reconstruct(
-    run: Path = typer.Argument(..., help="Run directory of a decoder fitted with --target ipadapter."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps."),
-    guidance_scale: float = typer.Option(7.5, "--guidance-scale", help="Classifier-free guidance scale."),
-    ip_adapter_scale: float = typer.Option(1.0, "--ip-adapter-scale", help="Weight of the image-token attention."),
+    run: Path = typer.Argument(..., help="Run directory of a decoder fitted with --target ipadapter or --target clip."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Cited generation settings: weadl (token runs); mindbridge | brainguard-released (CLIP runs). Explicit options win."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 50)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="Classifier-free guidance scale (default 7.5)."),
+    ip_adapter_scale: Optional[float] = typer.Option(None, "--ip-adapter-scale", help="Token runs: weight of the image-token attention (default 1.0)."),
+    mix_ratio: Optional[float] = typer.Option(None, "--mix-ratio", help="CLIP runs: Versatile Diffusion's text/image mix ratio (default 0.5; 0 = image only)."),
+    img2img_strength: Optional[float] = typer.Option(None, "--img2img-strength", help="CLIP runs with --lowlevel: share of the denoising done from the noised low-level image (default 0.85)."),
+    lowlevel: Optional[Path] = typer.Option(None, "--lowlevel", help="CLIP runs: a run (its reconstructions) or .npy of low-level images in the test order, for img2img."),
     seed: int = typer.Option(0, "--seed", help="Image i uses seed + its test image id."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per denoising batch."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="SD 1.5-family diffusers folder or repo id (default stable-diffusion-v1-5/stable-diffusion-v1-5)."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Separate VAE folder or repo id (e.g. stabilityai/sd-vae-ft-mse)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text prompt; unset = no text, image tokens only (WeADL). --prompt '' encodes the empty prompt."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Diffusers folder or repo id (default stable-diffusion-v1-5/stable-diffusion-v1-5; CLIP runs shi-labs/versatile-diffusion)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="Token runs: separate VAE folder or repo id (e.g. stabilityai/sd-vae-ft-mse)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Token runs: text prompt; unset = no text, image tokens only (WeADL). --prompt '' encodes the empty prompt."),
     negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt", help="Negative text prompt (with --prompt)."),
-    scheduler: str = typer.Option("ddim", "--scheduler", help="ddim | pndm | euler | euler-ancestral | dpm++ | unipc."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="ddim | pndm | euler | euler-ancestral | dpm++ | unipc (default ddim; CLIP runs unipc)."),
     ipadapter_dir: Optional[Path] = IPAdapterDirOpt,
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (fp16 + SDPA on CUDA)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Reuse PNGs already made with the same settings."),
     evaluate: bool = typer.Option(False, "--evaluate/--no-evaluate", help="Score the images right away."),
 ) -> None:
-    """Turn a run's predicted IP-Adapter tokens into images (Stable Diffusion 1.5 + IP-Adapter Plus)."""
+    """Turn a run's predictions into images: IP-Adapter tokens through SD 1.5 + IP-Adapter Plus, CLIP states through Versatile Diffusion."""
     from brainrecon.workflows.reconstruct import reconstruct_run
 
     result = reconstruct_run(
-        run, steps=steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale, seed=seed,
+        run, recipe=recipe, steps=steps, guidance_scale=guidance_scale, ip_adapter_scale=ip_adapter_scale,
+        mix_ratio=mix_ratio, img2img_strength=img2img_strength, lowlevel=lowlevel, seed=seed,
         batch_size=batch_size, base_model=base_model, vae=vae, prompt=prompt, negative_prompt=negative_prompt,
         scheduler=scheduler, ipadapter_dir=str(ipadapter_dir) if ipadapter_dir else None, device=device,
         resume=resume,

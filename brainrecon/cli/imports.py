@@ -1,4 +1,4 @@
-"""Importing published models: ``brainrecon import neuropictor``."""
+"""Importing published models: ``brainrecon import neuropictor`` and ``brainrecon import brainguard``."""
 
 from __future__ import annotations
 
@@ -52,3 +52,34 @@ def import_neuropictor_command(
         written = write_runs(load_decoder(path), data=data, out=runs, name=name, overwrite=overwrite,
                              evaluate=evaluate, log=_log)
         _print_runs(written)
+
+
+@import_app.command("brainguard")
+def import_brainguard_command(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="BrainGuard's client1_best.pth (Zhibo2333/Brainguard; subjects 1, 2, 5, 7) or WeADL's model.pth (ig16/visual-brain-decoding-1)."),
+    out: Path = typer.Option(..., "--out", help="Directory that receives the saved decoder (brainrecon.json + safetensors)."),
+    subject: Optional[int] = typer.Option(None, "--subject", "-s", help="Subject the file decodes (default: the one whose voxel count equals the file's input width; checked either way)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="brainguard (two branches, CLIP image + text states) | weadl (16x768 IP-Adapter tokens); default: detected from the keys."),
+    negative_tokens: Optional[Path] = typer.Option(None, "--negative-tokens", help="WeADL's unconditional_embeddings.pt: the negative tokens `brainrecon reconstruct` uses for this model's runs."),
+    ipadapter_dir: Optional[Path] = typer.Option(None, "--ipadapter-dir", help="Local h94/IP-Adapter copy for the WeADL model's target (recorded for reconstruct and fit --init-from)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out (and the runs)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Check the voxel count against this dataset, predict its test split and write runs (for reconstruct / evaluate)."),
+    runs: Path = typer.Option(Path("runs"), "--runs", help="With --data: folder of the runs."),
+    name: Optional[str] = typer.Option(None, "--name", help="With --data: run name (default brainguard-official-subjNN / weadl-official-subjNN)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda | auto (prediction with --data)."),
+) -> None:
+    """Import a released BrainGuard or WeADL model (strict: every key mapped, voxel count checked)."""
+    from brainrecon.workflows.importers import import_brainguard, write_runs
+
+    path, report, decoder = import_brainguard(
+        checkpoint, out, subject=subject, layout=layout, negative_tokens=negative_tokens, data=data,
+        target_options={"ipadapter_dir": str(ipadapter_dir.resolve())} if ipadapter_dir else None,
+        params={"device": device} if device else None, overwrite=overwrite)
+    for line in report.lines():
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {path}")
+    if data is not None:
+        written = write_runs(decoder, data=data, out=runs, name=name, overwrite=overwrite, log=_log)
+        _print_runs(written)
+        console.print(f"turn the predictions into images with: brainrecon reconstruct {written[0].path}"
+                      + (" --recipe weadl" if report.layout == "weadl" else " --recipe mindbridge"))

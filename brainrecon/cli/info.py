@@ -43,10 +43,18 @@ def decoders(ctx: typer.Context) -> None:
 
 
 @decoders_app.command("describe")
-def decoders_describe(name: str = typer.Argument(..., help="Decoder name.")) -> None:
-    """Describe one decoder in detail (parameters; NeuroPictor: component sizes)."""
+def decoders_describe(name: str = typer.Argument(..., help="Decoder name, or a saved decoder (directory with brainrecon.json, or a run).")) -> None:
+    """Describe one decoder in detail (parameters; NeuroPictor: component sizes), or a saved one (its settings; imported: what was assumed)."""
+    from pathlib import Path as _Path
+
     from brainrecon.decoders import get_decoder_class
 
+    saved = _Path(name)
+    if (saved / "decoder" / "brainrecon.json").is_file():
+        saved = saved / "decoder"
+    if (saved / "brainrecon.json").is_file():
+        _describe_saved(saved)
+        return
     cls = get_decoder_class(name)
     console.print(f"[bold]{name}[/bold] — {cls.summary}")
     console.print(f"predicts: {cls.predicts}; multi-subject: {cls.multi_subject}")
@@ -70,6 +78,34 @@ def decoders_describe(name: str = typer.Argument(..., help="Decoder name.")) -> 
     extra = getattr(cls, "describe_text", None)
     if callable(extra):
         console.print(extra())
+
+
+def _describe_saved(directory) -> None:
+    """A saved decoder's configuration, read from its brainrecon.json (no weights are loaded)."""
+    from brainrecon.io import read_json
+
+    config = read_json(directory / "brainrecon.json", required=("decoder",))
+    state = config.get("state") or {}
+    console.print(f"[bold]saved {config['decoder']} decoder[/bold] at {directory}", highlight=False)
+    console.print(f"subjects: {config.get('subjects')}; voxels: {config.get('n_voxels')}", highlight=False)
+    table = Table(title="parameters")
+    table.add_column("parameter")
+    table.add_column("value")
+    for k, v in (config.get("params") or {}).items():
+        table.add_row(k, repr(v))
+    console.print(table)
+    imported = state.get("imported") or {}
+    if imported:
+        console.print(f"imported from {imported.get('file')} (layout {imported.get('layout')})", highlight=False)
+        if imported.get("encoder_settings"):
+            from brainrecon.decoders.neuropictor.official import encoder_settings_line
+
+            console.print("  " + encoder_settings_line(imported["encoder_settings"]), markup=False, highlight=False)
+        for line in imported.get("inferred") or ():
+            console.print(f"  {line}", markup=False, highlight=False)
+        for key, value in imported.items():
+            if key not in ("file", "layout", "encoder_settings", "inferred"):
+                console.print(f"  {key}: {value}", markup=False, highlight=False)
 
 
 @data_app.command("info")

@@ -57,6 +57,8 @@ _BUILTIN_INFO: dict[str, dict] = {
             CliOption("sync_layers", "--sync-layers", "int", "trailing layers (of blocks, head, projector) fused "
                       "adaptively; raw tensor count: --param sync_tensors=N"),
             CliOption("hidden", "--hidden", "int", "hidden width"),
+            CliOption("init_from", "--init-from", "path",
+                      "saved BrainGuard decoder (e.g. `brainrecon import brainguard` output) to continue training from"),
         ),
     },
     "neuropictor": {

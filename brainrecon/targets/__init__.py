@@ -7,6 +7,10 @@
     The 16×768 image-prompt tokens of IP-Adapter Plus (SD 1.5), turned into images by
     Stable Diffusion with IP-Adapter (:mod:`brainrecon.targets.ipadapter`,
     :mod:`brainrecon.generate`).
+``clip``
+    CLIP ViT-L/14 image hidden states (257×768) and caption text states (77×768), stacked
+    (334×768) and normalised as BrainGuard's and MindBridge's ``Clipper`` does; turned into images
+    by Versatile Diffusion (:mod:`brainrecon.targets.clip_states`, :mod:`brainrecon.generate.versatile`).
 
 Targets are computed once per image and cached on disk keyed by image id
 (:class:`~brainrecon.targets.cache.IdKeyedCache`): under ``DATA_DIR/targets/`` for prepared
@@ -49,6 +53,10 @@ class TargetSpace(abc.ABC):
         """What identifies the computed values (stored with the cache)."""
         return {"name": self.name}
 
+    def _compute_rows(self, split, subject: int, rows: np.ndarray) -> np.ndarray:
+        """Targets of rows ``rows`` of ``split`` for ``subject`` (default: :meth:`compute` of its images)."""
+        return self.compute(split.images(subject, rows))
+
     def to_images(self, predictions: np.ndarray, image_size: int | None = None, **kwargs: Any) -> np.ndarray:
         """Turn predictions of shape (n, *shape) into uint8 images (n, H, W, 3)."""
         raise BrainreconError(
@@ -82,7 +90,7 @@ class TargetSpace(abc.ABC):
 
         def compute(batch_ids: np.ndarray) -> np.ndarray:
             rows = np.array([row_of[int(i)] for i in batch_ids])
-            return self.compute(split.images(subject, rows))
+            return self._compute_rows(split, subject, rows)
 
         values = cache.get_or_compute(ids[order], compute, progress=progress,
                                       desc=f"{self.name} targets, subject {subject}")
@@ -137,6 +145,7 @@ class PixelTarget(TargetSpace):
 TARGETS = Registry("brainrecon.targets", {
     "pixels": "brainrecon.targets:PixelTarget",
     "ipadapter": "brainrecon.targets.ipadapter:IPAdapterTarget",
+    "clip": "brainrecon.targets.clip_states:ClipTarget",
 }, kind="target")
 #: Entry-point group through which other packages add target spaces.
 ENTRY_POINT_GROUP = TARGETS.group

@@ -1,6 +1,7 @@
 """CLIP's image normalisation constants (OpenAI CLIP), defined once: the ViT-H/14 encoder of
-IP-Adapter (:func:`brainrecon.targets.ipadapter.clip_preprocess`) and the CLIP metric of the
-evaluation (:mod:`brainrecon.eval.preprocess`) both normalise with them."""
+IP-Adapter (:func:`brainrecon.targets.ipadapter.clip_preprocess`), the CLIP metric of the evaluation
+(:mod:`brainrecon.eval.preprocess`) and the ``clip`` target space
+(:mod:`brainrecon.targets.clip_states`) all normalise with them."""
 
 #: Per-channel (R, G, B) mean and standard deviation of CLIP's training images, on [0, 1] pixels.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

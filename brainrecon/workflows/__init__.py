@@ -43,6 +43,28 @@ def _run_names(decoder_name: str, subjects: Sequence[int], target: str | None,
     return {s: f"{name}-subj{s:02d}" for s in subjects}
 
 
+#: Parameters that fix a BrainGuard network's shape: ``fit --init-from`` takes them from the saved
+#: decoder unless they are given explicitly.
+_BRAINGUARD_SIZES = ("target", "target_options", "hidden", "n_blocks", "branches", "projector_hidden")
+
+
+def _init_from_sizes(decoder: str, params: dict[str, Any], log: Log) -> dict[str, Any]:
+    """For ``brainguard`` with ``init_from``: the saved decoder's sizes (and target) under ``params``."""
+    if decoder != "brainguard" or not params.get("init_from"):
+        return params
+    from brainrecon.decoders.base import CONFIG_FILE
+    from brainrecon.io import read_json
+
+    config_path = Path(params["init_from"]) / CONFIG_FILE
+    if not config_path.is_file():
+        return params  # the decoder names the problem
+    saved = (read_json(config_path).get("params") or {})
+    taken = {k: saved[k] for k in _BRAINGUARD_SIZES if k in saved and k not in params}
+    if taken:
+        log(f"from init_from: {', '.join(f'{k}={v!r}' for k, v in taken.items())}")
+    return {**taken, **params}
+
+
 def fit(
     decoder: str,
     *,
@@ -74,7 +96,8 @@ def fit(
         Default: the first subject of the dataset for single-subject decoders, all subjects
         for multi-subject ones.
     target : str or None
-        Target space for decoders that predict targets (``"pixels"`` or ``"ipadapter"``).
+        Target space for decoders that predict targets (``"pixels"``, ``"ipadapter"``, ``"clip"``); None:
+        the recipe's, or (BrainGuard with ``init_from``) the saved decoder's, else ``"pixels"``.
     out, name, overwrite
         Runs are written to ``out/name`` (one per subject; default names
         ``<decoder>-subjXX-<target>``). Existing runs are refused unless ``overwrite``.
@@ -102,6 +125,10 @@ def fit(
     params = apply_recipe(decoder, recipe, params or {})
     if recipe is not None:
         log(f"recipe {recipe!r} applied (explicit parameters win)")
+    params = _init_from_sizes(decoder, params, log)
+    if target is None and cls.predicts == "target":
+        # The recipe's (or the continued decoder's) target, else the default.
+        target = params.get("target") or "pixels"
     ds = dataset if dataset is not None else load_dataset(data, subjects=subjects)
     if subjects is None:
         subjects = ds.subjects if cls.multi_subject else ds.subjects[:1]
@@ -112,8 +139,6 @@ def fit(
     accepted = cls._param_names()
     seed = _fit_seed(cls, params, accepted)
     if cls.predicts == "target":
-        if target is None:
-            raise BrainreconError(f"Decoder {decoder!r} predicts a target space; give --target.")
         params["target"] = target
     run_target = target if cls.predicts == "target" else None
     names = _run_names(decoder, subjects, run_target, name)

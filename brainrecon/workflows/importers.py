@@ -1,4 +1,4 @@
-"""Published models into brainrecon: ``brainrecon import neuropictor``.
+"""Published models into brainrecon: ``brainrecon import neuropictor`` and ``brainrecon import brainguard``.
 
 The conversion itself lives beside the model it produces
 (:mod:`brainrecon.decoders.neuropictor.official`, and the loader method
@@ -42,14 +42,47 @@ def import_neuropictor(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
     return decoder.save(out, overwrite=overwrite), report
 
 
+def import_brainguard(checkpoint: str | os.PathLike, out: str | os.PathLike, *, subject: int | None = None,
+                      layout: str | None = None, negative_tokens: str | os.PathLike | None = None, data=None,
+                      dataset=None, target_options: dict | None = None, params: dict | None = None,
+                      overwrite: bool = False):
+    """A released BrainGuard (``client{N}_best.pth``) or WeADL (``model.pth``) file as a saved decoder.
+
+    Converted strictly by :meth:`BrainGuardDecoder.from_official
+    <brainrecon.decoders.brainguard.decoder.BrainGuardDecoder.from_official>`; the voxel count is checked
+    against ``data``'s subjects when data are given, else against NSD's nsdgeneral counts. Saved to
+    ``out`` (loads with :func:`brainrecon.decoders.load_decoder`, serves as ``fit --init-from``).
+
+    Returns
+    -------
+    path, report, decoder
+    """
+    from brainrecon.decoders.brainguard.decoder import BrainGuardDecoder
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BrainreconError(f"{out} already exists; pass overwrite=True to replace it.", parameters=("overwrite",))
+    counts = None
+    if data is not None or dataset is not None:
+        from brainrecon.data import load_dataset
+
+        ds = dataset if dataset is not None else load_dataset(data)
+        counts = {s: ds.n_voxels(s) for s in ds.subjects}
+    decoder, report = BrainGuardDecoder.from_official(
+        checkpoint, subject=subject, layout=layout, negative_tokens=negative_tokens, voxel_counts=counts,
+        target_options=target_options, params=params, output_report=True)
+    return decoder.save(out, overwrite=overwrite), report, decoder
+
+
 def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "runs", name: str | None = None,
                overwrite: bool = False, evaluate: bool = False, log=None) -> list:
     """Reconstruct the test split with an imported decoder and write one run per subject.
 
-    The runs are what ``fit`` writes (``run.json``, ``decoder/``, ``reconstructions.npy``), so
-    ``brainrecon evaluate RUN``, ``predict RUN`` and ``neuropictor-sample RUN`` take them.
-    Run names default to ``neuropictor-official-subjNN``; each run records only its own
-    subject's data and the file it was imported from.
+    The runs are what ``fit`` writes (``run.json``, ``decoder/``, ``reconstructions.npy`` where the
+    decoder makes images itself), so ``brainrecon evaluate RUN``, ``predict RUN``, ``reconstruct RUN``
+    and ``neuropictor-sample RUN`` take them. Run names default to ``neuropictor-official-subjNN``
+    (``brainguard-official-subjNN``, ``weadl-official-subjNN`` for BrainGuard-family files); each run
+    records only its own subject's data and the file it was imported from.
     """
     from brainrecon.data import load_dataset
 
@@ -61,12 +94,13 @@ def write_runs(decoder, *, data=None, dataset=None, out: str | os.PathLike = "ru
             f"The data has subject(s) {ds.subjects}, the imported model decodes {decoder.subjects_}; "
             f"give data of those subjects (or --subject)."
         )
-    names = {s: name if name and len(subjects) == 1 else f"{name or 'neuropictor-official'}-subj{s:02d}"
-             for s in subjects}
+    imported = getattr(decoder, "imported_", None) or {}
+    default = f"{imported.get('layout', decoder.name) if decoder.name == 'brainguard' else decoder.name}-official"
+    names = {s: name if name and len(subjects) == 1 else f"{name or default}-subj{s:02d}" for s in subjects}
     return write_subject_runs({s: decoder.for_subject(s) for s in subjects}, ds, out=out, names=names,
                               private=True, overwrite=overwrite,
-                              extra={"recipe": None, "imported_from": decoder.imported_.get("file")},
+                              extra={"recipe": None, "imported_from": imported.get("file")},
                               evaluate=evaluate, log=log)
 
 
-__all__ = ["import_neuropictor", "import_official_checkpoint", "write_runs"]
+__all__ = ["import_brainguard", "import_neuropictor", "import_official_checkpoint", "write_runs"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +29,7 @@ from brainrecon.decoders.brainguard.model import (
     CALIBRATIONS,
     BrainGuardNet,
     apply_calibration,
+    check_branches,
     fit_calibration,
     token_shape,
 )
@@ -62,12 +65,26 @@ class BrainGuardDecoder(Decoder):
     ----------
     subjects : list of int or None
         Subjects (clients) to train; None: every subject of the training split.
-    target : {"pixels", "ipadapter"}
+    target : {"pixels", "ipadapter", "clip"}
         Target space; ``target_options`` is passed to :func:`brainrecon.targets.get_target`.
         A target of shape ``(a, *rest)`` is predicted as ``a`` tokens of ``prod(rest)`` values
-        (pixels ``(32, 32, 3)``: 32 rows of 96; IP-Adapter ``(16, 768)``).
+        (pixels ``(32, 32, 3)``: 32 rows of 96; IP-Adapter ``(16, 768)``; CLIP ``(257 + 77, 768)``).
     hidden, n_blocks, dropout : int, int, float
         Width h of the network, number of residual blocks, dropout in the blocks.
+    branches : list of int or None
+        Token counts of separately headed token groups: None (default) is one head and one
+        projector for all tokens; ``[257, 77]`` on the ``clip`` target is the released
+        two-branch network (image and text heads and projectors, the loss summed over both;
+        recipe ``brainguard-paper``).
+    projector_hidden : int or None
+        Width of the projector's hidden layers; None: ``hidden`` (the WeADL fork). The
+        released two-branch code fixes it at 2048.
+    init_from : path or None
+        A saved BrainGuard decoder (``brainrecon import brainguard``'s output, or a run's
+        ``decoder/``) whose per-subject models start the training instead of a fresh
+        initialisation: continued federated training from published weights. Its subjects must
+        include every subject fitted, with the same voxel counts and network sizes; its voxel
+        standardisation is kept (the network was trained on voxels scaled that way).
     rounds : int
         Federated rounds (600 in the released scripts).
     local_iterations : int
@@ -172,6 +189,8 @@ class BrainGuardDecoder(Decoder):
         CliOption("sync_layers", "--sync-layers", "int",
                   "trailing layers (of blocks, head, projector) fused adaptively; raw tensor count: --param sync_tensors=N"),
         CliOption("hidden", "--hidden", "int", "hidden width"),
+        CliOption("init_from", "--init-from", "path",
+                  "saved BrainGuard decoder (e.g. `brainrecon import brainguard` output) to continue training from"),
     )
 
     def __init__(
@@ -183,6 +202,9 @@ class BrainGuardDecoder(Decoder):
         hidden: int = 2048,
         n_blocks: int = 4,
         dropout: float = 0.15,
+        branches: list[int] | None = None,
+        projector_hidden: int | None = None,
+        init_from: str | None = None,
         rounds: int = 600,
         local_iterations: int = 1,
         sync_layers: int = 4,
@@ -221,6 +243,9 @@ class BrainGuardDecoder(Decoder):
         self.hidden = hidden
         self.n_blocks = n_blocks
         self.dropout = dropout
+        self.branches = branches
+        self.projector_hidden = projector_hidden
+        self.init_from = init_from
         self.rounds = rounds
         self.local_iterations = local_iterations
         self.sync_layers = sync_layers
@@ -298,7 +323,16 @@ class BrainGuardDecoder(Decoder):
                 f"layer units: {n_blocks} blocks, the head and the projector)."
             )
         sync_tensors = None if self.sync_tensors is None else positive_int("sync_tensors", 0)
+        projector_hidden = None if self.projector_hidden is None else positive_int("projector_hidden")
+        branches = None
+        if self.branches is not None:
+            if isinstance(self.branches, (str, bytes)) or not hasattr(self.branches, "__len__"):
+                raise DataError(f"branches must be a list of token counts, e.g. [257, 77]; got {self.branches!r}.")
+            branches = tuple(int(b) for b in self.branches)
+            if len(branches) == 1:
+                branches = None  # one group: the plain single-branch network
         return TrainConfig(
+            branches=branches, projector_hidden=projector_hidden,
             hidden=positive_int("hidden"), n_blocks=n_blocks, dropout=float(self.dropout),
             rounds=positive_int("rounds"), local_iterations=positive_int("local_iterations"),
             sync_layers=sync_layers, sync_tensors=sync_tensors,
@@ -363,6 +397,7 @@ class BrainGuardDecoder(Decoder):
         config = self._train_config()
         subjects = self._fit_subjects(train)
         target_shape, n_tokens, token_dim = self._target_layout()
+        self._check_init_source(subjects, config, n_tokens, token_dim, {s: train.dataset.n_voxels(s) for s in subjects})
         sites = {s: self._site_data(train, s, target_shape) for s in subjects}
         voxel_stats = {s: sites[s].stats for s in subjects}
         tensors = {s: (sites[s].voxels, sites[s].targets) for s in subjects}
@@ -417,7 +452,67 @@ class BrainGuardDecoder(Decoder):
     def _target_layout(self) -> tuple[tuple[int, ...], int, int]:
         space = get_target(self.target, **(self.target_options or {}))
         target_shape = tuple(int(s) for s in space.shape)
-        return (target_shape, *token_shape(target_shape))
+        n_tokens, token_dim = token_shape(target_shape)
+        if self.branches is not None:
+            check_branches(self.branches, n_tokens)
+        return (target_shape, n_tokens, token_dim)
+
+    def _init_source(self) -> BrainGuardDecoder | None:
+        """The saved decoder ``init_from`` names (loaded once), or None."""
+        if self.init_from is None:
+            return None
+        cached = getattr(self, "_init_cache", None)
+        if cached is not None and cached[0] == str(self.init_from):
+            return cached[1]
+        from brainrecon.decoders.base import CONFIG_FILE
+
+        path = Path(self.init_from)
+        if not (path / CONFIG_FILE).is_file():
+            raise BrainreconError(
+                f"init_from={str(self.init_from)!r} is not a saved decoder ({CONFIG_FILE} missing); give the "
+                f"directory `brainrecon import brainguard` wrote, or a run's decoder/ folder.",
+                parameters=("init_from",))
+        source = Decoder.load(path)
+        if not isinstance(source, BrainGuardDecoder):
+            raise BrainreconError(f"init_from={str(self.init_from)!r} holds a {source.name!r} decoder, not a "
+                                  f"BrainGuard one.", parameters=("init_from",))
+        self._init_cache = (str(self.init_from), source)
+        return source
+
+    def _check_init_source(self, subjects: list[int], config: TrainConfig, n_tokens: int, token_dim: int,
+                           n_voxels: dict[int, int]) -> None:
+        """``init_from`` fits this training: its subjects, voxel counts and network sizes."""
+        source = self._init_source()
+        if source is None:
+            return
+        where = f"init_from={str(self.init_from)!r}"
+        missing = [s for s in subjects if s not in source.subjects_]
+        if missing:
+            raise BrainreconError(f"{where} holds subject(s) {source.subjects_}, not {missing}; fit only "
+                                  f"those subjects (subjects={source.subjects_}).", parameters=("init_from", "subjects"))
+        for s in subjects:
+            if source.n_voxels_[s] != n_voxels[s]:
+                raise DataError(f"{where}: subject {s}'s model reads {source.n_voxels_[s]} voxels but the "
+                                f"training data has {n_voxels[s]}; use data prepared with the same ROI mask.")
+        mine = {"hidden": config.hidden, "n_blocks": config.n_blocks,
+                "branches": None if config.branches is None else list(config.branches),
+                "projector_hidden": config.projector_hidden or config.hidden,
+                "tokens": [n_tokens, token_dim]}
+        saved_branches = source.branches if source.branches is not None and len(source.branches) > 1 else None
+        theirs = {"hidden": int(source.hidden), "n_blocks": int(source.n_blocks),
+                  "branches": None if saved_branches is None else [int(b) for b in saved_branches],
+                  "projector_hidden": int(source.projector_hidden or source.hidden),
+                  "tokens": [int(t) for t in source.token_shape_]}
+        diff = [k for k in mine if mine[k] != theirs[k]]
+        if diff:
+            wanted = ", ".join(f"{k}={theirs[k]!r}" for k in diff if k != "tokens")
+            target = f"; target {source.target!r} ({theirs['tokens'][0]}x{theirs['tokens'][1]} tokens)" \
+                if "tokens" in diff else ""
+            raise BrainreconError(
+                f"{where} is a network of other sizes: " + "; ".join(f"{k} {theirs[k]} (saved) vs {mine[k]}"
+                                                                   for k in diff)
+                + f". Fit with the saved sizes ({wanted or 'same sizes'}{target}).",
+                parameters=tuple(k for k in diff if k != "tokens") or ("init_from",))
 
     def _site_data(self, train, subject: int, target_shape: tuple[int, ...]) -> SiteData:
         """One subject's standardised voxels and token targets, split for validation.
@@ -437,10 +532,15 @@ class BrainGuardDecoder(Decoder):
         if not np.all(np.isfinite(Y)):
             raise DataError(f"Subject {s}: the {self.target!r} targets contain NaN or infinite values.")
         # Standardising with the subject's own training statistics is part of the
-        # subject-specific input layer: computed on the client, never shared.
-        mean = X.mean(axis=0, dtype=np.float64)
-        std = X.std(axis=0, dtype=np.float64)
-        std = np.where(std > 1e-8, std, 1.0)
+        # subject-specific input layer: computed on the client, never shared. A model continued
+        # from init_from keeps the scaling it was trained with.
+        source = self._init_source()
+        if source is not None and s in source.voxel_stats_:
+            mean, std = (np.asarray(v, dtype=np.float64) for v in source.voxel_stats_[s])
+        else:
+            mean = X.mean(axis=0, dtype=np.float64)
+            std = X.std(axis=0, dtype=np.float64)
+            std = np.where(std > 1e-8, std, 1.0)
         Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
         Yt = torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim))
         stats = (mean.astype(np.float32), std.astype(np.float32))
@@ -498,11 +598,22 @@ class BrainGuardDecoder(Decoder):
 
     def _initial_models(self, config: TrainConfig, n_voxels: dict[int, int], n_tokens: int,
                         token_dim: int) -> dict[int, BrainGuardNet]:
-        """Identical shared layers for every client; each subject's input layer seeded apart."""
+        """Identical shared layers for every client; each subject's input layer seeded apart.
+
+        With ``init_from`` each subject starts from its saved model instead.
+        """
+        source = self._init_source()
+        if source is not None:
+            self._check_init_source(list(n_voxels), config, n_tokens, token_dim, dict(n_voxels))
+            models = {}
+            for s, V in n_voxels.items():
+                model = config.build(V, n_tokens, token_dim)
+                model.load_state_dict(source.models_[s].state_dict(), strict=True)
+                models[s] = model
+            return models
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            template = BrainGuardNet(1, config.hidden, config.n_blocks, n_tokens, token_dim,
-                                     config.dropout)
+            template = config.build(1, n_tokens, token_dim)
             models = {}
             for s, V in n_voxels.items():
                 torch.manual_seed(int(np.random.SeedSequence([config.seed, s, 1]).generate_state(1)[0]))
@@ -538,6 +649,8 @@ class BrainGuardDecoder(Decoder):
                 f"({damaged[0]}). Start afresh with resume=False (the damaged checkpoint is replaced); "
                 f"checkpoint_keep=2 keeps an older one to fall back on.", parameters=("resume", "checkpoint_keep")
             )
+        # Checkpoints written before the two-branch option lack its (default) settings.
+        meta["config"] = {"branches": None, "projector_hidden": None, **(meta.get("config") or {})}
         differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
                                    "fingerprints", "target_shape")
                        if jsonable(meta.get(k)) != jsonable(run_meta[k])]
@@ -589,6 +702,9 @@ class BrainGuardDecoder(Decoder):
             out[s] = pred.reshape((len(X),) + tuple(self.target_shape_))
         return out
 
+    def _branches(self) -> tuple[int, ...] | None:
+        return None if self.branches is None else tuple(int(b) for b in self.branches)
+
     def _calibration_kind(self) -> str:
         """``calibration`` with ``"auto"`` resolved for this decoder's target."""
         if self.calibration != "auto":
@@ -612,6 +728,10 @@ class BrainGuardDecoder(Decoder):
         single.models_ = {subject: self.models_[subject]}
         single.voxel_stats_ = {subject: self.voxel_stats_[subject]}
         single.calibration_stats_ = {subject: self.calibration_stats_[subject]}
+        if getattr(self, "imported_", None):
+            single.imported_ = dict(self.imported_)
+        if getattr(self, "negative_tokens_", None) is not None:
+            single.negative_tokens_ = self.negative_tokens_
         single.target_shape_ = self.target_shape_
         single.token_shape_ = self.token_shape_
         single.federation_ = {
@@ -625,6 +745,109 @@ class BrainGuardDecoder(Decoder):
         single.subjects_ = [subject]
         return single
 
+    # ------------------------------------------------------------------ published weights
+    @classmethod
+    def from_official(cls, checkpoint: str | os.PathLike, *, subject: int | None = None, layout: str | None = None,
+                      negative_tokens: str | os.PathLike | None = None, voxel_counts: Mapping[int, int] | None = None,
+                      target_options: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
+                      output_report: bool = False):
+        """A fitted decoder from a released BrainGuard or WeADL file (see :mod:`.official`).
+
+        Parameters
+        ----------
+        checkpoint : path
+            BrainGuard's ``client{1,2,5,7}_best.pth`` (Hugging Face ``Zhibo2333/Brainguard``) or
+            WeADL's ``model.pth`` (``ig16/visual-brain-decoding-1``): the ``state_dict()`` of the
+            released ``BrainGuardModule``, read with ``torch.load(weights_only=True)``.
+        subject : int, optional
+            The subject the file decodes; default: the one whose voxel count equals the file's
+            input width. Either way the count is checked.
+        layout : {"brainguard", "weadl"}, optional
+            Default: detected from the keys (a text branch means ``"brainguard"``).
+        negative_tokens : path, optional
+            WeADL's ``unconditional_embeddings.pt``: kept with the decoder and used as the negative
+            (unconditional) tokens when its runs are reconstructed, as the deployed server does.
+        voxel_counts : mapping, optional
+            Subject -> voxel count to check against (the data's); default NSD's nsdgeneral counts.
+        target_options : mapping, optional
+            Options of the target space (``ipadapter_dir`` for WeADL's IP-Adapter tokens, ``model`` for
+            the CLIP states), recorded for ``fit --init-from`` and ``reconstruct``.
+        params : mapping, optional
+            Further decoder parameters (``device``, ``nan_policy``, ...); the sizes come from the file.
+        output_report : bool
+            Also return the :class:`~.official.ImportReport`.
+
+        Notes
+        -----
+        The released networks read voxels as they are (MindEye's webdataset: nsdgeneral betas
+        z-scored per session, test images averaged over repetitions; ``brainrecon prepare-nsd
+        --zscore session``), so the imported decoder's voxel standardisation is the identity.
+        Their outputs go to the generators unscaled (``calibration="none"``).
+        """
+        from brainrecon.data.nsd.release import NSD_GENERAL_VOXELS
+        from brainrecon.decoders.brainguard import official
+
+        source = str(checkpoint)
+        state = official.read_state(checkpoint)
+        net, arch, layout, ignored = official.convert_state(state, layout=layout, source=source)
+        counts = dict(voxel_counts) if voxel_counts is not None else dict(NSD_GENERAL_VOXELS)
+        where = "the data's subjects" if voxel_counts is not None else "NSD's nsdgeneral voxel counts"
+        s, inferred = official.infer_subject(arch.n_voxels, counts, subject, source, where)
+        d = arch.token_dim
+        options = dict(target_options) if target_options else None
+        if layout == "brainguard":
+            target = "clip"
+            if arch.branches != (257, 77) or d != 768:
+                options = {**(options or {}), "image_tokens": arch.branches[0], "text_tokens": arch.branches[1],
+                           "dim": d}
+        else:
+            target = "ipadapter"
+            # The IP-Adapter target's shape comes from its weights: checked when they are named.
+            expected = tuple(get_target(target, **options).shape) if options else (16, 768)
+            if (arch.branches[0], d) != expected:
+                raise official.OfficialFileError(
+                    f"{source} predicts {arch.branches[0]}x{d} tokens; the IP-Adapter Plus target "
+                    f"{'of target_options ' if options else ''}has {expected[0]}x{expected[1]}.")
+        fixed = sorted(set(params or {}) & {"subjects", "target", "target_options", "hidden", "n_blocks", "branches",
+                                             "projector_hidden", "calibration"})
+        if fixed:
+            raise official.OfficialFileError(f"{', '.join(fixed)} come(s) from the file, not from params.")
+        decoder = cls(subjects=[s], target=target, target_options=options, hidden=arch.hidden,
+                      n_blocks=arch.n_blocks, branches=list(arch.branches) if len(arch.branches) > 1 else None,
+                      projector_hidden=None if arch.projector_hidden == arch.hidden else arch.projector_hidden,
+                      calibration="none", **dict(params or {}))
+        V = arch.n_voxels
+        decoder.models_ = {s: net}
+        decoder.voxel_stats_ = {s: (np.zeros(V, dtype=np.float32), np.ones(V, dtype=np.float32))}
+        decoder.calibration_stats_ = {s: {}}
+        decoder.target_shape_ = (sum(arch.branches), d)
+        decoder.token_shape_ = (sum(arch.branches), d)
+        published = {"brainguard": (4, "kunzhan/BrainGuard main.py: clients 1, 2, 5, 7"),
+                     "weadl": (3, "IoanaGabor/bachelor-thesis main.py: clients 1, 2, 5")}[layout]
+        decoder.federation_ = {"subjects": [s], "n_sites": published[0], "n_train": {str(s): 8859},
+                               "rounds_completed": None, "published": published[1]}
+        decoder.history_ = []
+        decoder.n_voxels_ = {s: V}
+        decoder.subjects_ = [s]
+        decoder.imported_ = {"file": Path(source).name, "path": str(Path(source).resolve()), "layout": layout,
+                             "ignored": list(ignored), "subject_inferred": bool(inferred)}
+        report = official.ImportReport(source=source, layout=layout, architecture=arch, subject=s,
+                                       subject_inferred=inferred, n_tensors=len(state),
+                                       n_parameters=sum(p.numel() for p in net.parameters()), ignored=list(ignored))
+        if negative_tokens is not None:
+            if layout != "weadl":
+                raise official.OfficialFileError(
+                    "negative_tokens (unconditional_embeddings.pt) belong to the WeADL model's IP-Adapter generator; "
+                    "the BrainGuard model's Versatile Diffusion generator uses zero unconditional inputs.",
+                    parameters=("negative_tokens",))
+            decoder.negative_tokens_ = official.read_negative_tokens(negative_tokens, decoder.token_shape_).numpy()
+            decoder.imported_["negative_tokens"] = Path(str(negative_tokens)).name
+            report.notes.append(f"negative tokens from {negative_tokens} (used by `brainrecon reconstruct`)")
+        elif layout == "weadl":
+            report.notes.append("no negative tokens given: reconstruct will use IP-Adapter's own unconditional "
+                                "tokens, not the deployed unconditional_embeddings.pt")
+        return (decoder, report) if output_report else decoder
+
     # ------------------------------------------------------------------ persistence
     def _save_weights(self, directory: Path) -> dict[str, Any]:
         for s in self.subjects_:
@@ -632,6 +855,8 @@ class BrainGuardDecoder(Decoder):
             tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in self.models_[s].state_dict().items()}
             tensors["voxel_mean"] = torch.from_numpy(np.ascontiguousarray(mean))
             tensors["voxel_std"] = torch.from_numpy(np.ascontiguousarray(std))
+            if getattr(self, "negative_tokens_", None) is not None:
+                tensors["negative_tokens"] = torch.from_numpy(np.ascontiguousarray(self.negative_tokens_, dtype=np.float32))
             for k, v in self.calibration_stats_[s].items():
                 tensors[f"calibration.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
             save_file(tensors, str(directory / f"subject-{s}.safetensors"))
@@ -640,6 +865,7 @@ class BrainGuardDecoder(Decoder):
             "token_shape": list(self.token_shape_),
             "federation": self.federation_,
             "history": self.history_,
+            **({"imported": dict(self.imported_)} if getattr(self, "imported_", None) else {}),
         }
 
     def _load_weights(self, directory: Path, state: dict[str, Any]) -> None:
@@ -647,6 +873,8 @@ class BrainGuardDecoder(Decoder):
         self.token_shape_ = tuple(int(s) for s in state["token_shape"])
         self.federation_ = state.get("federation", {})
         self.history_ = state.get("history", [])
+        if state.get("imported"):
+            self.imported_ = dict(state["imported"])
         self.models_, self.voxel_stats_, self.calibration_stats_ = {}, {}, {}
         for s in self.subjects_:
             path = directory / f"subject-{s}.safetensors"
@@ -656,7 +884,8 @@ class BrainGuardDecoder(Decoder):
             tensors = load_safetensors(path, fix=fix)
             with torch.device("meta"):
                 model = BrainGuardNet(self.n_voxels_[s], int(self.hidden), int(self.n_blocks),
-                                      self.token_shape_[0], self.token_shape_[1], float(self.dropout))
+                                      self.token_shape_[0], self.token_shape_[1], float(self.dropout),
+                                      branches=self._branches(), projector_hidden=self.projector_hidden)
             n_tokens, dim = self.token_shape_
             expected = {f"model.{k}": (tuple(v.shape), str(v.dtype).removeprefix("torch."))
                         for k, v in model.state_dict().items()}
@@ -666,7 +895,9 @@ class BrainGuardDecoder(Decoder):
                            "target_mean": ((n_tokens, dim), "float64"), "scale": ((n_tokens,), "float64")}
             expected.update({f"calibration.{k}": v for k, v in calibration.items()})
             needed = {"none": set(), "norm": {"target_norm"}}.get(self._calibration_kind(), set(calibration))
-            check_arrays(path, tensors, expected, optional={f"calibration.{k}" for k in set(calibration) - needed},
+            expected["negative_tokens"] = ((n_tokens, dim), "float32")
+            check_arrays(path, tensors, expected,
+                         optional={f"calibration.{k}" for k in set(calibration) - needed} | {"negative_tokens"},
                          fix=f"{fix} (brainrecon.json says {self.n_voxels_[s]} voxels, hidden={self.hidden}, "
                              f"n_blocks={self.n_blocks}, tokens {n_tokens}x{dim})")
             model = model.to_empty(device="cpu")
@@ -675,6 +906,8 @@ class BrainGuardDecoder(Decoder):
             model.eval()
             self.models_[s] = model
             self.voxel_stats_[s] = (tensors["voxel_mean"].numpy(), tensors["voxel_std"].numpy())
+            if "negative_tokens" in tensors:
+                self.negative_tokens_ = tensors["negative_tokens"].numpy()
             self.calibration_stats_[s] = {k[len("calibration."):]: v.numpy() for k, v in tensors.items()
                                           if k.startswith("calibration.")}
 

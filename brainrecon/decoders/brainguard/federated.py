@@ -76,10 +76,19 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     decay_layernorm: bool = False
     seed: int = 0
+    branches: tuple[int, ...] | None = None
+    projector_hidden: int | None = None
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return brainguard_loss(pred, target, mse_weight=self.mse_weight,
-                               softclip_tau=self.softclip_tau, softclip_weight=self.softclip_weight)
+                               softclip_tau=self.softclip_tau, softclip_weight=self.softclip_weight,
+                               branches=self.branches)
+
+    def build(self, n_voxels: int, n_tokens: int, token_dim: int, dropout: float | None = None) -> BrainGuardNet:
+        """The network this configuration trains, for a subject with ``n_voxels`` voxels."""
+        return BrainGuardNet(int(n_voxels), self.hidden, self.n_blocks, n_tokens, token_dim,
+                             self.dropout if dropout is None else dropout,
+                             branches=self.branches, projector_hidden=self.projector_hidden)
 
     def steps_per_epoch(self, n_samples: int) -> int:
         return -(-int(n_samples) // int(self.batch_size))
@@ -418,6 +427,9 @@ class Client:
                 pred = self.model(batch) if tensors is None else \
                     torch.func.functional_call(self.model, dict(tensors), (batch,))
                 target = self.val_targets[start:start + self.config.batch_size]
+                if self.config.branches is not None and len(self.config.branches) > 1:
+                    # The released client keeps its best model by the image branch's similarity.
+                    pred, target = pred[:, :self.config.branches[0]], target[:, :self.config.branches[0]]
                 sims.append(torch.nn.functional.cosine_similarity(pred.flatten(1), target.flatten(1), dim=1))
         self.model.train(was_training)
         return float(torch.cat(sims).mean())
@@ -820,7 +832,8 @@ def _check_tensors(path: Path, meta: dict, global_state: Mapping[str, torch.Tens
         entry = meta["clients"][str(subject)]
         with torch.device("meta"):
             model = BrainGuardNet(int(meta["n_voxels"][str(subject)]), int(config["hidden"]), int(config["n_blocks"]),
-                                  n_tokens, dim, 0.0)
+                                  n_tokens, dim, 0.0, branches=config.get("branches"),
+                                  projector_hidden=config.get("projector_hidden"))
         state = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
         shared = {n: state[n] for n, _ in model.named_parameters() if not is_private(n)}
         params = [p for g in decay_groups(model, 0.0, layernorm=bool(config.get("decay_layernorm", False)))

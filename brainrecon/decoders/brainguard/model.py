@@ -5,11 +5,23 @@ Network (released ``trainmodel/models.py``; the WeADL fork's single image-token 
     ridge      Linear(V -> h)                       per subject, never leaves its client
     blocks[k]  x + Dropout(GELU(LayerNorm(Linear(h, h)(x))))     k = 0 .. n_blocks-1
     head       Linear(h -> n_tokens * d), viewed as (n_tokens, d)
-    projector  per token: LN(d) GELU Linear(d, h) LN(h) GELU Linear(h, h) LN(h) GELU Linear(h, d)
+    projector  per token: LN(d) GELU Linear(d, p) LN(p) GELU Linear(p, p) LN(p) GELU Linear(p, d)
+
+(p, the projector width, is h unless ``projector_hidden`` says otherwise: the released
+two-branch code fixes it at 2048, the WeADL fork uses h.)
 
 The module order fixes the order of the parameter tensors, which is what the federated
 synchronisation tiers are defined on: ``ridge`` (2 tensors), each block (4), ``head`` (2),
 ``projector`` (12).
+
+Two branches (the released BrainGuard, ``branches=(257, 77)``): the target's tokens are split
+into an image group and a text group, each with its own head and projector, as in the
+released ``BrainNetwork`` (``head_image``/``head_text``, ``projector_image``/``projector_text``).
+Here the image branch keeps the names ``head``/``projector`` and the text branch is
+``head_text``/``projector_text``; the module order is ridge, blocks, ``head``,
+``head_text``, ``projector``, ``projector_text`` — the released order, so tensor ``k`` here is
+tensor ``k`` there (46 tensors; the released ``-p 24`` fuses both projectors). The output is
+the two groups concatenated on the token axis, image first: (B, 257 + 77, 768).
 
 A target of shape ``(a, *rest)`` is treated as ``a`` tokens of ``prod(rest)`` values
 (``(16, 768)`` IP-Adapter tokens stay as they are; ``(32, 32, 3)`` pixels become 32 image
@@ -91,29 +103,41 @@ class BrainGuardNet(nn.Module):
         Output shape per sample.
     dropout : float
         Dropout probability inside the residual blocks.
+    branches : sequence of int, optional
+        Token counts of the separately headed groups (see the module docstring): None or
+        ``(n_tokens,)`` for one branch, ``(image, text)`` for two.
+    projector_hidden : int, optional
+        Width of the projector's hidden layers (default ``hidden``).
     """
 
     def __init__(self, n_voxels: int, hidden: int, n_blocks: int, n_tokens: int, token_dim: int,
-                 dropout: float):
+                 dropout: float, *, branches: tuple[int, ...] | None = None, projector_hidden: int | None = None):
         super().__init__()
         self.n_tokens = int(n_tokens)
         self.token_dim = int(token_dim)
-        self.ridge = nn.Linear(int(n_voxels), int(hidden))
-        self.blocks = nn.ModuleList(ResidualBlock(int(hidden), dropout) for _ in range(int(n_blocks)))
-        self.head = nn.Linear(int(hidden), self.n_tokens * self.token_dim)
-        d, h = self.token_dim, int(hidden)
-        self.projector = nn.Sequential(
-            nn.LayerNorm(d), nn.GELU(), nn.Linear(d, h),
-            nn.LayerNorm(h), nn.GELU(), nn.Linear(h, h),
-            nn.LayerNorm(h), nn.GELU(), nn.Linear(h, d),
-        )
+        self.branches = check_branches(branches, self.n_tokens)
+        h = int(hidden)
+        p = h if projector_hidden is None else int(projector_hidden)
+        self.ridge = nn.Linear(int(n_voxels), h)
+        self.blocks = nn.ModuleList(ResidualBlock(h, dropout) for _ in range(int(n_blocks)))
+        d = self.token_dim
+        self.head = nn.Linear(h, self.branches[0] * d)
+        if len(self.branches) == 2:
+            self.head_text = nn.Linear(h, self.branches[1] * d)
+        self.projector = _projector(d, p)
+        if len(self.branches) == 2:
+            self.projector_text = _projector(d, p)
 
     def forward(self, voxels: torch.Tensor) -> torch.Tensor:
         x = self.ridge(voxels)
         for block in self.blocks:
             x = block(x)
-        tokens = self.head(x).view(x.shape[0], self.n_tokens, self.token_dim)
-        return self.projector(tokens)
+        b, d = x.shape[0], self.token_dim
+        image = self.projector(self.head(x).view(b, self.branches[0], d))
+        if len(self.branches) == 1:
+            return image
+        text = self.projector_text(self.head_text(x).view(b, self.branches[1], d))
+        return torch.cat([image, text], dim=1)
 
     def set_generator(self, generator: torch.Generator | None) -> None:
         """Draw every dropout mask from ``generator``."""
@@ -126,18 +150,45 @@ class BrainGuardNet(nn.Module):
         """Names of the parameter tensors of each shared layer unit, in module order.
 
         The units are ``[block 0, ..., block n-1, head, projector]``; the ridge layer is
-        not a shared unit.
+        not a shared unit. With two branches the heads form one unit and the projectors
+        another (``sync_layers=1`` then fuses both projectors: the released ``-p 24``).
         """
         units: list[list[str]] = []
         for k, block in enumerate(self.blocks):
             units.append([f"blocks.{k}.{n}" for n, _ in block.named_parameters()])
-        units.append([f"head.{n}" for n, _ in self.head.named_parameters()])
-        units.append([f"projector.{n}" for n, _ in self.projector.named_parameters()])
+        heads = ["head"] + (["head_text"] if len(self.branches) == 2 else [])
+        projectors = ["projector"] + (["projector_text"] if len(self.branches) == 2 else [])
+        units.append([f"{m}.{n}" for m in heads for n, _ in getattr(self, m).named_parameters()])
+        units.append([f"{m}.{n}" for m in projectors for n, _ in getattr(self, m).named_parameters()])
         return units
 
     def shared_names(self) -> list[str]:
         """Names of every parameter tensor except the subject's ridge layer, in order."""
         return [n for n, _ in self.named_parameters() if not is_private(n)]
+
+
+def _projector(d: int, p: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(d), nn.GELU(), nn.Linear(d, p),
+        nn.LayerNorm(p), nn.GELU(), nn.Linear(p, p),
+        nn.LayerNorm(p), nn.GELU(), nn.Linear(p, d),
+    )
+
+
+def check_branches(branches, n_tokens: int) -> tuple[int, ...]:
+    """``branches`` as a tuple of token counts that sum to ``n_tokens`` (one or two groups)."""
+    if branches is None:
+        return (int(n_tokens),)
+    try:
+        out = tuple(int(b) for b in branches)
+    except (TypeError, ValueError):
+        raise DataError(f"branches must be a list of token counts, e.g. [257, 77]; got {branches!r}.") from None
+    if not 1 <= len(out) <= 2 or any(b < 1 for b in out) or sum(out) != int(n_tokens):
+        raise DataError(
+            f"branches={list(out)} must be one or two positive token counts adding up to the target's "
+            f"{n_tokens} tokens (the released BrainGuard on the clip target: [257, 77])."
+        )
+    return out
 
 
 def is_private(name: str) -> bool:
@@ -226,17 +277,30 @@ def soft_clip_loss(pred_unit: torch.Tensor, target_unit: torch.Tensor, tau: floa
 
 
 def brainguard_loss(pred: torch.Tensor, target: torch.Tensor, *, mse_weight: float,
-                    softclip_tau: float, softclip_weight: float) -> torch.Tensor:
-    """``mse_weight · mean((p̂ - t̂)²) + softclip_weight · SoftCLIP(p̂, t̂)``.
+                    softclip_tau: float, softclip_weight: float,
+                    branches: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``mse_weight · mean((p̂ - t̂)²) + softclip_weight · SoftCLIP(p̂, t̂)``, summed over branches.
 
     ``p̂`` and ``t̂`` are the flattened predictions and targets, each sample divided by its
     L2 norm; both terms are therefore blind to the scale of each predicted sample (which
-    :func:`fit_calibration` restores).
+    :func:`fit_calibration` restores). With ``branches`` (token counts of consecutive token
+    groups) the loss is computed on each group separately and summed, as the released code
+    does for its image and text outputs (``clients/client.py``: ``2·MSE_img + SoftCLIP_img +
+    SoftCLIP_txt + 2·MSE_txt`` with MSE scaled by 10⁴).
 
     Parameters
     ----------
     pred, target : tensors of shape (B, n_tokens, token_dim)
     """
+    if branches is not None and len(branches) > 1:
+        total, start = None, 0
+        for count in branches:
+            part = brainguard_loss(pred[:, start:start + count], target[:, start:start + count],
+                                   mse_weight=mse_weight, softclip_tau=softclip_tau,
+                                   softclip_weight=softclip_weight)
+            total = part if total is None else total + part
+            start += count
+        return total
     p = F.normalize(pred.flatten(1), dim=1)
     t = F.normalize(target.flatten(1), dim=1)
     loss = mse_weight * (p - t).pow(2).mean()

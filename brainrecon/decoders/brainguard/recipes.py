@@ -1,8 +1,10 @@
-"""BrainGuard's named recipes: the released code's settings and the WeADL 16×768 adaptation.
+"""BrainGuard's named recipes: the released code's settings, the WeADL 16×768 adaptation, the paper's
+two-branch network.
 
 Each value carries a note naming the file (or paper) it comes from; ``brainrecon decoders
-describe brainguard`` prints them. Both recipes are meant for ``--target ipadapter`` (the
-recipe does not set the target: ``fit --target`` does).
+describe brainguard`` prints them. ``brainguard-released`` and ``weadl`` are meant for ``--target
+ipadapter`` (they do not set the target: ``fit --target`` does); ``brainguard-paper`` is the
+published two-branch network and sets ``target="clip"`` (an explicit ``--target`` still wins).
 
 Where the released code's behaviour is a bug that cannot be reproduced meaningfully (the
 argument shift into the fusion learner, the never-set ``flag_dfl`` that disables all
@@ -121,6 +123,31 @@ WEADL = Recipe(
     },
 )
 
-RECIPES = (BRAINGUARD_RELEASED, WEADL)
+BRAINGUARD_PAPER = Recipe(
+    name="brainguard-paper",
+    decoder="brainguard",
+    source=(f"{_OFFICIAL} (main.py, trainmodel/models.py, clients/client.py, scripts/train.sh); "
+            f"Tian et al., BrainGuard, AAAI 2025 (arXiv 2501.14309)"),
+    summary=("The published two-branch BrainGuard: CLIP ViT-L/14 image (257x768) and caption (77x768) states, "
+             "h = 2048, both losses; sets --target clip."),
+    values={**_SHARED_VALUES, "target": "clip", "branches": [257, 77], "projector_hidden": 2048,
+            "sync_layers": 1, "sync_tensors": None},
+    notes={
+        **_shared_notes(_OFFICIAL),
+        "target": (f"{_OFFICIAL} clients/client.py: targets clip_extractor.embed_image / embed_text "
+                   f"(Clipper('ViT-L/14', hidden_state=True, norm_embs=True)): the clip target space."),
+        "branches": (f"{_OFFICIAL} main.py: BrainNetwork(out_dim_image=257*768, out_dim_text=77*768): separate "
+                     f"head_image/head_text and projector_image/projector_text; loss = 2*MSE_img + SoftCLIP_img "
+                     f"+ SoftCLIP_txt + 2*MSE_txt (clients/client.py)."),
+        "projector_hidden": f"{_OFFICIAL} trainmodel/models.py: the projectors' Linear(768, 2048) is fixed at 2048.",
+        "sync_layers": (f"{_OFFICIAL} scripts/train.sh: -p 24 tensors, on the two-branch network exactly both "
+                        f"projectors (tensors 22-45), the last layer unit here."),
+        "sync_tensors": "Unset: sync_layers=1 selects the same 24 tensors.",
+        "calibration": (f"{_OFFICIAL}: no output calibration; the predicted states are re-normalised by the "
+                        f"token-0 norm at generation (utils/utils.py reconstruction(), as MindBridge)."),
+    },
+)
 
-__all__ = ["BRAINGUARD_RELEASED", "RECIPES", "WEADL"]
+RECIPES = (BRAINGUARD_RELEASED, WEADL, BRAINGUARD_PAPER)
+
+__all__ = ["BRAINGUARD_PAPER", "BRAINGUARD_RELEASED", "RECIPES", "WEADL"]

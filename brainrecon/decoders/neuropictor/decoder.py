@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -1050,15 +1049,20 @@ class NeuroPictorDecoder(Decoder):
                                                          base_model=base_model, seed=seed)
         source, spec, base, report = converted.source, converted.spec, converted.base, converted.report
         if subjects is None:
-            found = re.search(r"sub[_-]?0*([1-8])(?!\d)", Path(source).as_posix())
-            subjects = [int(found.group(1))] if found else list(range(1, 9))
+            subjects, said = official.subjects_from_folder(source)
+            report.inferred.append(said)
+        else:
+            report.inferred.append(f"subjects {[int(s) for s in subjects]} (as given)")
+        report.inferred.append("stage finetune (its auxiliary branch is trained)" if converted.aux_active else
+                               "stage pretrain (its auxiliary branch is still zero)")
         decoder = cls(
             stage="finetune" if converted.aux_active else "pretrain", subjects=[int(s) for s in subjects],
             base_model=converted.base_model, surface_size=spec.surface_size, patch_size=spec.patch_size,
             encoder_dim=spec.dim, encoder_depth=spec.depth, encoder_heads=spec.heads, encoder_eps=spec.eps,
             semantic_hidden=converted.semantic_hidden,
             image_size=converted.geometry["latent_size"] * base.vae_scale_factor, seed=seed,
-            encoder_config=None if encoder_config is None or isinstance(encoder_config, Mapping) else str(encoder_config),
+            encoder_config=None if encoder_config is None or isinstance(encoder_config, Mapping)
+            else official.absolute_or_hub(encoder_config),
             sample_precision="fp16-autocast", pixel_rounding="truncate",
         )
         sizes = ("surface_size", "patch_size", "encoder_dim", "encoder_depth", "encoder_heads", "encoder_eps",
@@ -1081,7 +1085,8 @@ class NeuroPictorDecoder(Decoder):
         decoder.subjects_ = [int(s) for s in subjects]
         decoder.n_voxels_ = {int(s): 0 for s in subjects}  # surface maps only: no voxel count to check
         decoder.imported_ = {"file": Path(source).name, "layout": LAYOUT, "ignored": dict(report.ignored),
-                             "fresh": list(report.fresh)}
+                             "fresh": list(report.fresh), "encoder_settings": dict(report.encoder),
+                             "inferred": list(report.inferred)}
         if check:
             report.checks = official.check_import(decoder, converted.state)
         return (decoder, report) if output_report else decoder

@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ import torch
 from brainrecon.decoders.neuropictor.encoder import LAYER_NORM_EPS, FMRIEncoder
 from brainrecon.decoders.neuropictor.weights import load_state_dict_strict
 from brainrecon.errors import BrainreconError, WeightsNotFoundError
+from brainrecon.io import torch_load_weights_only as _load_pickle
 
 #: Official heads (paper supplement: dim 1024, depth 24, 16 heads), used when no yaml is given.
 OFFICIAL_HEADS = 16
@@ -82,30 +82,22 @@ def _key_list(keys) -> str:
     return shown + (f" (and {len(keys) - _SHOWN} more)" if len(keys) > _SHOWN else "")
 
 
-def torch_load_weights_only(path: str | os.PathLike, what: str) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with errors that say what to do.
+def torch_load_weights_only(path: str | os.PathLike, what: str, *, hint: str = "",
+                            parameters: tuple[str, ...] = ()) -> Any:
+    """:func:`brainrecon.io.torch_load_weights_only` for NeuroPictor's files (errors are
+    :class:`OfficialFileError`; ``argparse.Namespace``, which the released files hold, is allowed)."""
+    return _load_pickle(path, what, error=OfficialFileError, hint=hint, allowed=(argparse.Namespace,),
+                        parameters=parameters)
 
-    The one pickle brainrecon reads. ``weights_only=True`` rebuilds only tensors, containers
-    and plain values (plus ``argparse.Namespace``, allowed explicitly); anything else is refused.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"The {what} file {path} does not exist.")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OfficialFileError(
-            f"Refusing to read {path} ({what}): it needs more than tensors and plain values to "
-            f"unpickle ({first}). brainrecon reads official files with torch.load(weights_only=True) "
-            f"only, because a general pickle can run code. If you trust the file, re-save just its "
-            f"weights in a trusted Python session: sd = torch.load(path, weights_only=False); "
-            f"torch.save({{'model': sd['model']}}, 'weights_only.pth') (or the plain state dict for "
-            f"an epoch file), and pass that file."
-        ) from exc
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise OfficialFileError(f"Cannot read {path} ({what}) with torch.load: {exc}") from exc
+
+def _looks_like_encoder_file(path: str | os.PathLike) -> bool:
+    """A file named like the released fMRI autoencoder (``fMRI2fMRI_UKB/checkpoint_120000.pth``)."""
+    p = Path(path)
+    return bool(re.fullmatch(r"checkpoint[_-]?\d+\.pth", p.name)) or "fMRI2fMRI" in p.as_posix()
+
+
+_ENCODER_HINT = ("This looks like the released fMRI autoencoder (fMRI2fMRI_UKB/checkpoint_120000.pth): pass it as "
+                 "encoder, beside an epoch file or control_sd21_ini.ckpt as the checkpoint.")
 
 
 # ---------------------------------------------------------------------------- yaml
@@ -479,15 +471,54 @@ class ImportReport:
     fresh: list[str] = field(default_factory=list)
     frozen_max_diff: dict[str, float] = field(default_factory=dict)
     checks: dict[str, float] = field(default_factory=dict)
+    #: The fMRI encoder's settings the tensors do not fix: heads, LayerNorm eps, dropout, and where
+    #: they came from (None: assumed, the official values).
+    encoder: dict[str, Any] = field(default_factory=dict)
+    #: What was inferred rather than given (subjects, stage), as sentences.
+    inferred: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"imported {self.source}"]
+        if self.encoder:
+            out.append("  " + encoder_settings_line(self.encoder))
+        out += [f"  {line}" for line in self.inferred]
         out += [f"  {k:<22} {v:>6} tensors" for k, v in self.counts.items()]
         out += [f"  ignored {k:<14} {v:>6} tensors" for k, v in self.ignored.items()]
         out += [f"  initialised fresh: {name}" for name in self.fresh]
         out += [f"  {k} equals base_model's within {v:.2e}" for k, v in self.frozen_max_diff.items()]
         out += [f"  check {k:<40} {v:.3e}" for k, v in self.checks.items()]
         return out
+
+
+def encoder_settings_line(settings: Mapping[str, Any]) -> str:
+    """One line on the fMRI encoder's heads, eps and dropout and whether they were assumed."""
+    values = (f"fMRI encoder: {settings.get('heads')} heads, LayerNorm eps {settings.get('eps'):g}, "
+              f"dropout {settings.get('dropout'):g}")
+    if settings.get("from"):
+        return f"{values} (from {settings['from']})"
+    return (f"{values} — ASSUMED (no encoder_config: the official values; the tensors do not fix the "
+            f"head count, and check cannot tell a wrong one: pass the fMRI_AutoEncoder.yaml it was trained with)")
+
+
+def absolute_or_hub(name: str | os.PathLike) -> str:
+    """A local path made absolute (so a saved decoder works from any directory); a hub id unchanged."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else str(name)
+
+
+def subjects_from_folder(source: str | os.PathLike) -> tuple[list[int], str]:
+    """Subjects of a released epoch file from its own folder's name, and a sentence saying so.
+
+    Only the folder the file is in counts (``finetune_single_sub/sub01/epoch_015.pth`` -> [1]);
+    names further up the path are not read, so a multi-subject file kept under ``.../sub1/...``
+    is not taken for subject 1. No ``subNN`` folder: all eight subjects.
+    """
+    folder = Path(source).parent.name
+    found = re.fullmatch(r"sub(?:j)?[_-]?0*([1-8])", folder)
+    if found:
+        return [int(found.group(1))], f"subjects [{int(found.group(1))}] (inferred from the folder name {folder!r}; pass subjects to override)"
+    return list(range(1, 9)), (f"subjects 1-8 (the folder name {folder!r} names no single subject; pass subjects "
+                               f"for a single-subject file)")
 
 
 def split_official_checkpoint(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict]:
@@ -594,7 +625,16 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
     from brainrecon.decoders.neuropictor import control, model
 
     source = str(checkpoint)
-    obj = torch_load_weights_only(checkpoint, "NeuroPictor checkpoint")
+    looks_like_encoder = _looks_like_encoder_file(checkpoint)
+    obj = torch_load_weights_only(checkpoint, "NeuroPictor checkpoint", hint=_ENCODER_HINT if looks_like_encoder else "",
+                                  parameters=("encoder",) if looks_like_encoder else ())
+    inner = obj.get("model") if isinstance(obj, Mapping) else None
+    if isinstance(inner, Mapping) and inner and all(
+            str(k).removeprefix("module.").startswith("transformer.") for k in inner):
+        raise OfficialFileError(
+            f"{source} is the fMRI autoencoder (its 'model' holds only transformer.* tensors), not a NeuroPictor "
+            f"checkpoint: pass it as encoder, with control_sd21_ini.ckpt or an epoch file as the checkpoint.",
+            parameters=("encoder",))
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # a Lightning checkpoint
     if not isinstance(obj, Mapping):
@@ -623,8 +663,11 @@ def convert_official_checkpoint(checkpoint: str | os.PathLike, *, encoder: str |
         )
     spec = fmri.official_spec
     report.counts["fmri_encoder"] = len(parts["encoder"]) or len(fmri.state_dict())
+    report.encoder = {"heads": spec.heads, "eps": spec.eps, "dropout": spec.drop,
+                      "from": (str(encoder_config) if encoder_config is not None and not isinstance(encoder_config, Mapping)
+                               else "the given config" if encoder_config is not None else None)}
 
-    base_model = model.SD21_BASE if base_model is None else str(base_model)
+    base_model = model.SD21_BASE if base_model is None else absolute_or_hub(base_model)
     base = model.load_base_components(base_model, seed=seed)
     unet_config = dict(base.unet.config)
     # Frozen parts: convert with diffusers and require equality with base_model's.
