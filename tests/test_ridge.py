@@ -433,8 +433,8 @@ def test_decoder_errors(decoder_data):
     bad_rescale = "Unknown rescale 'zscore'. Valid choices: 'none', 'train', 'test'"
     with pytest.raises(DataError, match=bad_rescale):
         RidgeDecoder(rescale="zscore").fit(data.train)
-    with pytest.raises(BrainreconError, match="Unknown target 'clip'"):
-        RidgeDecoder(target="clip").fit(data.train)
+    with pytest.raises(BrainreconError, match="Unknown target 'dino'"):
+        RidgeDecoder(target="dino").fit(data.train)
 
 
 def test_decoder_target_options(decoder_data):
