@@ -94,7 +94,8 @@ def clip_resize(images: np.ndarray, size: int = 224):
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    # torch.as_tensor copies read-only arrays (memory-mapped images) instead of warning.
+    x = torch.as_tensor(np.array(images, dtype=np.float32)).permute(0, 3, 1, 2) / 255.0
     h, w = x.shape[-2:]
     scale = size / min(h, w)
     new = (max(size, round(h * scale)), max(size, round(w * scale)))
