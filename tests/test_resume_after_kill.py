@@ -148,7 +148,7 @@ BG_ARGS = ["fit", "--decoder", "brainguard", "--data", BG_DATA, "--subjects", "1
            "--hidden", "16", "--batch-size", "30", "--device", "cpu", "--no-evaluate", "--out", "runs",
            "--checkpoint-dir", "ck", "-p", 'target_options={"size": 8}', "-p", "progress=false"]
 BG_DECODER = "brainrecon.decoders.brainguard.decoder:save_checkpoint"
-BG_FEDERATED = "brainrecon.decoders.brainguard.federated"
+BG_CHECKPOINT = "brainrecon.decoders.brainguard.checkpoint"
 
 
 def _rounds_done(ck: Path) -> int:
@@ -165,7 +165,7 @@ def test_brainguard_fit_killed_and_resumed(procs, tmp_path, moment):
     else:
         # The checkpoint JSON is written slowly: killed while round 2's checkpoint is half on disk.
         job = start(procs, BG_ARGS, cwd=tmp_path / "job", env_root=tmp_path,
-                    slow=[(f"{BG_FEDERATED}:write_json_atomic", 0.6)])
+                    slow=[(f"{BG_CHECKPOINT}:write_json_atomic", 0.6)])
         kill_when(job, lambda: (tmp_path / "job/ck/.round-00002.partial").is_dir()
                   and any((tmp_path / "job/ck/.round-00002.partial").glob("*.safetensors")))
     ck = tmp_path / "job" / "ck"
