@@ -380,75 +380,37 @@ def _behav_rows(tars: list[Path], subject: int) -> np.ndarray:
     return np.stack(rows)
 
 
-class _CocoImages:
-    """MindEye2's (73000, 3, 224, 224) float16 [0, 1] images at ``ids``, as lazy uint8 (n, H, W, 3)."""
+class _LazyH5:
+    """A lazy array over rows of an HDF5 dataset: indexing reads only the rows asked for, each
+    once and in ascending order, and returns them in the order asked; a read failure is a
+    DataError naming the file. Subclasses set ``shape``/``dtype`` and :meth:`_keys` (the dataset
+    rows of an index) and :meth:`_read` (sorted unique rows -> array)."""
 
-    def __init__(self, dset: Any, ids: np.ndarray, path: Path):
-        self.dset, self.ids, self.path = dset, np.asarray(ids), path
-        self.shape = (len(ids), int(dset.shape[2]), int(dset.shape[3]), 3)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 4
+    what = "rows"
+    ndim: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        single = isinstance(index, (int, np.integer))
-        rows = np.atleast_1d(np.arange(self.shape[0])[index])
-        want = self.ids[rows]
-        uniq, inverse = np.unique(want, return_inverse=True)
-        out = np.empty((len(uniq),) + self.shape[1:], dtype=np.uint8)
-        try:
-            for start in range(0, len(uniq), 32):  # bounded float temporaries
-                block = np.asarray(self.dset[uniq[start:start + 32]], dtype=np.float32)
-                block *= 255.0
-                np.rint(block, out=block)
-                np.clip(block, 0, 255, out=block)
-                out[start:start + 32] = block.transpose(0, 2, 3, 1)
-        except OSError as exc:
-            raise DataError(f"{self.path}: images could not be read ({_one_line(exc)}); the file is damaged or "
-                            f"truncated; {_FIX_ME2}.") from None
-        if len(uniq) != len(want) or not np.array_equal(uniq, want):
-            out = out[inverse]
-        return out[0] if single else out
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        arr = self[slice(None)]
-        return arr if dtype is None else arr.astype(dtype)
-
-
-class _H5Rows:
-    """Rows ``rows`` of an HDF5 dataset (sorted reads), a DataError naming the file on failure."""
-
-    BLOCK = 256
-
-    def __init__(self, dset: Any, rows: np.ndarray, path: Path):
-        self.dset, self.rows, self.path = dset, np.asarray(rows, dtype=np.int64), path
-        self.shape = (len(self.rows), int(dset.shape[1]))
-        self.dtype = np.dtype(np.float32)
-        self.ndim = 2
+    def __init__(self, dset: Any, path: Path):
+        self.dset, self.path = dset, path
 
     def __len__(self) -> int:
         return self.shape[0]
 
+    def _keys(self, index: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _read(self, uniq: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
     def __getitem__(self, index: Any) -> np.ndarray:
         single = isinstance(index, (int, np.integer))
-        want = np.atleast_1d(self.rows[index])
+        want = self._keys(index)
         uniq, inverse = np.unique(want, return_inverse=True)
-        out = np.empty((len(uniq), self.shape[1]), dtype=np.float32)
         try:
-            # Contiguous blocks over the requested span, keeping the rows asked for: sequential reads
-            # with bounded temporary memory (h5py's point selection of thousands of rows is slow).
-            k = 0
-            while k < len(uniq):
-                start = int(uniq[k])
-                stop = min(start + self.BLOCK, int(uniq[-1]) + 1)
-                j = int(np.searchsorted(uniq, stop))
-                block = self.dset[start:stop]
-                out[k:j] = block[uniq[k:j] - start]
-                k = j
+            out = self._read(uniq)
         except OSError as exc:
-            raise DataError(f"{self.path}: betas could not be read ({_one_line(exc)}); the file is damaged or "
+            raise DataError(f"{self.path}: {self.what} could not be read ({_one_line(exc)}); the file is damaged or "
                             f"truncated; {_FIX_ME2}.") from None
         if len(uniq) != len(want) or not np.array_equal(uniq, want):
             out = out[inverse]
@@ -457,6 +419,63 @@ class _H5Rows:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = self[slice(None)]
         return arr if dtype is None or np.dtype(dtype) == arr.dtype else arr.astype(dtype)
+
+
+class _CocoImages(_LazyH5):
+    """MindEye2's (73000, 3, 224, 224) float16 [0, 1] images at ``ids``, as lazy uint8 (n, H, W, 3)."""
+
+    what = "images"
+
+    def __init__(self, dset: Any, ids: np.ndarray, path: Path):
+        super().__init__(dset, path)
+        self.ids = np.asarray(ids)
+        self.shape = (len(ids), int(dset.shape[2]), int(dset.shape[3]), 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    def _keys(self, index: Any) -> np.ndarray:
+        return self.ids[np.atleast_1d(np.arange(self.shape[0])[index])]
+
+    def _read(self, uniq: np.ndarray) -> np.ndarray:
+        out = np.empty((len(uniq),) + self.shape[1:], dtype=np.uint8)
+        for start in range(0, len(uniq), 32):  # bounded float temporaries
+            block = np.asarray(self.dset[uniq[start:start + 32]], dtype=np.float32)
+            block *= 255.0
+            np.rint(block, out=block)
+            np.clip(block, 0, 255, out=block)
+            out[start:start + 32] = block.transpose(0, 2, 3, 1)
+        return out
+
+
+class _H5Rows(_LazyH5):
+    """Rows ``rows`` of an HDF5 dataset (sorted reads), a DataError naming the file on failure."""
+
+    what = "betas"
+    BLOCK = 256
+
+    def __init__(self, dset: Any, rows: np.ndarray, path: Path):
+        super().__init__(dset, path)
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), int(dset.shape[1]))
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+
+    def _keys(self, index: Any) -> np.ndarray:
+        return np.atleast_1d(self.rows[index])
+
+    def _read(self, uniq: np.ndarray) -> np.ndarray:
+        # Contiguous blocks over the requested span, keeping the rows asked for: sequential reads
+        # with bounded temporary memory (h5py's point selection of thousands of rows is slow).
+        out = np.empty((len(uniq), self.shape[1]), dtype=np.float32)
+        k = 0
+        while k < len(uniq):
+            start = int(uniq[k])
+            stop = min(start + self.BLOCK, int(uniq[-1]) + 1)
+            j = int(np.searchsorted(uniq, stop))
+            block = self.dset[start:stop]
+            out[k:j] = block[uniq[k:j] - start]
+            k = j
+        return out
 
 
 def _open_h5(path: Path, name: str, ndim: int, what: str) -> Any:
