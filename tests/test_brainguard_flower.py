@@ -45,6 +45,7 @@ from brainrecon.runs import Run
 pytestmark = pytest.mark.slow
 
 DATA = "synthetic:n_train=60,n_test=6,image_size=32,surface_size=32"
+FEDERATE = [sys.executable, "-m", "brainrecon.cli", "federate"]
 PARAMS = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
           "progress": False, "target_options": {"size": 8}, "dfl_num_pre_loss": 2}
 
@@ -229,6 +230,16 @@ def _living_in_group(pgid: int) -> list[str]:
     return out
 
 
+def _start_site(tmp_path: Path, subject: int, port: int, env, log: Path | None = None):
+    """`brainrecon federate site` for ``subject`` against 127.0.0.1:``port``, its state in
+    ``tmp_path/site-<subject>``, runs in ``tmp_path/flower``, its log in ``log`` (default
+    ``tmp_path/site-<subject>.log``)."""
+    return supervise.start_process(
+        FEDERATE + ["site", "--subject", str(subject), "--data", DATA, "--server", f"127.0.0.1:{port}",
+                    "--state-dir", str(tmp_path / f"site-{subject}"), "--out", str(tmp_path / "flower"), "--no-evaluate"],
+        env=env, log=log or tmp_path / f"site-{subject}.log")
+
+
 def _log_tails(root: Path, lines: int = 25) -> str:
     """The last lines of every log under ``root``, for a failure message."""
     parts = []
@@ -409,8 +420,7 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
     reference = workflows.fit("brainguard", data=DATA, subjects=[1, 2], out=tmp_path / "local", evaluate=False,
                               params={k: v for k, v in params.items() if k != "target"})
     port = supervise.free_port()
-    cli = [sys.executable, "-m", "brainrecon.cli", "federate"]
-    server_args = cli + ["server", "--rounds", "3", "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
+    server_args = FEDERATE + ["server", "--rounds", "3", "--sites", "2", "--host", "127.0.0.1", "--port", str(port),
                          "--server-dir", str(tmp_path / "server"), "--params", json.dumps(params),
                          "--round-timeout", "240"]
     env = supervise.flower_env()
@@ -419,10 +429,7 @@ def test_server_crash_and_resume_gives_the_uninterrupted_result(tmp_path, monkey
     try:
         started.append(supervise.start_process(server_args, env=env, log=tmp_path / "server-1.log"))
         for s in (1, 2):
-            started.append(supervise.start_process(
-                cli + ["site", "--subject", str(s), "--data", DATA, "--server", f"127.0.0.1:{port}",
-                       "--state-dir", str(tmp_path / f"site-{s}"), "--out", str(tmp_path / "flower"), "--no-evaluate"],
-                env=env, log=tmp_path / f"site-{s}.log"))
+            started.append(_start_site(tmp_path, s, port, env))
         status = tmp_path / "server" / server.SERVER_STATUS
         deadline = time.monotonic() + 300
         while not (status.is_file() and json.loads(status.read_text())["rounds_completed"] >= 1):

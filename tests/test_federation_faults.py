@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -20,16 +19,14 @@ flwr = pytest.importorskip("flwr", reason="needs the federated extra (pip instal
 from brainrecon import workflows
 from brainrecon.federation import server, supervise
 from brainrecon.runs import Run
-from tests.test_brainguard_flower import DATA, PARAMS, _assert_all_gone, _log_tails
-
-CLI = [sys.executable, "-m", "brainrecon.cli", "federate"]
-
-
-def _site(tmp_path, s, port, env, log):
-    return supervise.start_process(
-        CLI + ["site", "--subject", str(s), "--data", DATA, "--server", f"127.0.0.1:{port}",
-               "--state-dir", str(tmp_path / f"site-{s}"), "--out", str(tmp_path / "flower"), "--no-evaluate"],
-        env=env, log=log)
+from tests.test_brainguard_flower import (
+    DATA,
+    PARAMS,
+    _assert_all_gone,
+    _log_tails,
+    _start_site,
+)
+from tests.test_brainguard_flower import FEDERATE as CLI
 
 
 @pytest.mark.slow
@@ -56,7 +53,7 @@ def test_a_site_killed_and_restarted_alone_rejoins_and_the_result_is_unchanged(t
                    str(tmp_path / "server"), "--params", json.dumps(params), "--round-timeout", "240"],
             env=env, log=tmp_path / "server.log"))
         for s in (1, 2):
-            started.append(_site(tmp_path, s, port, env, tmp_path / f"site-{s}.log"))
+            started.append(_start_site(tmp_path, s, port, env))
         status = tmp_path / "server" / server.SERVER_STATUS
         deadline = time.monotonic() + 300
         while not (status.is_file() and json.loads(status.read_text())["rounds_completed"] >= 1):
@@ -64,7 +61,7 @@ def test_a_site_killed_and_restarted_alone_rejoins_and_the_result_is_unchanged(t
             time.sleep(0.2)
         os.killpg(started[2].pid, signal.SIGKILL)  # site 2's machine loses power, as it were
         started[2].wait(timeout=30)
-        restarted = _site(tmp_path, 2, port, env, tmp_path / "site-2-restarted.log")
+        restarted = _start_site(tmp_path, 2, port, env, tmp_path / "site-2-restarted.log")
         started.append(restarted)
         try:
             code = started[0].wait(timeout=420)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,11 @@ flwr = pytest.importorskip("flwr", reason="needs the federated extra (pip instal
 
 from brainrecon.errors import BrainreconError
 from brainrecon.federation import server, site, supervise
+from tests.test_brainguard_flower import DATA, _assert_all_gone, _log_tails, _start_site
+from tests.test_brainguard_flower import FEDERATE as CLI
+from tests.test_brainguard_flower import PARAMS as FLOWER_PARAMS
 
-DATA = "synthetic:n_train=60,n_test=6,image_size=32,surface_size=32"
-PARAMS = {"hidden": 16, "n_blocks": 2, "rounds": 2, "batch_size": 30, "lr": 1e-3, "device": "cpu",
-          "progress": False, "target_options": {"size": 8}, "dfl_num_pre_loss": 2, "target": "pixels"}
-CLI = [sys.executable, "-m", "brainrecon.cli", "federate"]
+PARAMS = {**FLOWER_PARAMS, "target": "pixels"}
 
 ATTACKER_APP = '''
 from pathlib import Path
@@ -95,24 +94,6 @@ def _wait_for(predicate, timeout: float, message, processes=()):
         time.sleep(0.3)
 
 
-def _tails(root: Path, lines: int = 30) -> str:
-    parts = []
-    for log in sorted(root.rglob("*.log")):
-        parts.append(f"==== {log.relative_to(root)}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
-    return "\n".join(parts)
-
-
-def _assert_gone(started):
-    from tests.test_brainguard_flower import _living_in_group
-
-    for process in started:
-        assert process.poll() is not None, process.args
-        deadline = time.monotonic() + 10
-        while _living_in_group(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _living_in_group(process.pid), _living_in_group(process.pid)
-
-
 def _attacker_home(tmp_path: Path, port: int) -> Path:
     """A Flower CLI configuration that points `flwr run` at 127.0.0.1:port (the victim)."""
     home = tmp_path / "attacker-home"
@@ -120,13 +101,6 @@ def _attacker_home(tmp_path: Path, port: int) -> Path:
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "victim"\n\n[superlink.victim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     return home
-
-
-def _start_site(tmp_path: Path, port: int, env) -> subprocess.Popen:
-    return supervise.start_process(
-        CLI + ["site", "--subject", "1", "--data", DATA, "--server", f"127.0.0.1:{port}",
-               "--state-dir", str(tmp_path / "site-1"), "--out", str(tmp_path / "runs"), "--no-evaluate"],
-        env=env, log=tmp_path / "site-1.log")
 
 
 @pytest.mark.slow
@@ -144,10 +118,10 @@ def test_attacker_app_submitted_with_flwr_run_is_refused_and_reads_nothing(tmp_p
             CLI + ["server", "--rounds", "2", "--sites", "2", "--port", str(port), "--server-dir",
                    str(tmp_path / "server"), "--params", json.dumps(PARAMS)], env=env, log=tmp_path / "server.log"))
         supervise.wait_for_port("127.0.0.1", port, 120, started[0])
-        started.append(_start_site(tmp_path, port, env))
+        started.append(_start_site(tmp_path, 1, port, env))
         site_log = tmp_path / "site-1.log"
         _wait_for(lambda: "SuperNode ID" in site_log.read_text(errors="replace"), 120,
-                  lambda: _tails(tmp_path), started[:2])
+                  lambda: _log_tails(tmp_path, 30), started[:2])
         # The server's own run waits for its second site; meanwhile an attacker submits an app.
         attacker = supervise.start_process(
             [supervise.flower_bin("flwr"), "run", ".", "victim", "--stream"],
@@ -158,16 +132,16 @@ def test_attacker_app_submitted_with_flwr_run_is_refused_and_reads_nothing(tmp_p
             attacker.wait(timeout=120)
         except subprocess.TimeoutExpired:
             pass
-        assert started[0].poll() is None and started[1].poll() is None, _tails(tmp_path)
+        assert started[0].poll() is None and started[1].poll() is None, _log_tails(tmp_path, 30)
     finally:
         supervise.stop_all(started)
         supervise.stop_flower_processes(tmp_path / "site-1" / "flwr-home")
         supervise.stop_flower_processes(tmp_path / "server" / "flwr-home")
-    _assert_gone(started)
-    assert attacker.returncode not in (None, 0), _tails(tmp_path)
+    _assert_all_gone(started)
+    assert attacker.returncode not in (None, 0), _log_tails(tmp_path, 30)
     assert not leak.exists() and not (tmp_path / "server-leak.txt").exists()
     refusal = "refused to run 'attacker-app' 1.0.0"
-    assert refusal in (tmp_path / "attacker.log").read_text(errors="replace"), _tails(tmp_path)
+    assert refusal in (tmp_path / "attacker.log").read_text(errors="replace"), _log_tails(tmp_path, 30)
     superlink_log = (tmp_path / "server" / "superlink.log").read_text(errors="replace")
     assert [line for line in superlink_log.splitlines() if refusal in line], superlink_log
     assert str(tmp_path / "site-1") not in (tmp_path / "attacker.log").read_text(errors="replace")
@@ -190,22 +164,22 @@ def test_a_site_refuses_a_foreign_app_even_from_a_rogue_server(tmp_path, allow_l
              "--disable-runtime-dependency-installation"],
             env=supervise.flower_env(flwr_home=rogue_home), log=tmp_path / "rogue.log"))
         supervise.wait_for_port("127.0.0.1", port, 120, started[0])
-        started.append(_start_site(tmp_path, port, env))
+        started.append(_start_site(tmp_path, 1, port, env))
         site_log = tmp_path / "site-1.log"
         _wait_for(lambda: "SuperNode ID" in site_log.read_text(errors="replace"), 120,
-                  lambda: _tails(tmp_path), started[:2])
+                  lambda: _log_tails(tmp_path, 30), started[:2])
         started.append(supervise.start_process(
             [supervise.flower_bin("flwr"), "run", ".", "victim", "--stream"],
             env=supervise.flower_env(flwr_home=_attacker_home(tmp_path, port)), log=tmp_path / "attacker.log",
             cwd=_attacker_app(tmp_path / "attacker", leak)))
         _wait_for(lambda: "refused to run" in site_log.read_text(errors="replace") or leak.exists(), 150,
-                  lambda: _tails(tmp_path), started[:2])
+                  lambda: _log_tails(tmp_path, 30), started[:2])
         time.sleep(2)
     finally:
         supervise.stop_all(started)
         for home in (tmp_path / "site-1" / "flwr-home", rogue_home):
             supervise.stop_flower_processes(home)
-    _assert_gone(started)
+    _assert_all_gone(started)
     assert not leak.exists(), leak.read_text()
     text = site_log.read_text(errors="replace")
     refusals = [line for line in text.splitlines() if "refused to run" in line]
