@@ -1,7 +1,8 @@
 """Time ``brainrecon demo`` with every metric weight present (random weights of the real sizes).
 
 The five metric networks (AlexNet, Inception v3, CLIP ViT-L/14, EfficientNet-B1, SwAV ResNet-50)
-are built with random weights at their real sizes and saved under their real file names into a
+are built with random weights at their real sizes
+(:func:`brainrecon.testing.tiny.write_random_metric_weights`) and saved under their real file names into a
 temporary weights directory (the torchvision files' SHA-256 name check is switched off for this
 process only, since random files cannot match it), then the demo runs exactly as a user's would,
 with ``BRAINRECON_WEIGHTS`` pointing there. Nothing is downloaded.
@@ -26,43 +27,13 @@ import torch
 from _machine import describe_machine  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 
-def write_random_weights(directory: Path) -> dict[str, int]:
-    """Random-weight files in the real layout; returns file -> bytes."""
-    import torchvision
-
-    from brainrecon.eval.extractors import CLIP_VIT_L14
-    from brainrecon.eval.weights import CLIP_LOCAL_DIRNAME, WEIGHT_FILES
-
-    torch.manual_seed(0)
-    models = {
-        "alexnet": torchvision.models.alexnet(weights=None),
-        "inception": torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False),
-        "effnet_v2": torchvision.models.efficientnet_b1(weights=None),
-    }
-    sizes = {}
-    for key, model in models.items():
-        path = directory / WEIGHT_FILES[key].filename
-        torch.save(model.state_dict(), path)
-        sizes[path.name] = path.stat().st_size
-    swav = torchvision.models.resnet50(weights=None)
-    state = {f"module.{k}": v for k, v in swav.state_dict().items() if not k.startswith("fc.")}
-    path = directory / WEIGHT_FILES["swav"].filename
-    torch.save(state, path)
-    sizes[path.name] = path.stat().st_size
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    clip_dir = directory / CLIP_LOCAL_DIRNAME
-    CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14)).save_pretrained(clip_dir)
-    sizes[f"{CLIP_LOCAL_DIRNAME}/model.safetensors"] = (clip_dir / "model.safetensors").stat().st_size
-    return sizes
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the demo's --quick mode")
     p.add_argument("--keep", type=Path, default=None, help="keep the weights and demo output here")
     args = p.parse_args(argv)
     from brainrecon.eval import weights as W
+    from brainrecon.testing.tiny import write_random_metric_weights
 
     for key, wf in list(W.WEIGHT_FILES.items()):
         W.WEIGHT_FILES[key] = dataclasses.replace(wf, sha256_prefix=None)
@@ -70,7 +41,7 @@ def main(argv=None) -> int:
     weights = root / "weights"
     weights.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    sizes = write_random_weights(weights)
+    sizes = write_random_metric_weights(weights)
     print(f"machine: {describe_machine(torch.device('cpu'))}; 1-min load average {os.getloadavg()[0]:.1f}")
     print(f"wrote random-weight files of the real sizes in {time.perf_counter() - t0:.0f} s: "
           + ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in sizes.items()))

@@ -3,8 +3,8 @@
 What is timed is :meth:`brainrecon.generate.IPAdapterGenerator.generate` on a full-size
 Stable Diffusion 1.5 UNet (859,520,964 parameters) and VAE with **random weights** (same
 shapes, so the same cost as the real ones), IP-Adapter Plus attention installed from a
-random checkpoint of the real shapes (19,169,280 + 29,918,208 parameters), the projection
-bypassed, DDIM, guidance 7.5 (two UNet passes per step), no text tokens.
+random checkpoint of the real shapes (19,169,280 + 29,918,208 parameters; both from
+:mod:`brainrecon.testing.tiny`), the projection bypassed, DDIM, guidance 7.5 (two UNet passes per step), no text tokens.
 
 Rows
 ----
@@ -30,69 +30,14 @@ import numpy as np
 import torch
 
 
-def sd15_pipeline(device: str, dtype: torch.dtype, tiny: bool = False):
-    """A full-size SD 1.5 pipeline with random weights, built directly on ``device``
-    (``tiny``: the same architecture at toy widths, for smoke runs)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-
-    unet_width = (32, 64) if tiny else (320, 640, 1280, 1280)
-    vae_width = (32, 32) if tiny else (128, 256, 512, 512)
-    n_down = len(unet_width)
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(
-            sample_size=16 if tiny else 64, in_channels=4, out_channels=4,
-            layers_per_block=1 if tiny else 2, block_out_channels=unet_width,
-            down_block_types=("CrossAttnDownBlock2D",) * (n_down - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n_down - 1),
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-        ).to(dtype)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1 if tiny else 2,
-            sample_size=32 if tiny else 512, block_out_channels=vae_width,
-            down_block_types=("DownEncoderBlock2D",) * len(vae_width),
-            up_block_types=("UpDecoderBlock2D",) * len(vae_width), scaling_factor=0.18215,
-            norm_num_groups=32,
-        ).to(dtype)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, image_encoder=None,
-                                   requires_safety_checker=False)
-    return pipe
-
-
-def random_ipadapter_state(unet) -> dict:
-    """A random IP-Adapter Plus SD 1.5 checkpoint with the released shapes."""
-    g = torch.Generator().manual_seed(1)
-
-    def r(*shape):
-        return torch.randn(*shape, generator=g) * shape[-1] ** -0.5
-
-    proj = {"latents": r(1, 16, 768), "proj_in.weight": r(768, 1280), "proj_in.bias": torch.zeros(768),
-            "proj_out.weight": r(768, 768), "proj_out.bias": torch.zeros(768),
-            "norm_out.weight": torch.ones(768), "norm_out.bias": torch.zeros(768)}
-    for i in range(4):
-        p = f"layers.{i}."
-        proj.update({p + "0.norm1.weight": torch.ones(768), p + "0.norm1.bias": torch.zeros(768),
-                     p + "0.norm2.weight": torch.ones(768), p + "0.norm2.bias": torch.zeros(768),
-                     p + "0.to_q.weight": r(768, 768), p + "0.to_kv.weight": r(1536, 768),
-                     p + "0.to_out.weight": r(768, 768), p + "1.0.weight": torch.ones(768),
-                     p + "1.0.bias": torch.zeros(768), p + "1.1.weight": r(3072, 768), p + "1.3.weight": r(768, 3072)})
-    ip = {}
-    for k, name in enumerate(unet.attn_processors):
-        if name.endswith("attn2.processor"):
-            hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
-            ip[f"{k}.to_k_ip.weight"] = r(hidden, 768)
-            ip[f"{k}.to_v_ip.weight"] = r(hidden, 768)
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
 def build_generator(device: str, tiny: bool = False):
+    """The generator on a random SD 1.5 + IP-Adapter Plus of the released shapes
+    (``tiny``: the same architecture at toy widths, for smoke runs)."""
     from brainrecon.generate import IPAdapterGenerator
+    from brainrecon.testing.tiny import random_ipadapter_state, random_sd15_pipeline
 
     dtype = torch.float16 if device == "cuda" else torch.float32
-    pipe = sd15_pipeline(device, dtype, tiny=tiny)
+    pipe = random_sd15_pipeline(device, dtype, smoke=tiny)
     state = random_ipadapter_state(pipe.unet)
     n_unet = sum(p.numel() for p in pipe.unet.parameters())
     n_ip = sum(v.numel() for v in state["ip_adapter"].values())

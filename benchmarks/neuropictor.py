@@ -3,7 +3,7 @@
 Full size = the official architecture at 512 x 512 (fMRI encoder 302.6 M, ControlNet 363.1 M,
 semantic network and feature transformation 7.0 M trainable; frozen SD 2.1-base UNet, VAE and
 23-layer text encoder), with **random weights** of the real shapes
-(:func:`~brainrecon.decoders.neuropictor.model.random_full_size_components`), so the cost is
+(:func:`brainrecon.testing.tiny.random_full_size_components`), so the cost is
 that of the real model without downloading it. Data: random 256 x 256 surface maps, random
 512 x 512 images and one caption each.
 
@@ -60,14 +60,15 @@ def _fake_data(n: int, surface: int, image: int, seed: int = 0):
 def _decoder(full: bool, device: str, **params):
     import torch
 
-    from brainrecon.decoders.neuropictor import NeuroPictorDecoder, model
+    from brainrecon.decoders.neuropictor import NeuroPictorDecoder
+    from brainrecon.testing.tiny import random_full_size_components
 
     sizes = {} if full else dict(TINY)
     decoder = NeuroPictorDecoder(stage="finetune", device=device, progress=False, **sizes, **params)
     if full:
         # Random weights of the real shapes stand in for stabilityai/stable-diffusion-2-1-base.
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        decoder._base_cache = model.random_full_size_components(device=device, dtype=dtype)
+        decoder._base_cache = random_full_size_components(device=device, dtype=dtype)
     return decoder
 
 

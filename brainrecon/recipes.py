@@ -3,7 +3,9 @@
 A recipe belongs to one decoder, names its source (paper, table, official config file) and
 sets decoder parameters. ``brainrecon fit --recipe NAME`` applies it; parameters the user
 gives explicitly (``--param``, named options) win over the recipe's values, and the run
-records the recipe it used. ``brainrecon decoders describe NAME`` lists each recipe of the
+records the recipe it used. The generators' recipes (:mod:`brainrecon.generate.recipes`,
+``brainrecon reconstruct --recipe NAME``) are the same :class:`Recipe`, made with
+``generator=`` instead of ``decoder=``. ``brainrecon decoders describe NAME`` lists each recipe of the
 decoder with its source and every value it sets.
 
 Decoders declare their recipes in the class attribute ``recipes`` (a tuple of
@@ -26,25 +28,39 @@ from typing import Any, Mapping
 from brainrecon.errors import BrainreconError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """A named, cited preset of decoder parameters.
+    """A named, cited preset of the parameters of one decoder or of one generator.
 
-    ``values`` maps decoder parameter names to values; ``notes`` maps a parameter name to
-    one sentence on where the value comes from (optional, shown by ``describe``).
+    Exactly one of ``decoder`` (the registry name of the decoder whose parameters it sets) and
+    ``generator`` (``"ipadapter"`` or ``"versatile"``: the generator whose options of
+    :func:`brainrecon.workflows.reconstruct.reconstruct_run` it sets) is given. ``values`` maps
+    parameter names to values; ``notes`` maps a parameter name to one sentence on where the value
+    comes from (optional, shown by ``describe``). Every field but ``name`` is keyword-only.
     """
 
-    name: str
-    decoder: str
+    name: str = field(kw_only=False)
     source: str
     values: Mapping[str, Any]
+    decoder: str = ""
+    generator: str = ""
     summary: str = ""
     notes: Mapping[str, str] = field(default_factory=dict)
 
-    def apply(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The recipe's values overlaid by the explicitly given ``params`` (which win)."""
+    def __post_init__(self):
+        if bool(self.decoder) == bool(self.generator):
+            raise TypeError(f"recipe {self.name!r}: give either decoder= or generator= (one of the two)")
+
+    def apply(self, params: Mapping[str, Any], *, none_is_unset: bool = False) -> dict[str, Any]:
+        """The recipe's values (copied) overlaid by the explicitly given ``params``, which win.
+
+        With ``none_is_unset=True`` a parameter whose value is None counts as not given, so the
+        recipe's value stays: for callers whose keyword arguments default to None, such as
+        ``reconstruct_run`` and its command-line options. Otherwise None is a value like any other
+        (a decoder parameter may be set to None on purpose).
+        """
         merged = {k: _copy(v) for k, v in self.values.items()}
-        merged.update(params)
+        merged.update({k: v for k, v in params.items() if not (none_is_unset and v is None)})
         return merged
 
 

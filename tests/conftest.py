@@ -132,7 +132,7 @@ def copy_runs(source, destination, names=None):
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """Tiny random IP-Adapter, image encoder and SD 1.5-style pipeline folders (built once)."""
-    from test_ipadapter import build_tiny_weights
+    from brainrecon.testing.tiny import build_tiny_weights
 
     return build_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
 
@@ -150,9 +150,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     """Tiny SD 2.1-like components saved in the diffusers layout (NeuroPictor's frozen base)."""
-    from brainrecon.decoders.neuropictor import model
+    from brainrecon.testing.tiny import save_tiny_sd21_folder
 
-    path = tmp_path_factory.mktemp("tiny-sd")
-    model.save_base_components(model.tiny_base_components(seed=0), path)
-    return str(path)
+    return str(save_tiny_sd21_folder(tmp_path_factory.mktemp("tiny-sd"), seed=0))
 

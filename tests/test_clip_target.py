@@ -5,8 +5,6 @@ A tiny CLIP built from config stands in for ``openai/clip-vit-large-patch14`` (n
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -15,41 +13,16 @@ from brainrecon.data.synthetic import make_synthetic
 from brainrecon.decoders.brainguard import BrainGuardDecoder, BrainGuardNet, split_tiers
 from brainrecon.errors import BrainreconError
 from brainrecon.targets import get_target
+from brainrecon.testing.tiny import save_tiny_clip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IMAGE_TOKENS, TEXT_TOKENS, DIM = 5, 8, 16  # ViT-L/14: 257, 77, 768
 
 
-def save_tiny_clip(directory, text_tokens=TEXT_TOKENS, dim=DIM):
-    """A CLIPModel (vision: 28 px, patch 14 -> 4 patches + class token) and a character tokenizer."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
-                              model_max_length=text_tokens)
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config={"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                     "vocab_size": len(vocab), "max_position_embeddings": text_tokens, "bos_token_id": 0,
-                     "eos_token_id": 1, "pad_token_id": 1},
-        vision_config={"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 28, "patch_size": 14},
-        projection_dim=dim)
-    CLIPModel(config).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), text_tokens=TEXT_TOKENS, dim=DIM)
 
 
 def options(clip_dir):

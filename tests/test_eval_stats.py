@@ -15,6 +15,7 @@ from brainrecon.eval import weights as W
 from brainrecon.eval.extractors import build_network
 from brainrecon.eval.report import CLIP_RETRIEVAL_METRICS, METRICS, read_per_image
 from brainrecon.eval.stats import bootstrap_interval, paired_comparison
+from brainrecon.testing.tiny import random_swav_state, save_tiny_metric_clip
 
 from test_eval_harness import images, run_eval
 
@@ -22,26 +23,9 @@ from test_eval_harness import images, run_eval
 # ---------------------------------------------------------------------------- cache identity
 
 
-def _tiny_clip_folder(directory, seed):
-    """A tiny CLIP at the metric's 224-px input; another seed gives other weights in a file of
-    the same size."""
-    from transformers import CLIPConfig, CLIPModel
-
-    cfg = CLIPConfig(
-        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 100, "max_position_embeddings": 8},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 224, "patch_size": 56},
-        projection_dim=12,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(cfg).eval().save_pretrained(directory)
-    return directory
-
-
 def test_changing_clip_weights_of_equal_size_changes_the_cache_key_and_the_score(tmp_path):
-    a = _tiny_clip_folder(tmp_path / "a" / "clip-vit-large-patch14", seed=0)
-    b = _tiny_clip_folder(tmp_path / "b" / "clip-vit-large-patch14", seed=7)
+    a = save_tiny_metric_clip(tmp_path / "a" / "clip-vit-large-patch14", seed=0)
+    b = save_tiny_metric_clip(tmp_path / "b" / "clip-vit-large-patch14", seed=7)
     assert (a / "model.safetensors").stat().st_size == (b / "model.safetensors").stat().st_size
     assert (a / "model.safetensors").read_bytes() != (b / "model.safetensors").read_bytes()
     key_a = build_network("clip", weights_dir=a.parent).cache_key
@@ -62,16 +46,11 @@ def test_changing_clip_weights_of_equal_size_changes_the_cache_key_and_the_score
 
 
 def test_swav_weights_of_equal_size_get_different_cache_keys(tmp_path):
-    import torchvision
-
     keys = []
     for seed in (0, 1):
-        torch.manual_seed(seed)
-        state = {f"module.{k}": v for k, v in torchvision.models.resnet50(weights=None).state_dict().items()
-                 if not k.startswith("fc.")}
         d = tmp_path / str(seed)
         d.mkdir()
-        torch.save(state, d / "swav_800ep_pretrain.pth.tar")
+        torch.save(random_swav_state(seed), d / "swav_800ep_pretrain.pth.tar")
         keys.append(build_network("swav", weights_dir=d).cache_key)
     sizes = {(tmp_path / s / "swav_800ep_pretrain.pth.tar").stat().st_size for s in ("0", "1")}
     assert len(sizes) == 1 and keys[0] != keys[1]

@@ -1,7 +1,8 @@
 """Images from IP-Adapter Plus tokens (brainrecon.generate) with tiny random models.
 
-The SD 1.5-style pipeline folder, the IP-Adapter checkpoint and the image encoder are built
-by ``test_ipadapter.build_tiny_weights`` and loaded through the generator's own code path.
+The SD 1.5-style pipeline folder, the IP-Adapter checkpoint and the image encoder are built by
+:func:`brainrecon.testing.tiny.build_tiny_weights` (the session fixture ``tiny_weights``) and
+loaded through the generator's own code path.
 Reference results come from diffusers' ``StableDiffusionPipeline`` itself.
 """
 
@@ -13,10 +14,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_ipadapter import CROSS_DIM, ENC_HIDDEN, ENC_IMAGE, ENC_PATCH, TOKEN_SHAPE
 from typer.testing import CliRunner
 
 from brainrecon.errors import BrainreconError, DataError, WeightsNotFoundError
+from brainrecon.testing.tiny import (
+    CROSS_DIM,
+    ENC_HIDDEN,
+    ENC_IMAGE,
+    ENC_PATCH,
+    TOKEN_SHAPE,
+)
 
 STEPS = 3
 N_PATCH_TOKENS = (ENC_IMAGE // ENC_PATCH) ** 2 + 1

@@ -1,16 +1,12 @@
 """IP-Adapter Plus tokens as a target space (brainrecon.targets.ipadapter).
 
-Every model here is tiny and random, built from config and saved in the real
-``h94/IP-Adapter`` layout (``models/image_encoder/``, ``models/ip-adapter-plus_sd15.bin`` and
-``.safetensors``) and, for the generator tests, an SD 1.5-style diffusers folder; everything is
-loaded through the same code as the real weights. The helpers below are imported by
-``test_generate.py``.
+Every model here is tiny and random, built from config by :mod:`brainrecon.testing.tiny` and saved
+in the real ``h94/IP-Adapter`` layout (``models/image_encoder/``, ``models/ip-adapter-plus_sd15.bin``
+and ``.safetensors``) and, for the generator tests, an SD 1.5-style diffusers folder (the session
+fixture ``tiny_weights``); everything is loaded through the same code as the real weights.
 """
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,152 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from brainrecon.errors import DataError, WeightsNotFoundError
+from brainrecon.testing.tiny import (
+    CROSS_DIM,
+    ENC_HIDDEN,
+    ENC_IMAGE,
+    ENC_PATCH,
+    HEADS,
+    NUM_QUERIES,
+    TOKEN_SHAPE,
+    tiny_resampler_state,
+)
 
-# Sizes chosen so that no two widths coincide (a transposed weight cannot load silently).
-ENC_HIDDEN = 48      # CLIP vision width (ViT-H/14: 1280)
-ENC_IMAGE = 28       # encoder input (ViT-H/14: 224); patch 7 -> 16 patches + CLS = 17 tokens
-ENC_PATCH = 7
-LATENT_DIM = 40      # Resampler latent width (SD 1.5 Plus: 768)
-HEADS = 2            # Resampler heads of width 64 (SD 1.5 Plus: 12)
-DIM_HEAD = 64
-NUM_QUERIES = 4      # tokens per image (SD 1.5 Plus: 16)
-CROSS_DIM = 32       # UNet cross-attention width = token width (SD 1.5: 768)
-DEPTH = 4            # diffusers' own converter assumes depth 4 and feed-forward ratio 4
-FF_MULT = 4
-TOKEN_SHAPE = (NUM_QUERIES, CROSS_DIM)
 TARGET_OPTIONS = {"device": "cpu"}
-
-
-# ---------------------------------------------------------------------------- builders
-def tiny_resampler_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random Resampler weights under the tencent key names (``image_proj``)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*shape, scale=None):
-        return torch.randn(*shape, generator=g) * (shape[-1] ** -0.5 if scale is None else scale)
-
-    inner = HEADS * DIM_HEAD
-    sd = {
-        # Latents of order 1 so that the attention weights are far from uniform.
-        "latents": r(1, NUM_QUERIES, LATENT_DIM, scale=1.0),
-        "proj_in.weight": r(LATENT_DIM, ENC_HIDDEN), "proj_in.bias": r(LATENT_DIM, scale=0.1),
-        "proj_out.weight": r(CROSS_DIM, LATENT_DIM), "proj_out.bias": r(CROSS_DIM, scale=0.1),
-        "norm_out.weight": 1 + r(CROSS_DIM, scale=0.1), "norm_out.bias": r(CROSS_DIM, scale=0.1),
-    }
-    for i in range(DEPTH):
-        p = f"layers.{i}."
-        sd.update({
-            p + "0.norm1.weight": 1 + r(LATENT_DIM, scale=0.1), p + "0.norm1.bias": r(LATENT_DIM, scale=0.1),
-            p + "0.norm2.weight": 1 + r(LATENT_DIM, scale=0.1), p + "0.norm2.bias": r(LATENT_DIM, scale=0.1),
-            p + "0.to_q.weight": r(inner, LATENT_DIM, scale=0.5),
-            p + "0.to_kv.weight": r(2 * inner, LATENT_DIM, scale=0.5),
-            p + "0.to_out.weight": r(LATENT_DIM, inner),
-            p + "1.0.weight": 1 + r(LATENT_DIM, scale=0.1), p + "1.0.bias": r(LATENT_DIM, scale=0.1),
-            p + "1.1.weight": r(FF_MULT * LATENT_DIM, LATENT_DIM),
-            p + "1.3.weight": r(LATENT_DIM, FF_MULT * LATENT_DIM),
-        })
-    return sd
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=CROSS_DIM, attention_head_dim=8, norm_num_groups=8,
-    )
-
-
-def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
-    )
-
-
-def tiny_ip_attention_state(unet, seed: int = 1) -> dict[str, torch.Tensor]:
-    """``{k}.to_k_ip.weight`` / ``{k}.to_v_ip.weight`` for every cross-attention processor k.
-
-    k counts all attention processors in ``unet.attn_processors`` order, so cross-attention
-    layers get the odd numbers 1, 3, 5, … as in the released checkpoints.
-    """
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, name in enumerate(unet.attn_processors):
-        if name.endswith("attn2.processor"):
-            attn = unet.get_submodule(name[: -len(".processor")])
-            hidden = attn.to_k.out_features
-            # Larger than the text path so that the image tokens visibly steer the tiny UNet.
-            sd[f"{k}.to_k_ip.weight"] = torch.randn(hidden, CROSS_DIM, generator=g) * 0.5
-            sd[f"{k}.to_v_ip.weight"] = torch.randn(hidden, CROSS_DIM, generator=g) * 2.0
-    return sd
-
-
-def tiny_text_components(directory: Path):
-    """A 2-layer CLIP text encoder and a CLIP tokenizer from a 54-entry vocabulary (no download)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
-    torch.manual_seed(2)
-    config = CLIPTextConfig(hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                            vocab_size=len(vocab), max_position_embeddings=77, projection_dim=CROSS_DIM,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModel(config), tokenizer
-
-
-def tiny_image_encoder():
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(3)
-    config = CLIPVisionConfig(hidden_size=ENC_HIDDEN, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=ENC_IMAGE, patch_size=ENC_PATCH, projection_dim=16)
-    return CLIPVisionModelWithProjection(config).eval()
-
-
-def build_tiny_weights(root: Path) -> dict[str, Path]:
-    """Write tiny random weights in the real layouts under ``root``.
-
-    Returns
-    -------
-    dict
-        ``ipadapter`` (an ``h94/IP-Adapter``-like folder), ``sd`` (a diffusers SD 1.5-like
-        folder), ``vae`` (a separate AutoencoderKL folder), ``state`` (the checkpoint dict).
-    """
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from safetensors.torch import save_file
-
-    root = Path(root)
-    unet = tiny_unet()
-    text_encoder, tokenizer = tiny_text_components(root / "tok")
-    # SD 1.5's own scheduler config (PNDM with the scaled-linear betas).
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=tiny_vae(0), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   image_encoder=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "sd")
-    tiny_vae(5).save_pretrained(root / "vae")
-
-    models = root / "ipadapter" / "models"
-    tiny_image_encoder().save_pretrained(models / "image_encoder")
-    state = {"image_proj": tiny_resampler_state(), "ip_adapter": tiny_ip_attention_state(unet)}
-    torch.save(state, models / "ip-adapter-plus_sd15.bin")
-    flat = {f"{group}.{k}": v.contiguous() for group, sd in state.items() for k, v in sd.items()}
-    save_file(flat, str(models / "ip-adapter-plus_sd15.safetensors"))
-    return {"ipadapter": root / "ipadapter", "sd": root / "sd", "vae": root / "vae", "state": state}
 
 
 # ---------------------------------------------------------------------------- reference math

@@ -46,3 +46,35 @@ def test_fit_records_recipe(tmp_path, monkeypatch):
                          params={"device": "cpu"}, evaluate=False)
     assert runs[0].info["recipe"] == "tiny"
     assert runs[0].info["params"]["alphas"] == [1.0, 100.0]
+
+
+def test_recipe_is_for_one_decoder_or_one_generator():
+    with pytest.raises(TypeError, match="either decoder= or generator="):
+        Recipe("both", decoder="ridge", generator="ipadapter", source="test", values={})
+    with pytest.raises(TypeError, match="either decoder= or generator="):
+        Recipe("neither", source="test", values={})
+
+
+def test_none_counts_as_not_given_only_when_asked():
+    recipe = Recipe("g", generator="ipadapter", source="test", values={"steps": 100, "guidance_scale": 7.5})
+    explicit = {"steps": None, "guidance_scale": 3.0, "vae": None}
+    assert recipe.apply(explicit, none_is_unset=True) == {"steps": 100, "guidance_scale": 3.0}
+    # A decoder parameter may be set to None on purpose: by default None is a value that wins.
+    assert recipe.apply(explicit) == {"steps": None, "guidance_scale": 3.0, "vae": None}
+
+
+def test_generation_recipes_are_recipes_of_reconstruct_options():
+    import inspect
+
+    from brainrecon.generate.recipes import GENERATORS, RECIPES, get_generation_recipe
+    from brainrecon.workflows.reconstruct import reconstruct_run
+
+    options = set(inspect.signature(reconstruct_run).parameters) - {"run", "recipe"}
+    assert {"weadl", "mindbridge", "brainguard-released"} <= set(RECIPES)
+    for name, recipe in RECIPES.items():
+        assert isinstance(recipe, Recipe) and recipe.name == name and not recipe.decoder
+        assert recipe.generator in GENERATORS and recipe.source
+        assert set(recipe.values) <= options, name
+        assert set(recipe.notes) <= set(recipe.values), name
+    with pytest.raises(BrainreconError, match="Unknown generation recipe 'nope'"):
+        get_generation_recipe("nope")

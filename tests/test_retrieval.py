@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from brainrecon.eval import metrics as M
 from brainrecon.eval.report import CLIP_RETRIEVAL_METRICS, TARGET_RETRIEVAL_METRICS
+from brainrecon.testing.tiny import save_tiny_metric_clip
 
 from test_eval_harness import images
-from test_eval_stats import _tiny_clip_folder
 
 runner = CliRunner()
 
@@ -214,7 +214,7 @@ def test_clip_space_retrieval_with_clip_weights(tmp_path):
     from brainrecon.eval import evaluate
     from brainrecon.eval.extractors import build_network
 
-    folder = _tiny_clip_folder(tmp_path / "w" / "clip-vit-large-patch14", seed=0)
+    folder = save_tiny_metric_clip(tmp_path / "w" / "clip-vit-large-patch14", seed=0)
     gt, rec = images(5, n=8, size=40, noise=30)
     kw = {"weights_dir": folder.parent, "cache_dir": False, "progress": False}
     report = evaluate(gt, rec, metrics=["CLIP", *CLIP_RETRIEVAL_METRICS], **kw)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from brainrecon.errors import BrainreconError
+from brainrecon.testing.tiny import save_tiny_clip, tiny_versatile_components
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,41 +17,12 @@ IMG, TXT, DIM = 5, 3, 16  # Versatile Diffusion: 257 image and 77 text tokens of
 STEPS = 3
 
 
-def tiny_components(seed=0):
-    """An image UNet, a flat text UNet of the same layout (whose transformers join the image UNet's),
-    a VAE and a scheduler config, as in shi-labs/versatile-diffusion but tiny."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import (
-        UNetFlatConditionModel,
-    )
-
-    torch.manual_seed(seed)
-    common = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 32),
-                  "cross_attention_dim": DIM, "attention_head_dim": 8, "norm_num_groups": 8}
-    image_unet = UNet2DConditionModel(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **common).eval()
-    text_unet = UNetFlatConditionModel(down_block_types=("CrossAttnDownBlockFlat", "DownBlockFlat"),
-                                       up_block_types=("UpBlockFlat", "CrossAttnUpBlockFlat"),
-                                       mid_block_type="UNetMidBlockFlatCrossAttn", **common).eval()
-    with torch.no_grad():  # make the cross-attention matter
-        for unet, s in ((image_unet, 1.0), (text_unet, 1.0)):
-            for name, p in unet.named_parameters():
-                if "attn2.to_v" in name or "attn2.to_out" in name:
-                    p.mul_(4 * s)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8),
-                        latent_channels=4, norm_num_groups=4, sample_size=16).eval()
-    scheduler = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "skip_prk_steps": True,
-                 "set_alpha_to_one": False, "steps_offset": 1}
-    return image_unet, text_unet, vae, scheduler
-
-
 @pytest.fixture(scope="module")
 def generator():
     from brainrecon.generate.versatile import VersatileGenerator
 
-    return VersatileGenerator.from_components(*tiny_components(), device="cpu", image_tokens=IMG)
+    return VersatileGenerator.from_components(*tiny_versatile_components(cross_attention_dim=DIM), device="cpu",
+                                              image_tokens=IMG)
 
 
 def states(n, seed=0):
@@ -160,7 +132,6 @@ def test_published_brainguard_imports_reconstructs_evaluates_and_continues(gener
     """A tiny two-branch file in the released layout: import (with data) -> Versatile Diffusion ->
     evaluate -> fit --init-from on clip targets."""
     from test_brainguard_import import SMALL, SYNTH_V1, released_module
-    from test_clip_target import save_tiny_clip
     from typer.testing import CliRunner
 
     from brainrecon.cli import app

@@ -3,7 +3,9 @@
 A generation recipe belongs to one generator (``"ipadapter"``: SD 1.5 + IP-Adapter Plus, for runs of
 the ``ipadapter`` target; ``"versatile"``: Versatile Diffusion dual-guided, for runs of the ``clip``
 target), names its source and sets options of :func:`brainrecon.workflows.reconstruct.reconstruct_run`.
-Options given explicitly win over the recipe's values; ``generation.json`` records the recipe.
+It is a :class:`brainrecon.recipes.Recipe` made with ``generator=``, the one recipe mechanism of
+the decoders. Options given explicitly (not None) win over the recipe's values
+(``Recipe.apply(..., none_is_unset=True)``); ``generation.json`` records the recipe.
 
 ``weadl``
     The deployed WeADL server (``IoanaGabor/bachelor-thesis`` @449f347f
@@ -31,41 +33,20 @@ with ``recons_per_sample > 1`` it keeps the sample whose CLIP embedding is close
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
-
 from brainrecon.errors import BrainreconError
+from brainrecon.recipes import Recipe
 
 GENERATORS = ("ipadapter", "versatile")
 #: The generator a run's target space needs.
 GENERATOR_OF_TARGET = {"ipadapter": "ipadapter", "clip": "versatile"}
 
 
-@dataclass(frozen=True)
-class GenerationRecipe:
-    """A named, cited preset of generation settings."""
-
-    name: str
-    generator: str
-    source: str
-    values: Mapping[str, Any]
-    summary: str = ""
-    notes: Mapping[str, str] = field(default_factory=dict)
-
-    def apply(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        """The recipe's values overlaid by the explicitly given ``options`` (None means not given)."""
-        merged = dict(self.values)
-        merged.update({k: v for k, v in options.items() if v is not None})
-        return merged
-
-
 _WEADL = "IoanaGabor/bachelor-thesis @449f347f ai-server/vbd/reconstruction_service"
 _MINDBRIDGE = "littlepure2333/MindBridge @2a3943ff"
 _BRAINGUARD = "kunzhan/BrainGuard @8d2b28e utils/utils.py reconstruction()"
 
-RECIPES: dict[str, GenerationRecipe] = {r.name: r for r in (
-    GenerationRecipe(
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    Recipe(
         name="weadl", generator="ipadapter",
         source=f"{_WEADL} (constants.py, stable_diffusion_image_reconstructor.py); WeADL 2025",
         summary="WeADL's deployed generator: Realistic Vision V4.0 + ft-MSE VAE, DDIM 100 steps, no text.",
@@ -81,7 +62,7 @@ RECIPES: dict[str, GenerationRecipe] = {r.name: r for r in (
             "ip_adapter_scale": f"{_WEADL}/stable_diffusion_image_reconstructor.py: IPAdapterPlus(...) never calls "
                                 f"set_scale: 1.0.",
         }),
-    GenerationRecipe(
+    Recipe(
         name="mindbridge", generator="versatile",
         source=f"{_MINDBRIDGE} (scripts/inference.sh, src/options.py, src/recon.py, src/utils.py)",
         summary="MindBridge's inference defaults: Versatile Diffusion dual-guided, UniPC 20 steps, guidance 5.",
@@ -93,7 +74,7 @@ RECIPES: dict[str, GenerationRecipe] = {r.name: r for r in (
             "mix_ratio": f"{_MINDBRIDGE} src/recon.py: mix_ratio 0.5 on every DualTransformer2DModel (text/image).",
             "img2img_strength": f"{_MINDBRIDGE} src/options.py: img2img_strength default .85 (used with a low-level image).",
         }),
-    GenerationRecipe(
+    Recipe(
         name="brainguard-released", generator="versatile",
         source=f"{_BRAINGUARD} (MindBridge's reconstruction function)",
         summary="The released BrainGuard code's reconstruction defaults: UniPC 50 steps, guidance 7.5.",
@@ -108,7 +89,7 @@ RECIPES: dict[str, GenerationRecipe] = {r.name: r for r in (
 )}
 
 
-def get_generation_recipe(name: str) -> GenerationRecipe:
+def get_generation_recipe(name: str) -> Recipe:
     """The generation recipe ``name``; a clear error lists the valid names."""
     if name not in RECIPES:
         raise BrainreconError(f"Unknown generation recipe {name!r}. Recipes: {', '.join(map(repr, sorted(RECIPES)))}.",
@@ -116,4 +97,4 @@ def get_generation_recipe(name: str) -> GenerationRecipe:
     return RECIPES[name]
 
 
-__all__ = ["GENERATORS", "GENERATOR_OF_TARGET", "RECIPES", "GenerationRecipe", "get_generation_recipe"]
+__all__ = ["GENERATORS", "GENERATOR_OF_TARGET", "RECIPES", "get_generation_recipe"]

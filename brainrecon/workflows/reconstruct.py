@@ -94,7 +94,7 @@ def reconstruct_run(run, *, recipe: str | None = None, steps: int | None = None,
             raise BrainreconError(
                 f"Generation recipe {recipe!r} is for the {chosen.generator!r} generator; run {run.name!r} "
                 f"({target!r} target) needs the {kind!r} one.", parameters=("recipe",))
-        explicit = chosen.apply(explicit)
+        explicit = chosen.apply(explicit, none_is_unset=True)
     pred = run.predictions()
     if pred is None:
         raise BrainreconError(f"Run {run.name!r} has no predictions.npy; re-run `brainrecon fit`.")

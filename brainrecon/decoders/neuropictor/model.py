@@ -15,9 +15,9 @@ ControlNet whose conditioning embedding is the fMRI feature transformation.
 ``base_model="tiny"`` builds small random frozen components in-process (seeded; for
 tests without weights); ``"tiny-pixel"`` pairs a slightly larger tiny UNet with an exact
 pixel-space autoencoder (:class:`PixelShuffleVAE`) so that a tiny model trained on the
-synthetic data produces images that show what it learnt. :func:`tiny_base_components` and
-:func:`save_base_components` write the same tiny models in the real layout, which is how the
-tests exercise the loading path.
+synthetic data produces images that show what it learnt. The tests save the same tiny models
+in the real layout (:func:`brainrecon.testing.tiny.save_tiny_sd21_folder`) to exercise the
+loading path.
 """
 
 from __future__ import annotations
@@ -320,50 +320,6 @@ def tiny_base_components(*, seed: int = 0, context_dim: int = 32, unet_channels:
                           source=TINY)
 
 
-def random_full_size_components(*, seed: int = 0, device="cpu", dtype=torch.float32) -> BaseComponents:
-    """SD 2.1-base-shaped UNet, VAE and 23-layer text encoder with random weights (benchmarks).
-
-    The architectures of ``stabilityai/stable-diffusion-2-1-base`` (UNet 865,910,724
-    parameters, VAE 83,653,863, text encoder 340,387,840), so compute and memory are those of
-    the real model, without downloading it. The tokenizer is the local tiny one (its ids are
-    valid inputs of the 49,408-token embedding).
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**sd21_base_unet_config())
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
-    base = BaseComponents(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                          source=SD21_BASE).freeze()
-    for module in (unet, vae, text_encoder):
-        place(module, device, dtype)
-    return base
-
-
-def save_base_components(components: BaseComponents, directory: str | os.PathLike) -> Path:
-    """Write ``components`` in the diffusers layout of ``stabilityai/stable-diffusion-2-1-base``."""
-    directory = Path(directory)
-    components.unet.save_pretrained(directory / "unet")
-    components.vae.save_pretrained(directory / "vae")
-    components.text_encoder.save_pretrained(directory / "text_encoder")
-    components.tokenizer.save_pretrained(directory / "tokenizer")
-    return directory
-
-
 # ---------------------------------------------------------------------------- trainable network
 class NeuroPictorNet(nn.Module):
     """The trainable part: fMRI encoder, high-level guiding network, ControlNet (+ feature transformation).
@@ -566,5 +522,5 @@ def read_saved_config(directory: str | os.PathLike) -> dict:
 __all__ = [
     "BaseComponents", "FMRIAutoencoder", "NeuroPictorNet", "SD21_BASE", "Sizes", "TINY",
     "component_parameter_counts", "describe_text", "load_base_components",
-    "save_base_components", "sd21_base_unet_config", "tiny_base_components", "tiny_tokenizer",
+    "sd21_base_unet_config", "tiny_base_components", "tiny_tokenizer",
 ]
