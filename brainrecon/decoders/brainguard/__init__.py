@@ -2,8 +2,12 @@
 
 ``model``      the network, the loss, the output-scale calibration;
 ``federated``  clients, the server's :func:`aggregate`, the Dynamic Fusion Learner, the round
-               loop and checkpoints;
+               loop;
+``checkpoint`` the training checkpoint format, and resuming from the newest intact one;
+``training``   the checked configuration, each site's data, the initial models;
 ``decoder``    :class:`BrainGuardDecoder`, the registered ``brainguard`` decoder;
+``official``   the converter of the released BrainGuard and WeADL files, and ``loader`` the
+               decoder's ``from_official`` (:class:`~.loader.FromOfficialMixin`);
 ``recipes``    the named recipes ``brainguard-released`` and ``weadl``, each value cited.
 
 The same protocol across processes and machines on Flower (optional extra

@@ -4,7 +4,8 @@
 bookkeeping), ``global.safetensors`` (the last global model) and ``client-<subject>.safetensors``
 per client (model, EMA, optimiser, random generator states); ``latest.json`` beside the folders
 names the newest complete one. Loading checks every tensor's name, shape and dtype against the
-configuration the JSON records, so a damaged or foreign checkpoint is one clear error.
+configuration the JSON records, so a damaged or foreign checkpoint is one clear error;
+:func:`restore_clients` resumes from the newest intact one, falling back past damaged ones.
 Split out of :mod:`brainrecon.decoders.brainguard.federated`, which re-exports these names.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -20,7 +22,13 @@ from safetensors.torch import save_file
 
 from brainrecon.decoders.brainguard.model import BrainGuardNet, decay_groups, is_private
 from brainrecon.errors import BrainreconError
-from brainrecon.io import check_arrays, load_safetensors, read_json, write_json_atomic
+from brainrecon.io import (
+    check_arrays,
+    jsonable,
+    load_safetensors,
+    read_json,
+    write_json_atomic,
+)
 
 CHECKPOINT_FORMAT = 1
 LATEST = "latest.json"
@@ -225,9 +233,66 @@ def _check_tensors(path: Path, meta: dict, global_state: Mapping[str, torch.Tens
     check_arrays(path / "global.safetensors", global_state, shared, fix=fix)
 
 
+def restore_clients(candidates: list[Path], run_meta: dict, clients: Sequence[Any],
+                    server_device: torch.device) -> tuple[int, dict, list]:
+    """Restore ``clients`` from the newest of ``candidates`` (:func:`checkpoint_candidates`) whose
+    files read back intact; returns the rounds completed, the global state and the history.
+
+    ``run_meta`` describes this run (configuration, parameters, subjects, data); a checkpoint
+    written with anything else is refused, naming each difference.
+
+    A damaged one (cut mid-write, disk full, bad copy) is skipped with a warning naming it;
+    when none is left, one :class:`BrainreconError` names the damaged file.
+    """
+    damaged: list[str] = []
+    for latest in candidates:
+        try:
+            meta, global_state, client_tensors = load_checkpoint(latest)
+        except BrainreconError as exc:
+            damaged.append(str(exc))
+            warnings.warn(f"Skipping damaged checkpoint {latest.name}: {exc}", UserWarning, stacklevel=3)
+            continue
+        if damaged:
+            warnings.warn(f"Resuming from the older checkpoint {latest} (round "
+                          f"{meta.get('rounds_completed')}); newer ones are damaged.",
+                          UserWarning, stacklevel=3)
+        break
+    else:
+        raise BrainreconError(
+            f"Cannot resume from {candidates[0].parent}: no intact checkpoint is left "
+            f"({damaged[0]}). Start afresh with resume=False (the damaged checkpoint is replaced); "
+            f"checkpoint_keep=2 keeps an older one to fall back on.", parameters=("resume", "checkpoint_keep")
+        )
+    # Checkpoints written before the two-branch option lack its (default) settings.
+    meta["config"] = {"branches": None, "projector_hidden": None, **(meta.get("config") or {})}
+    differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
+                               "fingerprints", "target_shape")
+                   if jsonable(meta.get(k)) != jsonable(run_meta[k])]
+    if differences:
+        detail = []
+        for k in differences:
+            old, new = meta.get(k), run_meta[k]
+            if isinstance(old, dict) and isinstance(new, dict):
+                keys = sorted(set(old) | set(new), key=str)
+                changed = [f"{kk}: {old.get(kk)!r} -> {new.get(kk)!r}" for kk in keys
+                           if old.get(kk) != new.get(kk)]
+                detail.append(f"{k} ({'; '.join(changed)})")
+            else:
+                detail.append(f"{k} ({old!r} -> {new!r})")
+        raise BrainreconError(
+            f"Cannot resume from {latest}: it was written with different settings or data: "
+            f"{', '.join(detail)}. Use the original settings, or another checkpoint_dir "
+            f"(or resume=False to start over)."
+        )
+    for client in clients:
+        client.restore(client_tensors[client.subject], meta["clients"][str(client.subject)])
+    global_state = {k: v.to(server_device) for k, v in global_state.items()}
+    return int(meta["rounds_completed"]), global_state, list(meta.get("history", []))
+
+
 def _cpu_contiguous(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
 
 
 __all__ = ["CHECKPOINT_FORMAT", "LATEST", "checkpoint_candidates", "load_checkpoint", "prune_rounds",
-           "read_latest", "save_checkpoint"]
+           "read_latest", "restore_clients", "save_checkpoint"]

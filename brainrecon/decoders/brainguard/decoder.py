@@ -1,12 +1,16 @@
-"""The registered ``brainguard`` decoder: federated multi-subject MLP decoders."""
+"""The registered ``brainguard`` decoder: federated multi-subject MLP decoders.
+
+The class holds the parameters, ``fit`` (the federated rounds, checkpoints, resuming),
+``predict`` and the saved files; :mod:`.training` computes the pieces around the rounds (the
+checked configuration, each site's data, the initial models), :mod:`.federated` runs the rounds,
+:mod:`.checkpoint` writes and restores checkpoints, and ``from_official`` comes from
+:class:`~.loader.FromOfficialMixin`.
+"""
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,18 +19,18 @@ import torch
 from safetensors.torch import save_file
 
 from brainrecon.decoders.base import CliOption, Decoder
+from brainrecon.decoders.brainguard import training
+from brainrecon.decoders.brainguard.checkpoint import restore_clients
 from brainrecon.decoders.brainguard.federated import (
-    EMA_MODES,
     Client,
     TrainConfig,
     checkpoint_candidates,
     client_devices,
-    load_checkpoint,
     run_federation,
     save_checkpoint,
 )
+from brainrecon.decoders.brainguard.loader import FromOfficialMixin
 from brainrecon.decoders.brainguard.model import (
-    CALIBRATIONS,
     BrainGuardNet,
     apply_calibration,
     check_branches,
@@ -34,22 +38,19 @@ from brainrecon.decoders.brainguard.model import (
     token_shape,
 )
 from brainrecon.decoders.brainguard.recipes import RECIPES
+from brainrecon.decoders.brainguard.training import SiteData
 from brainrecon.errors import BrainreconError, BrainreconWarning, DataError
 from brainrecon.io import check_arrays, jsonable, load_safetensors
 from brainrecon.recipes import Recipe
 from brainrecon.targets import get_target
 
-NAN_POLICIES = ("error", "zero")
-VALIDATIONS = ("fraction", "dataset")
-TRIALS = ("average", "single")
-_PREDICT_BATCH = 256
 # Parameters that do not change what training computes: a checkpoint written under other
 # values of these can be resumed.
 _RESUME_FREE = ("checkpoint_dir", "checkpoint_every", "checkpoint_keep", "resume", "progress", "device",
                 "calibration")
 
 
-class BrainGuardDecoder(Decoder):
+class BrainGuardDecoder(FromOfficialMixin, Decoder):
     """Per-subject MLP decoders trained by federated learning (BrainGuard, Tian et al., AAAI 2025).
 
     Every subject is a client: it keeps its voxels and its subject-specific input layer
@@ -280,89 +281,10 @@ class BrainGuardDecoder(Decoder):
 
     # ------------------------------------------------------------------ validation
     def _train_config(self) -> TrainConfig:
-        def positive_int(name: str, minimum: int = 1) -> int:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-                raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-            return int(value)
-
-        def positive_float(name: str, allow_zero: bool = False) -> float:
-            value = getattr(self, name)
-            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and \
-                np.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-            if not ok:
-                bound = ">= 0" if allow_zero else "> 0"
-                raise DataError(f"{name} must be a finite number {bound}, got {value!r}.")
-            return float(value)
-
-        if self.ema not in EMA_MODES:
-            raise DataError(f"Unknown ema {self.ema!r}. Valid choices: {', '.join(map(repr, EMA_MODES))}.")
-        self._check_choices()
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise DataError(f"dropout must be in [0, 1), got {self.dropout!r}.")
-        if not 0.0 <= float(self.ema_decay) <= 1.0:
-            raise DataError(f"ema_decay must be in [0, 1], got {self.ema_decay!r}.")
-        if self.resume and self.checkpoint_dir is None:
-            raise DataError(
-                "resume=True needs checkpoint_dir, the directory the interrupted run wrote its "
-                "checkpoints to.", parameters=("resume", "checkpoint_dir")
-            )
-        positive_int("checkpoint_every")
-        positive_int("checkpoint_keep")
-        if not isinstance(self.decay_layernorm, bool):
-            raise DataError(f"decay_layernorm must be True or False, got {self.decay_layernorm!r}.")
-        fraction = self.validation_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)) or \
-                not 0.0 <= float(fraction) < 1.0:
-            raise DataError(f"validation_fraction must be in [0, 1), got {fraction!r}.")
-        n_blocks = positive_int("n_blocks", 0)
-        sync_layers = positive_int("sync_layers", 0)
-        if sync_layers > n_blocks + 2:
-            raise DataError(
-                f"sync_layers={sync_layers} must be between 0 and {n_blocks + 2} (the shared "
-                f"layer units: {n_blocks} blocks, the head and the projector)."
-            )
-        sync_tensors = None if self.sync_tensors is None else positive_int("sync_tensors", 0)
-        projector_hidden = None if self.projector_hidden is None else positive_int("projector_hidden")
-        branches = None
-        if self.branches is not None:
-            if isinstance(self.branches, (str, bytes)) or not hasattr(self.branches, "__len__"):
-                raise DataError(f"branches must be a list of token counts, e.g. [257, 77]; got {self.branches!r}.")
-            branches = tuple(int(b) for b in self.branches)
-            if len(branches) == 1:
-                branches = None  # one group: the plain single-branch network
-        return TrainConfig(
-            branches=branches, projector_hidden=projector_hidden,
-            hidden=positive_int("hidden"), n_blocks=n_blocks, dropout=float(self.dropout),
-            rounds=positive_int("rounds"), local_iterations=positive_int("local_iterations"),
-            sync_layers=sync_layers, sync_tensors=sync_tensors,
-            batch_size=positive_int("batch_size"), lr=positive_float("lr"),
-            weight_decay=positive_float("weight_decay", True),
-            mse_weight=positive_float("mse_weight", True), softclip_tau=positive_float("softclip_tau"),
-            softclip_weight=positive_float("softclip_weight", True),
-            dfl_eta=positive_float("dfl_eta", True), dfl_grad_scale=positive_float("dfl_grad_scale", True),
-            dfl_threshold=positive_float("dfl_threshold", True),
-            dfl_num_pre_loss=positive_int("dfl_num_pre_loss"),
-            dfl_max_epochs=positive_int("dfl_max_epochs"), ema=self.ema,
-            ema_decay=float(self.ema_decay), warmup_epochs=positive_float("warmup_epochs", True),
-            decay_layernorm=bool(self.decay_layernorm), seed=int(self.seed),
-        )
+        return training.train_config(self.get_params())
 
     def _check_choices(self) -> None:
-        if self.calibration != "auto" and self.calibration not in CALIBRATIONS:
-            raise DataError(
-                f"Unknown calibration {self.calibration!r}. Valid choices: 'auto', "
-                f"{', '.join(map(repr, CALIBRATIONS))}."
-            )
-        if self.nan_policy not in NAN_POLICIES:
-            raise DataError(
-                f"Unknown nan_policy {self.nan_policy!r}. Valid choices: 'error', 'zero'."
-            )
-        if self.validation not in VALIDATIONS:
-            raise DataError(f"Unknown validation {self.validation!r}. Valid choices: "
-                            f"{', '.join(map(repr, VALIDATIONS))}.")
-        if self.trials not in TRIALS:
-            raise DataError(f"Unknown trials {self.trials!r}. Valid choices: {', '.join(map(repr, TRIALS))}.")
+        training.check_choices(self.get_params())
 
     def _fit_subjects(self, train) -> list[int]:
         if self.subjects is None:
@@ -424,7 +346,7 @@ class BrainGuardDecoder(Decoder):
         ckpt_dir = Path(self.checkpoint_dir) if self.checkpoint_dir is not None else None
         candidates = checkpoint_candidates(ckpt_dir) if ckpt_dir is not None else []
         if candidates and self.resume:
-            start_round, global_state, history = self._restore(candidates, run_meta, clients, server_device)
+            start_round, global_state, history = restore_clients(candidates, run_meta, clients, server_device)
         elif candidates:
             warnings.warn(BrainreconWarning(
                 f"{ckpt_dir} holds a checkpoint that will be replaced by this fresh run; pass "
@@ -483,92 +405,15 @@ class BrainGuardDecoder(Decoder):
                            n_voxels: dict[int, int]) -> None:
         """``init_from`` fits this training: its subjects, voxel counts and network sizes."""
         source = self._init_source()
-        if source is None:
-            return
-        where = f"init_from={str(self.init_from)!r}"
-        missing = [s for s in subjects if s not in source.subjects_]
-        if missing:
-            raise BrainreconError(f"{where} holds subject(s) {source.subjects_}, not {missing}; fit only "
-                                  f"those subjects (subjects={source.subjects_}).", parameters=("init_from", "subjects"))
-        for s in subjects:
-            if source.n_voxels_[s] != n_voxels[s]:
-                raise DataError(f"{where}: subject {s}'s model reads {source.n_voxels_[s]} voxels but the "
-                                f"training data has {n_voxels[s]}; use data prepared with the same ROI mask.")
-        mine = {"hidden": config.hidden, "n_blocks": config.n_blocks,
-                "branches": None if config.branches is None else list(config.branches),
-                "projector_hidden": config.projector_hidden or config.hidden,
-                "tokens": [n_tokens, token_dim]}
-        saved_branches = source.branches if source.branches is not None and len(source.branches) > 1 else None
-        theirs = {"hidden": int(source.hidden), "n_blocks": int(source.n_blocks),
-                  "branches": None if saved_branches is None else [int(b) for b in saved_branches],
-                  "projector_hidden": int(source.projector_hidden or source.hidden),
-                  "tokens": [int(t) for t in source.token_shape_]}
-        diff = [k for k in mine if mine[k] != theirs[k]]
-        if diff:
-            wanted = ", ".join(f"{k}={theirs[k]!r}" for k in diff if k != "tokens")
-            target = f"; target {source.target!r} ({theirs['tokens'][0]}x{theirs['tokens'][1]} tokens)" \
-                if "tokens" in diff else ""
-            raise BrainreconError(
-                f"{where} is a network of other sizes: " + "; ".join(f"{k} {theirs[k]} (saved) vs {mine[k]}"
-                                                                   for k in diff)
-                + f". Fit with the saved sizes ({wanted or 'same sizes'}{target}).",
-                parameters=tuple(k for k in diff if k != "tokens") or ("init_from",))
+        if source is not None:
+            training.check_init_source(source, f"init_from={str(self.init_from)!r}", subjects, config, n_tokens,
+                                       token_dim, n_voxels)
 
     def _site_data(self, train, subject: int, target_shape: tuple[int, ...]) -> SiteData:
-        """One subject's standardised voxels and token targets, split for validation.
-
-        Everything here is computed from that subject's data alone (it runs at the site).
-        """
-        space = get_target(self.target, **(self.target_options or {}))
-        n_tokens, token_dim = token_shape(target_shape)
-        s = int(subject)
-        X = train.voxels(s, nan_policy=self.nan_policy)
-        Y = np.asarray(space.load(train, s, progress=self.progress), dtype=np.float32)
-        if Y.shape != (X.shape[0],) + target_shape:
-            raise DataError(
-                f"Subject {s}: {X.shape[0]} voxel rows but targets of shape {Y.shape}; "
-                f"expected {(X.shape[0],) + target_shape}."
-            )
-        if not np.all(np.isfinite(Y)):
-            raise DataError(f"Subject {s}: the {self.target!r} targets contain NaN or infinite values.")
-        # Standardising with the subject's own training statistics is part of the
-        # subject-specific input layer: computed on the client, never shared. A model continued
-        # from init_from keeps the scaling it was trained with.
+        """One subject's standardised voxels and token targets, split for validation (at its site)."""
         source = self._init_source()
-        if source is not None and s in source.voxel_stats_:
-            mean, std = (np.asarray(v, dtype=np.float64) for v in source.voxel_stats_[s])
-        else:
-            mean = X.mean(axis=0, dtype=np.float64)
-            std = X.std(axis=0, dtype=np.float64)
-            std = np.where(std > 1e-8, std, 1.0)
-        Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
-        Yt = torch.from_numpy(Y.reshape(len(Y), n_tokens, token_dim))
-        stats = (mean.astype(np.float32), std.astype(np.float32))
-        if self.validation == "dataset":
-            val_rows = np.asarray(train.validation_rows(s), dtype=np.int64)
-            if not 1 <= len(val_rows) < len(X):
-                raise DataError(f"Subject {s}: the dataset's validation split has {len(val_rows)} of {len(X)} training "
-                                f"images; both validation and training need at least one.")
-        else:
-            n_val = round(float(self.validation_fraction) * len(X))
-            if self.validation_fraction and not 1 <= n_val < len(X):
-                raise DataError(
-                    f"validation_fraction={self.validation_fraction} leaves subject {s} "
-                    f"{n_val} validation and {len(X) - n_val} training samples; both need at least one."
-                )
-            order = np.random.default_rng(np.random.SeedSequence([int(self.seed), s, 3])).permutation(len(X))
-            val_rows = np.sort(order[:n_val])
-        fit_rows = np.setdiff1d(np.arange(len(X)), val_rows)
-        if self.trials == "single":
-            stack = train.trial_stack(s, nan_policy=self.nan_policy)
-            train_voxels = torch.from_numpy(((stack[fit_rows] - mean) / std).astype(np.float32))
-        else:
-            train_voxels = Xs[torch.from_numpy(fit_rows)]
-        fit_t = torch.from_numpy(fit_rows)
-        if not len(val_rows):
-            return SiteData(train_voxels, Yt[fit_t], None, None, stats)
-        val = torch.from_numpy(val_rows)
-        return SiteData(train_voxels, Yt[fit_t], Xs[val], Yt[val], stats)
+        saved = source.voxel_stats_.get(int(subject)) if source is not None else None
+        return training.site_data(self.get_params(), train, subject, target_shape, saved_stats=saved)
 
     def _set_fitted(self, clients: list[Client], voxel_stats: dict, target_shape: tuple[int, ...],
                     history: list, *, rounds: int, n_sites: int) -> None:
@@ -578,7 +423,7 @@ class BrainGuardDecoder(Decoder):
             s = client.subject
             model = client.final_model()
             model.eval()
-            raw = _raw_predict(model, client.average_voxels, client.device)
+            raw = training.raw_predict(model, client.average_voxels, client.device)
             self.calibration_stats_[s] = fit_calibration(
                 raw, client.targets.cpu().numpy(), kind="token")
             model.set_generator(None)
@@ -605,75 +450,8 @@ class BrainGuardDecoder(Decoder):
         source = self._init_source()
         if source is not None:
             self._check_init_source(list(n_voxels), config, n_tokens, token_dim, dict(n_voxels))
-            models = {}
-            for s, V in n_voxels.items():
-                model = config.build(V, n_tokens, token_dim)
-                model.load_state_dict(source.models_[s].state_dict(), strict=True)
-                models[s] = model
-            return models
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            template = config.build(1, n_tokens, token_dim)
-            models = {}
-            for s, V in n_voxels.items():
-                torch.manual_seed(int(np.random.SeedSequence([config.seed, s, 1]).generate_state(1)[0]))
-                model = copy.deepcopy(template)
-                # Re-assigning keeps ``ridge`` first in the parameter order.
-                model.ridge = torch.nn.Linear(V, config.hidden)
-                models[s] = model
-        return models
-
-    def _restore(self, candidates: list[Path], run_meta: dict, clients: list[Client],
-                 server_device: torch.device) -> tuple[int, dict, list]:
-        """Restore from the newest checkpoint whose files read back intact.
-
-        A damaged one (cut mid-write, disk full, bad copy) is skipped with a warning naming it;
-        when none is left, one :class:`BrainreconError` names the damaged file.
-        """
-        damaged: list[str] = []
-        for latest in candidates:
-            try:
-                meta, global_state, client_tensors = load_checkpoint(latest)
-            except BrainreconError as exc:
-                damaged.append(str(exc))
-                warnings.warn(f"Skipping damaged checkpoint {latest.name}: {exc}", UserWarning, stacklevel=3)
-                continue
-            if damaged:
-                warnings.warn(f"Resuming from the older checkpoint {latest} (round "
-                              f"{meta.get('rounds_completed')}); newer ones are damaged.",
-                              UserWarning, stacklevel=3)
-            break
-        else:
-            raise BrainreconError(
-                f"Cannot resume from {candidates[0].parent}: no intact checkpoint is left "
-                f"({damaged[0]}). Start afresh with resume=False (the damaged checkpoint is replaced); "
-                f"checkpoint_keep=2 keeps an older one to fall back on.", parameters=("resume", "checkpoint_keep")
-            )
-        # Checkpoints written before the two-branch option lack its (default) settings.
-        meta["config"] = {"branches": None, "projector_hidden": None, **(meta.get("config") or {})}
-        differences = [k for k in ("config", "params", "subjects", "n_voxels", "n_samples",
-                                   "fingerprints", "target_shape")
-                       if jsonable(meta.get(k)) != jsonable(run_meta[k])]
-        if differences:
-            detail = []
-            for k in differences:
-                old, new = meta.get(k), run_meta[k]
-                if isinstance(old, dict) and isinstance(new, dict):
-                    keys = sorted(set(old) | set(new), key=str)
-                    changed = [f"{kk}: {old.get(kk)!r} -> {new.get(kk)!r}" for kk in keys
-                               if old.get(kk) != new.get(kk)]
-                    detail.append(f"{k} ({'; '.join(changed)})")
-                else:
-                    detail.append(f"{k} ({old!r} -> {new!r})")
-            raise BrainreconError(
-                f"Cannot resume from {latest}: it was written with different settings or data: "
-                f"{', '.join(detail)}. Use the original settings, or another checkpoint_dir "
-                f"(or resume=False to start over)."
-            )
-        for client in clients:
-            client.restore(client_tensors[client.subject], meta["clients"][str(client.subject)])
-        global_state = {k: v.to(server_device) for k, v in global_state.items()}
-        return int(meta["rounds_completed"]), global_state, list(meta.get("history", []))
+        return training.initial_models(config, n_voxels, n_tokens, token_dim,
+                                       None if source is None else source.models_)
 
     # ------------------------------------------------------------------ predict
     def predict(self, test) -> dict[int, np.ndarray]:
@@ -696,7 +474,7 @@ class BrainGuardDecoder(Decoder):
             Xs = torch.from_numpy(((X - mean) / std).astype(np.float32))
             model = self.models_[s].to(device)
             model.eval()
-            raw = _raw_predict(model, Xs, device)
+            raw = training.raw_predict(model, Xs, device)
             self.models_[s] = model.to("cpu")
             pred = apply_calibration(raw, self.calibration_stats_[s], self._calibration_kind())
             out[s] = pred.reshape((len(X),) + tuple(self.target_shape_))
@@ -740,113 +518,10 @@ class BrainGuardDecoder(Decoder):
             "n_train": {str(subject): self.federation_["n_train"][str(subject)]},
             "rounds_completed": self.federation_["rounds_completed"],
         }
-        single.history_ = [_own_record(r, subject) for r in self.history_]
+        single.history_ = [training.own_record(r, subject) for r in self.history_]
         single.n_voxels_ = {subject: self.n_voxels_[subject]}
         single.subjects_ = [subject]
         return single
-
-    # ------------------------------------------------------------------ published weights
-    @classmethod
-    def from_official(cls, checkpoint: str | os.PathLike, *, subject: int | None = None, layout: str | None = None,
-                      negative_tokens: str | os.PathLike | None = None, voxel_counts: Mapping[int, int] | None = None,
-                      target_options: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None,
-                      output_report: bool = False):
-        """A fitted decoder from a released BrainGuard or WeADL file (see :mod:`.official`).
-
-        Parameters
-        ----------
-        checkpoint : path
-            BrainGuard's ``client{1,2,5,7}_best.pth`` (Hugging Face ``Zhibo2333/Brainguard``) or
-            WeADL's ``model.pth`` (``ig16/visual-brain-decoding-1``): the ``state_dict()`` of the
-            released ``BrainGuardModule``, read with ``torch.load(weights_only=True)``.
-        subject : int, optional
-            The subject the file decodes; default: the one whose voxel count equals the file's
-            input width. Either way the count is checked.
-        layout : {"brainguard", "weadl"}, optional
-            Default: detected from the keys (a text branch means ``"brainguard"``).
-        negative_tokens : path, optional
-            WeADL's ``unconditional_embeddings.pt``: kept with the decoder and used as the negative
-            (unconditional) tokens when its runs are reconstructed, as the deployed server does.
-        voxel_counts : mapping, optional
-            Subject -> voxel count to check against (the data's); default NSD's nsdgeneral counts.
-        target_options : mapping, optional
-            Options of the target space (``ipadapter_dir`` for WeADL's IP-Adapter tokens, ``model`` for
-            the CLIP states), recorded for ``fit --init-from`` and ``reconstruct``.
-        params : mapping, optional
-            Further decoder parameters (``device``, ``nan_policy``, ...); the sizes come from the file.
-        output_report : bool
-            Also return the :class:`~.official.ImportReport`.
-
-        Notes
-        -----
-        The released networks read voxels as they are (MindEye's webdataset: nsdgeneral betas
-        z-scored per session, test images averaged over repetitions; ``brainrecon prepare-nsd
-        --zscore session``), so the imported decoder's voxel standardisation is the identity.
-        Their outputs go to the generators unscaled (``calibration="none"``).
-        """
-        from brainrecon.data.nsd.release import NSD_GENERAL_VOXELS
-        from brainrecon.decoders.brainguard import official
-
-        source = str(checkpoint)
-        state = official.read_state(checkpoint)
-        net, arch, layout, ignored = official.convert_state(state, layout=layout, source=source)
-        counts = dict(voxel_counts) if voxel_counts is not None else dict(NSD_GENERAL_VOXELS)
-        where = "the data's subjects" if voxel_counts is not None else "NSD's nsdgeneral voxel counts"
-        s, inferred = official.infer_subject(arch.n_voxels, counts, subject, source, where)
-        d = arch.token_dim
-        options = dict(target_options) if target_options else None
-        if layout == "brainguard":
-            target = "clip"
-            if arch.branches != (257, 77) or d != 768:
-                options = {**(options or {}), "image_tokens": arch.branches[0], "text_tokens": arch.branches[1],
-                           "dim": d}
-        else:
-            target = "ipadapter"
-            # The IP-Adapter target's shape comes from its weights: checked when they are named.
-            expected = tuple(get_target(target, **options).shape) if options else (16, 768)
-            if (arch.branches[0], d) != expected:
-                raise official.OfficialFileError(
-                    f"{source} predicts {arch.branches[0]}x{d} tokens; the IP-Adapter Plus target "
-                    f"{'of target_options ' if options else ''}has {expected[0]}x{expected[1]}.")
-        fixed = sorted(set(params or {}) & {"subjects", "target", "target_options", "hidden", "n_blocks", "branches",
-                                             "projector_hidden", "calibration"})
-        if fixed:
-            raise official.OfficialFileError(f"{', '.join(fixed)} come(s) from the file, not from params.")
-        decoder = cls(subjects=[s], target=target, target_options=options, hidden=arch.hidden,
-                      n_blocks=arch.n_blocks, branches=list(arch.branches) if len(arch.branches) > 1 else None,
-                      projector_hidden=None if arch.projector_hidden == arch.hidden else arch.projector_hidden,
-                      calibration="none", **dict(params or {}))
-        V = arch.n_voxels
-        decoder.models_ = {s: net}
-        decoder.voxel_stats_ = {s: (np.zeros(V, dtype=np.float32), np.ones(V, dtype=np.float32))}
-        decoder.calibration_stats_ = {s: {}}
-        decoder.target_shape_ = (sum(arch.branches), d)
-        decoder.token_shape_ = (sum(arch.branches), d)
-        published = {"brainguard": (4, "kunzhan/BrainGuard main.py: clients 1, 2, 5, 7"),
-                     "weadl": (3, "IoanaGabor/bachelor-thesis main.py: clients 1, 2, 5")}[layout]
-        decoder.federation_ = {"subjects": [s], "n_sites": published[0], "n_train": {str(s): 8859},
-                               "rounds_completed": None, "published": published[1]}
-        decoder.history_ = []
-        decoder.n_voxels_ = {s: V}
-        decoder.subjects_ = [s]
-        decoder.imported_ = {"file": Path(source).name, "path": str(Path(source).resolve()), "layout": layout,
-                             "ignored": list(ignored), "subject_inferred": bool(inferred)}
-        report = official.ImportReport(source=source, layout=layout, architecture=arch, subject=s,
-                                       subject_inferred=inferred, n_tensors=len(state),
-                                       n_parameters=sum(p.numel() for p in net.parameters()), ignored=list(ignored))
-        if negative_tokens is not None:
-            if layout != "weadl":
-                raise official.OfficialFileError(
-                    "negative_tokens (unconditional_embeddings.pt) belong to the WeADL model's IP-Adapter generator; "
-                    "the BrainGuard model's Versatile Diffusion generator uses zero unconditional inputs.",
-                    parameters=("negative_tokens",))
-            decoder.negative_tokens_ = official.read_negative_tokens(negative_tokens, decoder.token_shape_).numpy()
-            decoder.imported_["negative_tokens"] = Path(str(negative_tokens)).name
-            report.notes.append(f"negative tokens from {negative_tokens} (used by `brainrecon reconstruct`)")
-        elif layout == "weadl":
-            report.notes.append("no negative tokens given: reconstruct will use IP-Adapter's own unconditional "
-                                "tokens, not the deployed unconditional_embeddings.pt")
-        return (decoder, report) if output_report else decoder
 
     # ------------------------------------------------------------------ persistence
     def _save_weights(self, directory: Path) -> dict[str, Any]:
@@ -910,41 +585,6 @@ class BrainGuardDecoder(Decoder):
                 self.negative_tokens_ = tensors["negative_tokens"].numpy()
             self.calibration_stats_[s] = {k[len("calibration."):]: v.numpy() for k, v in tensors.items()
                                           if k.startswith("calibration.")}
-
-
-@dataclass
-class SiteData:
-    """One subject's training tensors at its site: standardised voxels ((n, V) averages, or
-    (n, 3, V) single-trial stacks), token targets, the validation images' averages and targets."""
-
-    voxels: torch.Tensor
-    targets: torch.Tensor
-    val_voxels: torch.Tensor | None
-    val_targets: torch.Tensor | None
-    stats: tuple[np.ndarray, np.ndarray]
-
-
-def _own_record(record: dict, subject: int) -> dict:
-    """A round record reduced to one subject's entries (keys are subject ids)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            mine = {k: v for k, v in value.items() if str(k) == str(subject)}
-            if mine:
-                out[key] = mine
-        else:
-            out[key] = value
-    return out
-
-
-def _raw_predict(model: BrainGuardNet, voxels: torch.Tensor, device: torch.device) -> np.ndarray:
-    """Uncalibrated outputs (n, n_tokens, token_dim) of ``model`` in evaluation mode."""
-    outs = []
-    with torch.no_grad():
-        for start in range(0, voxels.shape[0], _PREDICT_BATCH):
-            batch = voxels[start:start + _PREDICT_BATCH].to(device)
-            outs.append(model(batch).float().cpu().numpy())
-    return np.concatenate(outs, axis=0)
 
 
 __all__ = ["BrainGuardDecoder"]

@@ -31,6 +31,8 @@ import torch
 # the discretisation of ldm's "uniform" DDIM used by the original code (spec §12.1).
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear", prediction_type="epsilon")
+SAMPLE_PRECISION = ("auto", "fp16-autocast")  # the decoder's sample_precision choices
+PIXEL_ROUNDING = ("round", "truncate")  # the decoder's pixel_rounding choices
 
 
 def ddim_scheduler():
@@ -152,6 +154,47 @@ def decode_latents(vae, latents: torch.Tensor, autocast_dtype: torch.dtype | Non
     scaled = images.permute(0, 2, 3, 1).cpu().numpy() * 255
     return (np.floor(scaled) if rounding == "truncate" else scaled.round()).astype(np.uint8)
 
+
+
+def reconstruct_images(net, base, structure: np.ndarray, semantics: np.ndarray, seeds: list[int], *,
+                       geometry: dict, use_aux: bool, empty_context: torch.Tensor, device: torch.device,
+                       image_size: int, batch_size: int, control_scale: float, guidance_scale: float,
+                       num_inference_steps: int, autocast_dtype: torch.dtype | None,
+                       rounding: str) -> np.ndarray:
+    """Images from surface maps, ``batch_size`` at a time: structure (the ControlNet hint) from
+    ``structure``, the semantic context from ``semantics``, each image's noise from its seed.
+
+    ``net`` (a :class:`~brainrecon.decoders.neuropictor.model.NeuroPictorNet`) and ``base``'s
+    UNet and VAE are already on ``device``, in the precision to sample in.
+
+    Returns
+    -------
+    uint8 array of shape (len(structure), image_size, image_size, 3)
+    """
+    shape = (geometry["latent_channels"], geometry["latent_size"], geometry["latent_size"])
+    out = np.empty((len(structure), image_size, image_size, 3), dtype=np.uint8)
+    bs = int(batch_size)
+    with torch.no_grad():
+        for start in range(0, len(structure), bs):
+            sl = slice(start, start + bs)
+            tokens = net.fmri_encoder(torch.from_numpy(np.asarray(structure[sl], np.float32)).to(device))
+            sem_tokens = net.fmri_encoder(torch.from_numpy(np.asarray(semantics[sl], np.float32)).to(device))
+            context, _ = net.semantic(sem_tokens, use_aux=use_aux)
+            latents = denoise(
+                unet=base.unet, controlnet=net.controlnet, tokens=tokens, context=context,
+                empty_context=empty_context.to(device), latents=initial_latents(seeds[sl], shape).to(device),
+                control_scale=control_scale, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                autocast_dtype=autocast_dtype,
+            )
+            out[sl] = decode_latents(base.vae, latents, autocast_dtype=autocast_dtype, rounding=rounding)
+    return out
+
+
+def maps_to_images(maps: np.ndarray) -> np.ndarray:
+    """Surface maps ``(n, S, S)`` as grey uint8 images ``(n, S, S, 3)`` (1st-99th percentile stretched)."""
+    lo, hi = np.percentile(maps, [1, 99])
+    gray = np.clip((maps - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.repeat((gray[..., None] * 255).round().astype(np.uint8), 3, axis=-1)
 
 def grid_image(images: np.ndarray, pad: int = 2) -> np.ndarray:
     """Tile uint8 ``(rows, cols, H, W, 3)`` images into one ``(rows*(H+pad)+pad, cols*(W+pad)+pad, 3)`` picture."""
