@@ -35,18 +35,9 @@ class FromOfficialMixin:
 
         Parameters
         ----------
-        checkpoint : path
-            An epoch file (``finetune_single_sub/sub01/epoch_015.pth``,
-            ``pretrain_multi_sub/sub_all_womask/epoch_080.pth``) or the initial
-            ``control_sd21_ini.ckpt`` (no fMRI parts: the fMRI encoder must then come from
-            ``encoder``, the guiding network and feature transformation start fresh).
-        encoder, encoder_config : path, optional
-            ``checkpoint_120000.pth`` and ``fMRI_AutoEncoder.yaml``, for files without an fMRI
-            encoder; ``encoder_config`` also gives the heads of an epoch file's encoder.
-        base_model : str, optional
-            The frozen SD 2.1-base (repo id or local diffusers folder; default the hub copy). The
-            file's UNet and VAE, converted with diffusers' ``convert_ldm_unet_checkpoint`` /
-            ``convert_ldm_vae_checkpoint``, must equal it (NeuroPictor never trains them).
+        checkpoint, encoder, encoder_config, base_model
+            The released file, and what it needs besides: as for
+            :func:`~.official.convert_official_checkpoint`.
         subjects : list of int, optional
             Subjects the model decodes (default: from a ``subNN`` folder in the path, else 1-8).
         check : bool
