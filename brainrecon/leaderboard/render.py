@@ -1,46 +1,17 @@
-"""The leaderboard: runs ranked within groups of comparable runs.
-
-Two runs are comparable when they were scored on the same images under the same
-recipe: same dataset fingerprint (data and subject), same test ids and the same
-metric variant. :func:`collect` reads every run directory under a root;
-:func:`leaderboard` renders the groups as a terminal table, Markdown, CSV or one
-self-contained HTML page (tables plus each run's reconstruction grid, embedded).
-
-Published NSD results (:mod:`brainrecon.eval.published`) are shown as reference
-rows under groups of NSD runs only, marked as published and cited; they take no
-rank and never appear beside runs on synthetic data.
-
-Runs are also grouped by what they were scored on: the same metrics (a run scored on
-PixCorr and SSIM only is never ranked against runs scored on all eight), the same network
-subset (``network_images``) and, for target-space retrieval, the same target space.
-
-Each cell shows ``mean ± half-width`` of the run's 95 % bootstrap interval over test
-images (from its ``metrics.json``). Within a group, on each metric, every run is compared
-with the group's best run (chosen after looking) by a single-step max-statistic
-permutation test over all the group's runs (:func:`brainrecon.eval.stats.max_statistic_p_values`),
-which keeps the chance of marking any run as different, when all are equal, at most
-``alpha``. Marks: ``(best)`` (terminal; bold elsewhere) the reference; ``n.s.`` not
-distinguishable from it at ``alpha`` after that adjustment (not evidence of equality);
-``n.t.`` not tested, because the run or the best run has no per-image scores; no mark:
-different from the best. Values: ``n/a`` unavailable (reason below the group), ``NaN``
-undefined for some image (reason below), ``–`` not scored.
-"""
+"""The leaderboard's groups as text: display rows and columns (published reference rows included),
+cells with their marks, the notes under each group, the legend, and the four formats (terminal table,
+Markdown, CSV, one self-contained HTML page)."""
 
 from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import html
 import io
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
-
-from brainrecon.errors import BrainreconError, DataError
+from brainrecon.eval.published import PublishedRow, published_rows
 from brainrecon.eval.report import (
     ALL_METRICS,
     HIGHER_IS_BETTER,
@@ -48,364 +19,25 @@ from brainrecon.eval.report import (
     PER_IMAGE_FILE,
     PERCENT_METRICS,
     RETRIEVAL_METRICS,
-    TARGET_RETRIEVAL_METRICS,
-    EvalReport,
 )
-from brainrecon.eval.published import PublishedRow, published_rows
 from brainrecon.eval.stats import (
     DEFAULT_PERMUTATIONS,
     MULTIPLICITY_METHOD,
     format_p_value,
-    max_statistic_p_values,
-    paired_comparison_by_id,
+)
+from brainrecon.leaderboard.entries import LeaderboardEntry
+from brainrecon.leaderboard.marks import (
+    BEST,
+    DEFAULT_ALPHA,
+    DIFFERS,
+    NOT_DISTINGUISHABLE,
+    NOT_TESTED,
+    _groups,
+    cell_mark,
+    compare_to_best,
 )
 
-__all__ = ["FORMATS", "LeaderboardEntry", "cell_mark", "collect", "compare_to_best", "leaderboard", "rank_group"]
-
-FORMATS = ("table", "markdown", "csv", "html")
-#: Marks of a cell against its group's best run on that metric (see :func:`cell_mark`).
-BEST = "best"
-NOT_DISTINGUISHABLE = "n.s."
-NOT_TESTED = "n.t."
-DIFFERS = "differs"
-DEFAULT_ALPHA = 0.05
 ARROW = {m: ("↑" if HIGHER_IS_BETTER[m] else "↓") for m in ALL_METRICS}
-
-
-@dataclass
-class LeaderboardEntry:
-    """One run as the leaderboard sees it.
-
-    Attributes
-    ----------
-    name, decoder : str
-    path : Path
-    subject : int or None
-    data_name, data_kind : str
-    is_nsd : bool
-        Real NSD data (ids are NSD ids and the data is not synthetic).
-    fingerprint : str
-    n_test : int
-    ids_sha256 : str
-    variant : str or None
-        None when the run has no (readable) ``metrics.json``.
-    scores : dict of str to float
-    unavailable : dict of str to str
-    grid : Path or None
-    note : str
-    """
-
-    name: str
-    path: Path
-    decoder: str
-    subject: int | None
-    data_name: str
-    data_kind: str
-    is_nsd: bool
-    fingerprint: str
-    n_test: int
-    ids_sha256: str
-    variant: str | None
-    scores: dict[str, float] = field(default_factory=dict)
-    unavailable: dict[str, str] = field(default_factory=dict)
-    grid: Path | None = None
-    note: str = ""
-    rank: int | None = None
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
-    per_image: dict[str, dict[int, float]] = field(default_factory=dict)
-    #: The network metrics were scored on the first this many test images only (None: all).
-    network_images: int | None = None
-    #: The target space of the target-space retrieval scores (e.g. "pixels (32, 32, 3)").
-    retrieval_space: str | None = None
-    #: Test ids shown in the run's grid.png (recorded by ``evaluate``), when known.
-    grid_ids: list[int] | None = None
-    # Filled by compare_to_best, per metric: the pair's own p-value against the group's best run
-    # (the number `compare --stats` prints), the family-wise adjusted one (used for the marks),
-    # the images compared, why a cell was not tested, and the metrics this run is the best on.
-    p_vs_best: dict[str, float] = field(default_factory=dict)
-    p_adjusted: dict[str, float] = field(default_factory=dict)
-    p_exact: dict[str, bool] = field(default_factory=dict)
-    n_compared: dict[str, int] = field(default_factory=dict)
-    not_tested: dict[str, str] = field(default_factory=dict)
-    best_of: set = field(default_factory=set)
-    n_permutations: int = DEFAULT_PERMUTATIONS
-
-    @property
-    def metric_set(self) -> tuple[str, ...]:
-        """The metrics this run was scored on (NaN included; unavailable ones not)."""
-        return tuple(m for m in ALL_METRICS if m in self.scores)
-
-    @property
-    def group_key(self) -> tuple:
-        return (self.data_kind, self.fingerprint, self.n_test, self.ids_sha256, self.variant, self.metric_set,
-                self.network_images, self.retrieval_space)
-
-    @property
-    def group_label(self) -> str:
-        subj = f"subject {self.subject}" if self.subject is not None else "all subjects"
-        variant = f"variant {self.variant}" if self.variant else "not evaluated"
-        label = f"{self.data_name} · {subj} · {self.n_test} test images · {variant}"
-        if self.variant is None:
-            return label
-        eight = [m for m in METRICS if m in self.scores]
-        label += (" · all 8 metrics" if len(eight) == len(METRICS)
-                  else f" · {len(eight)} of 8 metrics ({', '.join(eight) or 'none'})")
-        if self.network_images is not None:
-            label += f" · network metrics on the first {self.network_images} test images"
-        if any(m in self.scores for m in RETRIEVAL_METRICS):
-            label += " · retrieval"
-            if self.retrieval_space:
-                label += f" (target space: {self.retrieval_space})"
-        return label
-
-
-def _ids_hash(ids) -> str:
-    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
-
-
-def collect(runs_dir: str | os.PathLike = "runs", variant: str = "mindeye") -> list[LeaderboardEntry]:
-    """Read every run directly under ``runs_dir``.
-
-    Parameters
-    ----------
-    runs_dir : path-like
-    variant : {"mindeye", "braindiffuser"}
-        Which evaluation report of each run to read (``metrics.json`` for MindEye's recipe,
-        ``metrics-braindiffuser.json`` for Brain-Diffuser's; see ``Run.metrics``).
-
-    Returns
-    -------
-    list of LeaderboardEntry
-        Runs without ``metrics.json`` are included with ``variant=None`` and a note.
-    """
-    from brainrecon.eval.report import report_files
-    from brainrecon.runs import list_runs
-
-    report_file, per_image_file = report_files(variant)
-    evaluate = "`brainrecon evaluate`" if variant == "mindeye" else f"`brainrecon evaluate RUN --variant {variant}`"
-    entries = []
-    for run in list_runs(runs_dir):
-        info = run.info
-        data = info.get("data") or {}
-        kind = str(data.get("kind", "unknown"))
-        try:
-            ids_sha = _ids_hash(np.sort(run.test_ids()))  # the set of test images, in any order
-        except (OSError, ValueError):
-            ids_sha = "unknown"
-        entry = LeaderboardEntry(
-            name=str(info.get("name", run.path.name)),
-            path=run.path,
-            decoder=str(info.get("decoder", "?")),
-            subject=int(info["subject"]) if info.get("subject") is not None else None,
-            data_name=str(info.get("data_name") or kind),
-            data_kind=kind,
-            is_nsd=bool(info.get("ids_are_nsd")) and kind != "synthetic",
-            fingerprint=str(info.get("fingerprint", "")),
-            n_test=int(info.get("n_test", 0)),
-            ids_sha256=ids_sha,
-            variant=None,
-            grid=run.path / "grid.png" if (run.path / "grid.png").is_file() else None,
-        )
-        raw = None
-        try:
-            raw = run.metrics(variant)
-        except (ValueError, BrainreconError):
-            entry.note = f"{report_file} is damaged (not valid JSON or not a report); run {evaluate}"
-        if raw is not None:
-            try:
-                report = EvalReport.from_json(raw)
-            except (DataError, KeyError, TypeError, ValueError):
-                entry.note = f"{report_file} is not a brainrecon report; run {evaluate}"
-            else:
-                entry.variant = report.variant
-                entry.scores = dict(report)
-                entry.unavailable = dict(report.unavailable)
-                entry.intervals = dict(report.intervals)
-                if report.n_images != entry.n_test:
-                    entry.n_test = report.n_images
-                entry.per_image = _read_per_image(run.path / per_image_file, entry, run.test_ids(), list(report))
-                k = report.settings.get("network_images")
-                if (isinstance(k, int) and not isinstance(k, bool) and k < report.n_images
-                        and any(m in entry.scores for m in METRICS if m not in ("PixCorr", "SSIM"))):
-                    entry.network_images = k
-                    if not entry.note:
-                        entry.note = (f"network metrics scored on the first {k} of {report.n_images} test images; "
-                                      f"`brainrecon evaluate {run.path}` scores them on all")
-                retrieval = report.settings.get("retrieval")
-                if isinstance(retrieval, dict) and any(m in entry.scores for m in TARGET_RETRIEVAL_METRICS):
-                    entry.retrieval_space = str(retrieval.get("target_space") or "unknown")
-                grid_ids = report.settings.get("grid_ids")
-                if isinstance(grid_ids, list) and all(isinstance(i, int) for i in grid_ids):
-                    entry.grid_ids = grid_ids
-        elif not entry.note:
-            entry.note = (f"not evaluated; run {evaluate}" if variant == "mindeye" or not run.variants()
-                          else f"not evaluated with --variant {variant}; run {evaluate}")
-        entries.append(entry)
-    return entries
-
-
-def _read_per_image(path: Path, entry: LeaderboardEntry, ids, metrics) -> dict[str, dict[int, float]]:
-    """A run's per-image scores as metric -> {test id: score}, checked against the run's test
-    ids and metric names; a damaged file becomes a note."""
-    from brainrecon.eval.report import scores_by_id
-
-    if not path.exists():
-        return {}
-    try:
-        return scores_by_id(path, expected_ids=ids, metrics=metrics)
-    except DataError as exc:
-        entry.note = str(exc)
-        return {}
-
-
-def compare_to_best(members: list[LeaderboardEntry], *, seed: int = 0,
-                    n_permutations: int = DEFAULT_PERMUTATIONS) -> None:
-    """Compare, per metric, every run of a group with the group's best run on that metric.
-
-    Sets on each member, per metric: ``p_vs_best`` (the pair's own two-sided sign-flip p-value,
-    :func:`~brainrecon.eval.stats.paired_comparison_by_id`: the number ``compare --stats`` prints
-    for the same pair and seed), ``p_adjusted`` (family-wise adjusted over all the group's runs
-    with per-image scores, :func:`~brainrecon.eval.stats.max_statistic_p_values`; the marks use
-    it), ``n_compared`` (images in the family test), ``not_tested`` (why a cell has no test:
-    the run or the best run has no per-image scores) and ``best_of``.
-    """
-    best = _best(members)
-    for e in members:
-        e.p_vs_best, e.p_adjusted, e.p_exact, e.n_compared, e.not_tested = {}, {}, {}, {}, {}
-        e.best_of = set()
-        e.n_permutations = int(n_permutations)
-    for m, value in best.items():
-        present = [e for e in members if _present(e, m)]
-        leader = next(e for e in present if e.scores[m] == value)
-        leader.best_of.add(m)
-        others = [e for e in present if e is not leader]
-        if not leader.per_image.get(m):
-            for e in others:
-                e.not_tested[m] = f"the group's best run on {m} ({leader.name}) has no per-image scores"
-            continue
-        family = [leader]
-        for e in others:
-            if e.per_image.get(m):
-                family.append(e)
-            else:
-                e.not_tested[m] = "no per-image scores"
-        if len(family) < 2:
-            continue
-        ref = leader.per_image[m]
-        for e in family[1:]:
-            try:
-                c = paired_comparison_by_id(e.per_image[m], ref, metric=m, higher_is_better=HIGHER_IS_BETTER[m],
-                                            n_resamples=1, n_permutations=n_permutations, seed=seed)
-            except ValueError:
-                continue
-            e.p_vs_best[m], e.p_exact[m] = c.p_value, c.exact
-        finite = [{i for i, v in f.per_image[m].items() if not math.isnan(v)} for f in family]
-        ids = sorted(set.intersection(*finite))
-        if not ids:
-            for e in family[1:]:
-                e.not_tested[m] = f"no image has a {m} score in every run of the group"
-            continue
-        scores = np.array([[f.per_image[m][i] for f in family] for i in ids], dtype=np.float64)
-        result = max_statistic_p_values(scores, reference=0, n_permutations=n_permutations, seed=seed)
-        for j, e in enumerate(family[1:], start=1):
-            e.p_adjusted[m] = float(result.p_adjusted[j])
-            e.n_compared[m] = len(ids)
-
-
-def cell_mark(entry: LeaderboardEntry, metric: str, alpha: float = DEFAULT_ALPHA) -> str:
-    """The mark of one cell after :func:`compare_to_best`.
-
-    Returns
-    -------
-    str
-        ``"best"`` (the group's best run on the metric: the reference), ``"n.s."`` (not
-        distinguishable from the best at ``alpha``, family-wise adjusted — not evidence that
-        the two are equal), ``"differs"`` (different from the best at ``alpha``, adjusted),
-        ``"n.t."`` (not tested: this run or the best run has no per-image scores) or ``""``
-        (nothing to compare: one run, or no score).
-    """
-    if metric in entry.best_of:
-        return BEST
-    if metric in entry.not_tested:
-        return NOT_TESTED
-    p = entry.p_adjusted.get(metric)
-    if p is None:
-        return ""
-    return NOT_DISTINGUISHABLE if p >= alpha else DIFFERS
-
-
-def _check_sort(sort: str | None) -> str | None:
-    if sort is None or sort == "rank":
-        return None
-    if sort not in ALL_METRICS:
-        raise DataError(
-            f"Unknown sort key {sort!r}. Valid: 'rank' (mean rank over metrics), "
-            f"{', '.join(map(repr, ALL_METRICS))}."
-        )
-    return sort
-
-
-def _present(entry: LeaderboardEntry, metric: str) -> bool:
-    v = entry.scores.get(metric)
-    return v is not None and not math.isnan(v)
-
-
-def rank_group(entries: list[LeaderboardEntry], sort: str | None = None) -> list[LeaderboardEntry]:
-    """Order one group of comparable runs and set their ``rank``.
-
-    Parameters
-    ----------
-    entries : list of LeaderboardEntry
-        Runs of one group.
-    sort : str, optional
-        A metric name (ranked in its own direction); default: mean over metrics of each
-        run's rank on that metric (ties share the better rank), lower is better.
-
-    Returns
-    -------
-    list of LeaderboardEntry
-        Best first; runs with nothing to rank on come last without a rank.
-    """
-    sort = _check_sort(sort)
-
-    def metric_key(e: LeaderboardEntry, m: str) -> float:
-        v = e.scores[m]
-        return -v if HIGHER_IS_BETTER[m] else v
-
-    if sort is not None:
-        have = [e for e in entries if _present(e, sort)]
-        rest = [e for e in entries if not _present(e, sort)]
-        have.sort(key=lambda e: metric_key(e, sort))
-    else:
-        mean_rank: dict[int, float] = {}
-        for e in entries:
-            ranks = []
-            for m in ALL_METRICS:
-                if not _present(e, m):
-                    continue
-                others = [o for o in entries if _present(o, m)]
-                ranks.append(1 + sum(metric_key(o, m) < metric_key(e, m) for o in others))
-            if ranks:
-                mean_rank[id(e)] = sum(ranks) / len(ranks)
-        have = sorted((e for e in entries if id(e) in mean_rank), key=lambda e: (mean_rank[id(e)], e.name))
-        rest = [e for e in entries if id(e) not in mean_rank]
-    for i, e in enumerate(have, start=1):
-        e.rank = i
-    for e in rest:
-        e.rank = None
-    return have + rest
-
-
-def _groups(entries: list[LeaderboardEntry], sort: str | None) -> list[tuple[str, list[LeaderboardEntry]]]:
-    by_key: dict[tuple, list[LeaderboardEntry]] = {}
-    for e in entries:
-        by_key.setdefault(e.group_key, []).append(e)
-    groups = []
-    # NSD groups first, then other data; unevaluated groups last.
-    for key in sorted(by_key, key=lambda k: (k[4] is None, not by_key[k][0].is_nsd, by_key[k][0].group_label)):
-        members = rank_group(by_key[key], sort)
-        groups.append((members[0].group_label, members))
-    return groups
 
 
 def _fmt(metric: str, value: float | None, interval=None) -> str:
@@ -472,14 +104,6 @@ def _tooltip(e: LeaderboardEntry, metric: str) -> str:
                 f"{e.n_compared.get(metric, 0)} images")
     return ""
 
-
-def _best(members: list[LeaderboardEntry]) -> dict[str, float]:
-    best = {}
-    for m in ALL_METRICS:
-        vals = [e.scores[m] for e in members if _present(e, m)]
-        if len(vals) > 1:
-            best[m] = max(vals) if HIGHER_IS_BETTER[m] else min(vals)
-    return best
 
 
 @dataclass
@@ -816,63 +440,3 @@ def _render_html(groups, citations, title: str, alpha=DEFAULT_ALPHA) -> str:
         parts.append("</ol>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
-
-
-def leaderboard(
-    runs_dir: str | os.PathLike = "runs",
-    sort: str | None = None,
-    fmt: str = "table",
-    *,
-    include_published: bool = True,
-    include_ablations: bool = False,
-    title: str = "brainrecon leaderboard",
-    entries: list[LeaderboardEntry] | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    variant: str = "mindeye",
-) -> str:
-    """Render the runs under ``runs_dir`` as ranked groups of comparable runs.
-
-    Parameters
-    ----------
-    runs_dir : path-like
-        Folder holding run directories.
-    sort : str, optional
-        ``"rank"`` / None (mean rank over the metrics) or a metric name.
-    fmt : {"table", "markdown", "csv", "html"}
-        ``html`` is one self-contained page with each run's grid embedded.
-    include_published : bool
-        Show published reference rows under groups of evaluated NSD runs (never under
-        synthetic or other non-NSD data). False hides them.
-    include_ablations : bool
-        Also list NeuroPictor's published ablation rows.
-    title : str
-        HTML page title.
-    entries : list of LeaderboardEntry, optional
-        Use these instead of reading ``runs_dir``.
-    alpha : float
-        Significance level of the paired comparisons with each group's best run.
-    variant : {"mindeye", "braindiffuser"}
-        Which evaluation report of each run is ranked (:func:`collect`).
-
-    Returns
-    -------
-    str
-    """
-    if fmt not in FORMATS:
-        raise DataError(f"Unknown format {fmt!r}. Valid formats: {', '.join(map(repr, FORMATS))}.")
-    _check_sort(sort)
-    if entries is None:
-        entries = collect(runs_dir, variant)
-    if not entries and fmt != "csv":
-        msg = f"No runs under {Path(runs_dir)}. Fit one with `brainrecon fit` or `brainrecon demo`."
-        return f"<!DOCTYPE html><html><body><p>{html.escape(msg)}</p></body></html>\n" if fmt == "html" else msg + "\n"
-    if not 0 < alpha < 1:
-        raise DataError(f"alpha must be between 0 and 1 (e.g. 0.05), got {alpha}.")
-    groups, citations = _build(entries, sort, include_published, include_ablations, alpha)
-    if fmt == "table":
-        return _render_table(groups, citations, alpha)
-    if fmt == "markdown":
-        return _render_markdown(groups, citations, alpha)
-    if fmt == "csv":
-        return _render_csv(groups, citations, alpha)
-    return _render_html(groups, citations, title, alpha)
