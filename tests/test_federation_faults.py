@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,11 +177,40 @@ def _credentials(directory):
     return directory
 
 
+def _readme_credentials(directory):
+    """The same files made by the README's own commands ("Two machines, step by step": RSA CA and
+    server certificate with openssl, ECDSA site keys with ssh-keygen), run as written; None where
+    openssl or ssh-keygen is missing."""
+    import re
+    import shutil
+
+    if not (shutil.which("openssl") and shutil.which("ssh-keygen")):
+        return None
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    steps = readme[readme.index("**Two machines, step by step**"):]
+    server_block = re.search(r"```bash\n(.*?)```", steps, re.S).group(1)
+    keygen = re.search(r"`(ssh-keygen [^`]*-f site-1)`", steps).group(1)
+    assert "openssl req -x509" in server_block and "IP:127.0.0.1" in server_block, server_block
+    directory.mkdir()
+    commands = [server_block] + [keygen.replace("site-1", f"site-{s}") for s in (1, 2, 3)]
+    for command in commands:
+        done = subprocess.run(["bash", "-euc", command], cwd=directory, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"README command failed:\n{command}\n{done.stderr}"
+    return directory
+
+
 @pytest.mark.slow
-def test_tls_with_supernode_authentication_end_to_end(tmp_path, allow_loopback):
-    """TLS and Flower's SuperNode authentication with certificates and keys made by the test:
-    two registered sites finish a round; a site whose key was not registered is not admitted."""
-    keys = _credentials(tmp_path / "keys")
+@pytest.mark.parametrize("made_by", ["readme-commands", "test"])
+def test_tls_with_supernode_authentication_end_to_end(tmp_path, allow_loopback, made_by):
+    """TLS and Flower's SuperNode authentication with certificates and keys made by the README's
+    commands (RSA certificates; skipped without openssl and ssh-keygen) or by the test (EC): two
+    registered sites finish a round; a site whose key was not registered is not admitted."""
+    if made_by == "test":
+        keys = _credentials(tmp_path / "keys")
+    else:
+        keys = _readme_credentials(tmp_path / "keys")
+        if keys is None:
+            pytest.skip("openssl or ssh-keygen is not installed")
     port = supervise.free_port()
     env = supervise.flower_env()
     env["TQDM_DISABLE"] = "1"
