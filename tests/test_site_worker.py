@@ -24,7 +24,16 @@ from flwr.app import ArrayRecord, Context, RecordDict
 
 from brainrecon.errors import BrainreconError
 from brainrecon.federation import channel, site, worker
-from tests.test_brainguard_flower import DATA, PARAMS, _instruction, one_thread, task_identity  # noqa: F401
+from tests.test_brainguard_flower import (  # noqa: F401
+    DATA,
+    PARAMS,
+    _instruction,
+    one_thread,
+    task_identity,
+)
+
+# Flower messages built outside a Flower process, and one torch thread (imported fixtures).
+pytestmark = pytest.mark.usefixtures("task_identity", "one_thread")
 
 ROUNDS = 3
 
@@ -93,7 +102,7 @@ def _assert_same(a, b):
     assert dict(a.content.metric_records["metrics"]) == dict(b.content.metric_records["metrics"])
 
 
-def test_worker_gives_the_uploads_of_the_in_process_path(tmp_path, task_identity, one_thread, capsys):
+def test_worker_gives_the_uploads_of_the_in_process_path(tmp_path, capsys):
     """3 rounds at tiny size. Tolerance: exact (the same bytes) — same code, process and threads."""
     reference = _uploads(_context(tmp_path / "in-process", 2, with_worker=False))
     context = _context(tmp_path / "w", 2, with_worker=True)
@@ -119,7 +128,7 @@ def test_worker_gives_the_uploads_of_the_in_process_path(tmp_path, task_identity
 
 
 @pytest.mark.parametrize("lost", [1, 2])
-def test_a_site_stopped_between_reply_and_save_redoes_that_round(tmp_path, task_identity, one_thread,
+def test_a_site_stopped_between_reply_and_save_redoes_that_round(tmp_path,
                                                                  monkeypatch, lost):
     """The worker replied to round ``lost`` and stopped before its state was saved (as SIGKILL would
     do): the site, restarted without a worker, redoes that round from the global model it kept and
@@ -147,14 +156,14 @@ def test_a_site_stopped_between_reply_and_save_redoes_that_round(tmp_path, task_
         _assert_same(a, b)
 
 
-def test_without_a_worker_the_clientapp_does_the_round_itself(tmp_path, task_identity, one_thread, capsys):
+def test_without_a_worker_the_clientapp_does_the_round_itself(tmp_path, capsys):
     reference = _uploads(_context(tmp_path / "ref", 2, with_worker=False), range(1, 2))
     replies = _uploads(_context(tmp_path / "w", 2, with_worker=True), range(1, 2))  # no worker started
     assert "this round runs in the ClientApp process" in capsys.readouterr().err
     _assert_same(reference[0], replies[0])
 
 
-def test_the_channel_is_owner_only_and_refuses_a_wrong_token(tmp_path, task_identity):
+def test_the_channel_is_owner_only_and_refuses_a_wrong_token(tmp_path):
     context = _context(tmp_path, 2, with_worker=True)
     state = tmp_path / "state"
     served = _Worker(context)
@@ -177,7 +186,7 @@ def test_the_channel_is_owner_only_and_refuses_a_wrong_token(tmp_path, task_iden
         channel.call(state, {"op": "ping"})
 
 
-def test_worker_errors_reach_the_clientapp_as_one_line(tmp_path, task_identity, one_thread):
+def test_worker_errors_reach_the_clientapp_as_one_line(tmp_path):
     context = _context(tmp_path, 2, with_worker=True)
     served = _Worker(context)
     try:
