@@ -120,6 +120,7 @@ class Site:
         #: Rounds the client's state in memory has done (0: the fresh initial state).
         self.rounds_completed, self.history = 0, []
         self._saving: threading.Thread | None = None
+        self._keeping: threading.Thread | None = None
         self._save_error: BaseException | None = None
 
     def saved_rounds(self) -> list[int]:
@@ -196,6 +197,7 @@ class Site:
             keeper = threading.Thread(target=_save_tensors, args=(dict(global_state or {}), received),
                                       name="site-input-save", daemon=True)
             keeper.start()
+        self._keeping = keeper  # the save of the received global model, running while the site trains
         upload = self._step(round_number, global_state)
         snapshot = self._snapshot()
         if keeper is None:
@@ -405,11 +407,13 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
              run_name: str | None = None, overwrite: bool = False, evaluate: bool = True, recipe: str | None = None,
              device: str | None = None, threads: int | None = None, insecure: bool = False,
              root_certificates: str | None = None, auth_private_key: str | None = None,
-             port: int | None = None) -> int:
+             port: int | None = None, worker: bool = True) -> int:
     """``brainrecon federate site``: a SuperNode for one subject's site; runs until stopped.
 
     Everything the site needs (data location, state and output directories) is written to
-    ``state_dir/site.json`` and named to the SuperNode by its ``site-file`` node config.
+    ``state_dir/site.json`` and named to the SuperNode by its ``site-file`` node config. With
+    ``worker`` (the default) a site worker (:mod:`.worker`) keeps the site in memory between
+    rounds; without, every ClientApp process rebuilds it from ``state_dir``.
     Returns the SuperNode's exit code.
     """
     plain = site_transport(server, insecure=insecure, root_certificates=root_certificates,
@@ -421,7 +425,7 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
     settings = {"subject": int(subject), "data": str(data), "state_dir": str(state_dir),
                 "out": str(Path(out).resolve()), "run_name": run_name, "overwrite": bool(overwrite),
                 "evaluate": bool(evaluate), "recipe": recipe, "device": device, "threads": threads,
-                "worker": True}
+                "worker": bool(worker)}
     write_json_atomic(state_dir / "site.json", settings)
     flwr_home = state_dir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -459,7 +463,8 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
 
     try:
         stop_flower_processes(flwr_home)  # what a crashed SuperNode of this site left running
-        workers.append(start_worker(state_dir / "site.json", worker_env, keep_fds=(lock.file.fileno(),)))
+        if worker:
+            workers.append(start_worker(state_dir / "site.json", worker_env, keep_fds=(lock.file.fileno(),)))
         while True:
             admitted.unlink(missing_ok=True)
             process = subprocess.Popen(args, env=env)
