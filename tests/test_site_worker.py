@@ -196,3 +196,59 @@ def test_worker_errors_reach_the_clientapp_as_one_line(tmp_path):
             channel.call(tmp_path / "state", {"op": "rm"})
     finally:
         served.close()
+
+
+_CLIENTAPP = """
+import json, sys
+from pathlib import Path
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+for name in ("_run_id", "_node_id", "_task_id"):
+    setattr(TaskIdentity, name, 1)
+from brainrecon.federation.app import client_app  # what Flower's ClientApp process loads
+from brainrecon.federation.site import site_train
+site_file, params, r, exchange = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+context = Context(run_id=1, node_id=7, node_config={"site-file": site_file}, state=RecordDict(),
+                  run_config={"params": params, "recipe": ""})
+received = ArrayRecord()
+if r > 1:  # the previous reply, as Flower's runtime would hand over a global model
+    for k, (name, dtype, shape) in enumerate(json.loads((exchange / "index.json").read_text())):
+        received[name] = Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray",
+                               data=(exchange / f"{k}.npy").read_bytes())
+config = ConfigRecord({"server-round": r, "num-rounds": 3, "sites": 2})
+msg = Message(content=RecordDict({"arrays": received, "config": config}), dst_node_id=7, message_type="train")
+arrays = site_train(msg, context).content.array_records["arrays"]
+(exchange / "index.json").write_text(json.dumps([[k, a.dtype, list(a.shape)] for k, a in arrays.items()]))
+for k, a in enumerate(arrays.values()):
+    (exchange / f"{k}.npy").write_bytes(a.data)
+print(json.dumps({"torch": "torch" in sys.modules, "arrays": len(arrays)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_worker", [True, False])
+def test_a_fresh_clientapp_process_relays_to_the_worker_without_torch(tmp_path, with_worker):
+    """The handler as Flower runs it, one fresh process per message, rounds 1 and 2: with a worker
+    it never imports torch; without one it does the rounds itself."""
+    import subprocess
+    import sys
+
+    context = _context(tmp_path, 2, with_worker=with_worker)
+    served = _Worker(context) if with_worker else None
+    results = []
+    try:
+        for r in (1, 2):
+            done = subprocess.run([sys.executable, "-c", _CLIENTAPP, context.node_config["site-file"],
+                                   context.run_config["params"], str(r), str(tmp_path)],
+                                  capture_output=True, text=True, timeout=300, check=False,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert "runs in the ClientApp process" not in done.stderr
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    finally:
+        if served is not None:
+            served.close()
+    assert [x["torch"] for x in results] == [not with_worker] * 2
+    assert results[0]["arrays"] == results[1]["arrays"] > 0
+    assert sorted(p.name for p in (tmp_path / "state").glob("state-*.json")) == \
+        [site.SITE_META.format(r) for r in (1, 2)]

@@ -311,6 +311,8 @@ def site_train(msg, context):
             arrays[name] = Array(dtype=dtype, shape=tuple(shape), stype="numpy.ndarray", data=blob)
         n_samples, subject = int(header["num_examples"]), int(header["subject"])
     else:
+        import torch  # noqa: F401  (Flower's to_torch_state_dict needs it imported)
+
         global_state = None if len(received) == 0 else {
             k: v.clone() for k, v in received.to_torch_state_dict().items()}
         site = Site(settings, json.loads(str(context.run_config["params"])))
