@@ -36,6 +36,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -378,6 +379,7 @@ def main() -> None:
           f"{after_total / local_total:.1f} |")
     print("before: every message in a fresh ClientApp process that rebuilds the site (federate site --no-worker); "
           "after: the site worker keeps it between messages (the default).")
+    shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":
     main()
