@@ -24,11 +24,23 @@ def _blocked(*args, **kwargs):
     )
 
 
+def _unix_only(real):
+    """``real`` for a Unix-domain socket (a file on this machine, not the network), else blocked."""
+
+    def connect(self, address):
+        if getattr(socket, "AF_UNIX", None) is not None and self.family == socket.AF_UNIX:
+            return real(self, address)
+        return _blocked()
+
+    return connect
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch):
-    """Any socket connection or DNS lookup in a test fails loudly."""
-    monkeypatch.setattr(socket.socket, "connect", _blocked)
-    monkeypatch.setattr(socket.socket, "connect_ex", _blocked)
+    """Any network connection or DNS lookup in a test fails loudly (Unix-domain sockets, such as
+    a site worker's, are local files and stay allowed)."""
+    monkeypatch.setattr(socket.socket, "connect", _unix_only(socket.socket.connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", _unix_only(socket.socket.connect_ex))
     monkeypatch.setattr(socket, "create_connection", _blocked)
     monkeypatch.setattr(socket, "getaddrinfo", _blocked)
 
@@ -52,7 +64,7 @@ def allow_loopback(monkeypatch, _no_network):
     """Permit connections to 127.0.0.0/8 and ::1 only (by numeric address); all else stays blocked."""
 
     def connect(self, address):
-        if isinstance(address, tuple) and _is_loopback(address[0]):
+        if (isinstance(address, tuple) and _is_loopback(address[0])) or self.family == getattr(socket, "AF_UNIX", None):
             return _REAL_CONNECT(self, address)
         return _blocked()
 

@@ -101,6 +101,7 @@ def site(
     root_certificates: Path | None = typer.Option(None, "--root-certificates", help="CA certificate that verifies the server (TLS)."),
     auth_private_key: Path | None = typer.Option(None, "--auth-private-key", help="This site's private key when the server uses --enable-supernode-auth."),
     recipe_name: str | None = typer.Option(None, "--recipe-name", hidden=True, help="Recipe name recorded in the run."),
+    worker: bool = typer.Option(True, "--worker/--no-worker", help="Keep the site (data, model, optimiser) in memory in a worker process between rounds; --no-worker rebuilds it from --state-dir in every Flower ClientApp process (slower per round, nothing held between rounds)."),
 ) -> None:
     """Join a federation as one subject's site (a Flower SuperNode); runs until stopped."""
     from brainrecon.federation.site import run_site
@@ -109,5 +110,5 @@ def site(
                     run_name=name, overwrite=overwrite, evaluate=evaluate, recipe=recipe_name, device=device,
                     threads=threads, insecure=insecure,
                     root_certificates=str(root_certificates) if root_certificates else None,
-                    auth_private_key=str(auth_private_key) if auth_private_key else None)
+                    auth_private_key=str(auth_private_key) if auth_private_key else None, worker=worker)
     raise typer.Exit(code)

@@ -16,6 +16,9 @@ split where the privacy boundary is:
 ``bundle``     the Flower app (FAB) the server ships and the check that an app is it;
 ``link``       Flower's SuperLink with its Control and Runtime APIs answering loopback only;
 ``node``       Flower's SuperNode refusing every app but brainrecon's BrainGuard app (by content hash);
+``worker``     the site worker ``federate site`` starts: it keeps the site in memory between
+               Flower's per-message ClientApp processes;
+``channel``    the owner-only local socket (and token) between a ClientApp and its site worker;
 ``supervise``  starting and stopping the processes, finding the ones a crash left, one lock
                per server or site directory;
 ``loopback``   :func:`~.loopback.fit_on_flower`, the whole federation on one machine
@@ -37,24 +40,28 @@ Flower processes its crashed predecessor left running (found by their ``FLWR_HOM
 Importing this package does not import Flower; :mod:`.app` does.
 """
 
-from brainrecon.federation.loopback import fit_on_flower
-from brainrecon.federation.records import check_upload
-from brainrecon.federation.server import make_strategy, serve
-from brainrecon.federation.site import run_site, site_train
-from brainrecon.federation.supervise import (
-    flower_env,
-    flower_processes,
-    stop_flower_processes,
-)
+# Imported when first used (PEP 562): a site's ClientApp process imports this package and
+# must not pay for torch, which the server, the loop-back runner and the site's training need.
+_EXPORTS = {
+    "check_upload": "brainrecon.federation.records",
+    "fit_on_flower": "brainrecon.federation.loopback",
+    "flower_env": "brainrecon.federation.supervise",
+    "flower_processes": "brainrecon.federation.supervise",
+    "make_strategy": "brainrecon.federation.server",
+    "run_site": "brainrecon.federation.site",
+    "serve": "brainrecon.federation.server",
+    "site_train": "brainrecon.federation.site",
+    "stop_flower_processes": "brainrecon.federation.supervise",
+}
 
-__all__ = [
-    "check_upload",
-    "fit_on_flower",
-    "flower_env",
-    "flower_processes",
-    "make_strategy",
-    "run_site",
-    "serve",
-    "site_train",
-    "stop_flower_processes",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'brainrecon.federation' has no attribute {name!r}")
+
+
+__all__ = ["check_upload", "fit_on_flower", "flower_env", "flower_processes", "make_strategy", "run_site",
+           "serve", "site_train", "stop_flower_processes"]

@@ -7,8 +7,16 @@ The app folder :func:`~brainrecon.federation.server.write_app` writes names them
 
 from __future__ import annotations
 
-from brainrecon.federation.server import server_main
 from brainrecon.federation.site import site_train
+
+
+def server_main(grid, context) -> None:
+    """The ServerApp's body, :func:`brainrecon.federation.server.server_main` (imported here
+    only when it runs: a site's ClientApp process, which loads this module too, stays free of
+    torch)."""
+    from brainrecon.federation.server import server_main as main
+
+    main(grid, context)
 
 
 def _build_apps():
@@ -25,4 +33,4 @@ def _build_apps():
 
 server_app, client_app = _build_apps()
 
-__all__ = ["client_app", "server_app"]
+__all__ = ["client_app", "server_app", "server_main"]

@@ -41,12 +41,13 @@ def _pause(seconds: float) -> None:
 def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[int], out: str | os.PathLike,
                   names: Mapping[int, str], overwrite: bool = False, recipe: str | None = None,
                   state_dir: str | os.PathLike | None = None, timeout: float = 3600.0,
-                  log=print) -> list[Path]:
+                  log=print, site_worker: bool = True) -> list[Path]:
     """Run a BrainGuard federation on loopback: ``federate server`` and one ``federate site``
     per subject as child processes; every one is stopped (by process id) on success,
     failure or Ctrl-C. Their states and logs go to ``state_dir`` (kept, and said where) or
     to a temporary directory that is removed in every case. Returns the run directories the
-    sites wrote.
+    sites wrote. ``site_worker=False`` runs the sites without their worker (every round in a
+    fresh ClientApp process; the benchmark's "before").
     """
     require_flwr()
     subjects = [int(s) for s in subjects]
@@ -80,6 +81,8 @@ def fit_on_flower(params: Mapping[str, Any], *, data: str, subjects: Sequence[in
                 site_args.append("--overwrite")
             if recipe:
                 site_args += ["--recipe-name", recipe]
+            if not site_worker:
+                site_args.append("--no-worker")
             processes.append(start_process(site_args, env=env, log=root / f"site-{s}.log"))
         log(f"federation on 127.0.0.1:{port}: server pid {server.pid}, site pids "
             f"{[p.pid for p in processes[1:]]}")

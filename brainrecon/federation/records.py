@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from brainrecon.decoders.brainguard.model import is_private
 from brainrecon.errors import BrainreconError
 
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
@@ -26,6 +25,10 @@ def check_upload(arrays: Iterable[str], metrics: Iterable[str], *, site: str = "
     BrainreconError
         Naming the private tensors (``ridge.*``) or the extra metric entries found.
     """
+    from brainrecon.decoders.brainguard.model import (
+        is_private,  # torch: not for a ClientApp that only relays
+    )
+
     private = [k for k in arrays if is_private(k)]
     if private:
         raise BrainreconError(

@@ -207,6 +207,34 @@ def stop_all(processes: Sequence[subprocess.Popen]) -> None:
                 continue
 
 
+def start_worker(site_file: str | os.PathLike, env: Mapping[str, str], *, keep_fds: tuple[int, ...] = (),
+                 timeout: float = 120.0) -> subprocess.Popen | None:
+    """Start the site worker of ``site_file`` (in the caller's process group) and wait until it
+    listens; None (with one line on stderr) if it could not start: the ClientApp then does the
+    rounds itself. ``keep_fds``: descriptors it inherits (the site's directory lock, so that
+    the lock is held until the worker too is gone)."""
+    from brainrecon.federation import channel
+    from brainrecon.io import read_json
+
+    state_dir = Path(read_json(Path(site_file))["state_dir"])
+    channel.token_path(state_dir).unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, "-m", "brainrecon.federation.worker", "--site-file", str(site_file),
+                                "--parent", str(os.getpid())], env=dict(env), stdin=subprocess.DEVNULL,
+                               pass_fds=keep_fds)
+    process.own_group = False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if channel.token_path(state_dir).is_file():
+            return process
+        time.sleep(0.1)
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    print(f"brainrecon site: the site worker did not start (exit code {process.returncode}); every round "
+          f"runs in a fresh ClientApp process instead.", file=sys.stderr, flush=True)
+    return None
+
+
 def flower_bin(name: str) -> str:
     """The Flower command ``name`` of this Python's environment (else whichever is on PATH)."""
     require_flwr()
@@ -269,6 +297,7 @@ __all__ = [
     "require_flwr",
     "restore_sigterm",
     "start_process",
+    "start_worker",
     "stop_all",
     "stop_flower_processes",
     "stop_process",
