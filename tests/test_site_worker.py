@@ -252,3 +252,23 @@ def test_a_fresh_clientapp_process_relays_to_the_worker_without_torch(tmp_path, 
     assert results[0]["arrays"] == results[1]["arrays"] > 0
     assert sorted(p.name for p in (tmp_path / "state").glob("state-*.json")) == \
         [site.SITE_META.format(r) for r in (1, 2)]
+
+
+def test_a_state_dir_too_long_for_a_socket_address_gets_a_private_socket(tmp_path):
+    """sun_path holds 108 bytes: the worker of a deeply nested state directory listens in a
+    private 0700 temporary directory named in the token file, and removes it when it stops."""
+    root = tmp_path / ("deep-" * 20)
+    context = _context(root, 2, with_worker=True)
+    state = root / "state"
+    assert len(os.fsencode(state / channel.SOCKET_NAME)) > 108
+    served = _Worker(context)
+    try:
+        _token, address = (state / channel.TOKEN_NAME).read_text().splitlines()
+        private = Path(address).parent
+        assert private.name.startswith(channel.PRIVATE_PREFIX) and not (state / channel.SOCKET_NAME).exists()
+        assert stat.S_IMODE(os.stat(private).st_mode) == 0o700
+        reply, _ = channel.call(state, {"op": "ping"})
+        assert reply == {"pid": os.getpid()}
+    finally:
+        served.close()
+    assert not private.exists() and not (state / channel.TOKEN_NAME).exists()

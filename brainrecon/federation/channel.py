@@ -9,7 +9,9 @@ data, model, optimiser and state — in a worker process of its own
 returns its upload.
 
 The channel is a Unix-domain socket in the site's state directory (owner-only: ``0700``
-directory, ``0600`` socket), never a TCP port. A connection is accepted only from a process of
+directory, ``0600`` socket), never a TCP port. A state directory whose path is too long for a
+socket address (``sun_path``: 108 bytes on Linux, 104 on macOS) gets its socket in a private
+``0700`` temporary directory instead, named in the token file. A connection is accepted only from a process of
 the same user (``SO_PEERCRED`` where the platform has it) that first presents the worker's
 random token, read from an owner-only file beside the socket; anything else is answered with a
 refusal and closed. A frame is an 8-byte length, a JSON header, then the raw bytes of the
@@ -26,6 +28,7 @@ import os
 import secrets
 import socket
 import struct
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ SOCKET_NAME = "worker.sock"
 TOKEN_NAME = "worker.token"
 _LENGTH = struct.Struct(">Q")
 _MAX_HEADER = 64 * 2**20
+_MAX_SOCKET_PATH = 104  # bytes: sun_path is 108 on Linux, 104 on macOS (with its terminating NUL)
+PRIVATE_PREFIX = "brainrecon-site-"
 
 
 class WorkerUnavailable(Exception):
@@ -89,9 +94,8 @@ def listen(state_dir: str | os.PathLike) -> tuple[socket.socket, str]:
     """
     state_dir = Path(state_dir)
     path, token_file = socket_path(state_dir), token_path(state_dir)
-    if len(os.fsencode(path)) >= 104:  # sun_path is 108 bytes on Linux, 104 on macOS
-        raise BrainreconError(f"The site worker's socket path {path} is too long for a Unix socket; "
-                              f"give the site a shorter state_dir.", parameters=("state_dir",))
+    if len(os.fsencode(path)) >= _MAX_SOCKET_PATH:
+        path = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX)) / SOCKET_NAME  # mkdtemp: 0700, this user's
     path.unlink(missing_ok=True)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     previous = os.umask(0o177)
@@ -105,9 +109,32 @@ def listen(state_dir: str | os.PathLike) -> tuple[socket.socket, str]:
     partial = token_file.with_name(f".{token_file.name}.partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(token)
+        out.write(f"{token}\n{path}\n")
     os.replace(partial, token_file)
     return server, token
+
+
+def close(server: socket.socket, state_dir: str | os.PathLike) -> None:
+    """Stop listening: close ``server`` and remove its socket (and its private directory, if it
+    had one) and the token file."""
+    path = Path(server.getsockname())
+    server.close()
+    path.unlink(missing_ok=True)
+    if path.parent.name.startswith(PRIVATE_PREFIX) and path.parent != Path(state_dir):
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+    token_path(state_dir).unlink(missing_ok=True)
+
+
+def _read_token(state_dir: str | os.PathLike) -> tuple[str, Path]:
+    """The token and the socket address the worker of ``state_dir`` wrote (a one-line file: the
+    socket is in the state directory)."""
+    lines = token_path(state_dir).read_text(encoding="utf-8").splitlines()
+    token = lines[0].strip() if lines else ""
+    address = Path(lines[1].strip()) if len(lines) > 1 and lines[1].strip() else socket_path(state_dir)
+    return token, address
 
 
 def same_user(conn: socket.socket) -> bool:
@@ -153,16 +180,16 @@ def call(state_dir: str | os.PathLike, header: dict[str, Any], blobs: Sequence[b
         The worker took the request and failed (its message), or the channel broke mid-way.
     """
     try:
-        token = token_path(state_dir).read_text(encoding="utf-8").strip()
+        token, address = _read_token(state_dir)
     except OSError as exc:
         raise WorkerUnavailable(f"no site worker token in {state_dir} ({exc.strerror})") from None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(connect_timeout)
         try:
-            sock.connect(str(socket_path(state_dir)))
+            sock.connect(str(address))
         except OSError as exc:
-            raise WorkerUnavailable(f"no site worker answers at {socket_path(state_dir)} ({exc})") from None
+            raise WorkerUnavailable(f"no site worker answers at {address} ({exc})") from None
         sock.settimeout(None)  # a round takes as long as its training
         try:
             send_frame(sock, {**header, "token": token}, blobs)
@@ -179,5 +206,5 @@ def call(state_dir: str | os.PathLike, header: dict[str, Any], blobs: Sequence[b
     return reply, out
 
 
-__all__ = ["SOCKET_NAME", "TOKEN_NAME", "WorkerUnavailable", "authenticate", "call", "listen", "recv_frame",
+__all__ = ["SOCKET_NAME", "TOKEN_NAME", "WorkerUnavailable", "authenticate", "call", "close", "listen", "recv_frame",
            "same_user", "send_frame", "socket_path", "token_path"]

@@ -139,9 +139,7 @@ def serve(site_file: str | os.PathLike, *, parent: int | None = None, stop: thre
         try:
             worker.close()
         finally:
-            server.close()
-            channel.socket_path(state_dir).unlink(missing_ok=True)
-            channel.token_path(state_dir).unlink(missing_ok=True)
+            channel.close(server, state_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
