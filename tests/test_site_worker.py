@@ -272,3 +272,28 @@ def test_a_state_dir_too_long_for_a_socket_address_gets_a_private_socket(tmp_pat
     finally:
         served.close()
     assert not private.exists() and not (state / channel.TOKEN_NAME).exists()
+
+
+_TWO_SIGTERMS = """
+import os, signal, sys, time
+from brainrecon.federation.supervise import raise_on_sigterm
+raise_on_sigterm(once=True)
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except KeyboardInterrupt:
+    os.kill(os.getpid(), signal.SIGTERM)  # a second one during the cleanup (e.g. the process group's)
+    time.sleep(0.2)
+    print("cleanup finished", flush=True)
+"""
+
+
+def test_a_second_sigterm_does_not_cut_the_workers_cleanup_short():
+    """The worker's SIGTERM rule: the first interrupts, a second during the cleanup is swallowed
+    (no traceback, no "ignored due to race condition"), and the process exits normally."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _TWO_SIGTERMS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "cleanup finished" and done.stderr == "", done.stderr

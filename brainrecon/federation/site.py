@@ -487,11 +487,11 @@ def run_site(*, subject: int, data: str, server: str, state_dir: str | os.PathLi
                 return 1
             # It had been admitted: the server restarted (with --resume) and no longer knows it.
             print("the server no longer knows this site (restarted?); connecting again", flush=True)
-            stop_flower_processes(flwr_home)
+            stop_flower_processes(flwr_home, settle=3.0)  # its SuperNode has exited: they follow it
             time.sleep(2.0)
     finally:
         stop_all([w for w in workers if w is not None] + ([process] if process is not None else []))
-        stop_flower_processes(flwr_home)
+        stop_flower_processes(flwr_home, settle=3.0)  # the SuperNode is gone: they follow it
         restore_sigterm(previous)
         lock.release()
 

@@ -102,12 +102,21 @@ def flower_processes(flwr_home: str | os.PathLike) -> list[int]:
     return sorted(found)
 
 
-def stop_flower_processes(flwr_home: str | os.PathLike, *, grace: float = 5.0) -> list[int]:
+def stop_flower_processes(flwr_home: str | os.PathLike, *, grace: float = 5.0, settle: float = 0.0) -> list[int]:
     """Stop every process :func:`flower_processes` finds: SIGTERM, then SIGKILL after ``grace`` s.
+
+    ``settle``: first wait up to that many seconds for them to end by themselves. Once their
+    parent (a SuperNode) is gone, Flower's SuperExec and ClientApps notice within 0.2 s and exit
+    gracefully; a SIGTERM landing while one of them starts doing so makes Python print "Signal
+    15 ignored due to race condition" with a traceback (Flower's handler resets the default).
 
     Returns the pids that were found.
     """
     pids = flower_processes(flwr_home)
+    deadline = time.monotonic() + settle
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.1)
+        pids = flower_processes(flwr_home)
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         for pid in pids:
             try:
@@ -262,15 +271,27 @@ def owner_only(func):
     return wrapper
 
 
-def raise_on_sigterm():
-    """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks stop our children."""
+def raise_on_sigterm(once: bool = False):
+    """Turn SIGTERM into KeyboardInterrupt so ``finally`` blocks stop our children.
+
+    ``once``: only the first SIGTERM interrupts; later ones are swallowed by a Python handler,
+    so the cleanup the first started (a pending state save) is not cut short. For a process
+    that exits after its cleanup (it then keeps that handler: restoring the default while a
+    second SIGTERM is pending makes Python print "Signal 15 ignored due to race condition").
+    """
     if not _main_thread():
         return None
 
     def _interrupt(signum, frame):
+        if once:
+            signal.signal(signal.SIGTERM, _swallow)
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _swallow(signum, frame) -> None:
+    """A SIGTERM during the cleanup the first one started: nothing more to do."""
 
 
 def restore_sigterm(previous) -> None:

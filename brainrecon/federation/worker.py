@@ -37,7 +37,7 @@ from typing import Any
 from brainrecon.errors import BrainreconError
 from brainrecon.federation import channel
 from brainrecon.federation.site import Site
-from brainrecon.federation.supervise import raise_on_sigterm, restore_sigterm
+from brainrecon.federation.supervise import raise_on_sigterm
 from brainrecon.io import read_json
 
 NPY = "numpy.ndarray"  # Flower's serialisation type of an array: the bytes of numpy.save
@@ -151,13 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # noqa: F401
 
     import brainrecon.decoders.brainguard.decoder  # noqa: F401
-    previous = raise_on_sigterm()
+    # SIGTERM (``federate site`` stopping it, or its whole process group) ends the loop; a second
+    # one while a state save finishes is swallowed, and the handler is not restored: the process
+    # ends here.
+    raise_on_sigterm(once=True)
     try:
         serve(args.site_file, parent=args.parent)
     except KeyboardInterrupt:
         pass
-    finally:
-        restore_sigterm(previous)
 
 
 if __name__ == "__main__":
