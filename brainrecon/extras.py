@@ -19,6 +19,10 @@ extra                   packages                                    for
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
 #: top-level module -> the extra that installs it
 MODULE_EXTRA: dict[str, str] = {
     "diffusers": "diffusion",
@@ -29,7 +33,26 @@ MODULE_EXTRA: dict[str, str] = {
     "flwr": "federated",
 }
 
-__all__ = ["MODULE_EXTRA", "missing_extra_message"]
+
+def lazy_exports(package: str, exports: Mapping[str, str]) -> Callable[[str], Any]:
+    """A package's module ``__getattr__`` (PEP 562) for names imported on first use.
+
+    ``exports`` maps each name to the module that defines it; ``package.NAME`` then imports that
+    module only when asked, so importing the package costs nothing heavy (torch, diffusers,
+    Flower). Each access reads the module's current attribute (a patched one included)::
+
+        __getattr__ = lazy_exports(__name__, {"serve": "brainrecon.federation.server"})
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__all__ = ["MODULE_EXTRA", "lazy_exports", "missing_extra_message"]
 
 
 def missing_extra_message(exc: BaseException) -> str | None:

@@ -21,8 +21,6 @@ Arrays in, report out: this package knows nothing of decoders or run directories
 Evaluating a run is :func:`brainrecon.workflows.evaluate.evaluate_run`.
 """
 
-import importlib
-
 from brainrecon.eval.names import (
     ALL_METRICS,
     DISTANCE_METRICS,
@@ -31,6 +29,7 @@ from brainrecon.eval.names import (
     RETRIEVAL_METRICS,
     TWO_WAY_METRICS,
 )
+from brainrecon.extras import lazy_exports
 
 # The rest is imported when first used, so that reading the metric names (the command line's
 # choices, the leaderboard) does not load torch and the feature networks.
@@ -48,12 +47,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'brainrecon.eval' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 __all__ = [

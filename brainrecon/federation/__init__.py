@@ -40,6 +40,8 @@ Flower processes its crashed predecessor left running (found by their ``FLWR_HOM
 Importing this package does not import Flower; :mod:`.app` does.
 """
 
+from brainrecon.extras import lazy_exports
+
 # Imported when first used (PEP 562): a site's ClientApp process imports this package and
 # must not pay for torch, which the server, the loop-back runner and the site's training need.
 _EXPORTS = {
@@ -55,12 +57,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'brainrecon.federation' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["check_upload", "fit_on_flower", "flower_env", "flower_processes", "make_strategy", "run_site",

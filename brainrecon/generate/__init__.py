@@ -11,14 +11,8 @@ NeuroPictor produces images itself. Heavy imports (torch, diffusers) happen on f
 
 from __future__ import annotations
 
-from typing import Any
+from brainrecon.extras import lazy_exports
 
 __all__ = ["DEFAULT_BASE_MODEL", "SCHEDULERS", "IPAdapterGenerator"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        from brainrecon.generate import ipadapter
-
-        return getattr(ipadapter, name)
-    raise AttributeError(f"module 'brainrecon.generate' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {name: "brainrecon.generate.ipadapter" for name in __all__})

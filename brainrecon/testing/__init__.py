@@ -15,13 +15,8 @@ need pytest.
 
 from __future__ import annotations
 
+from brainrecon.extras import lazy_exports
 
-def __getattr__(name: str):
-    if name == "DecoderConformance":
-        from brainrecon.testing.conformance import DecoderConformance
-
-        return DecoderConformance
-    raise AttributeError(f"module 'brainrecon.testing' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, {"DecoderConformance": "brainrecon.testing.conformance"})
 
 __all__ = ["DecoderConformance"]
