@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -259,6 +259,20 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset(name={self.name!r}, subjects={self.subjects})"
+
+
+def choose_subjects(present: Sequence[int], subjects: Sequence[int] | None,
+                    not_found: Callable[[list[int]], str]) -> list[int]:
+    """The subjects a reader opens: ``subjects`` (every one ``present`` when None), all present.
+
+    Otherwise a :class:`DataError` with ``not_found(absent)``: the subjects asked for that are
+    absent, or all of them when none was asked for or present. Each reader words its own fix.
+    """
+    wanted = list(present) if subjects is None else [int(s) for s in subjects]
+    missing = [s for s in wanted if s not in present]
+    if missing or not wanted:
+        raise DataError(not_found(missing or wanted))
+    return wanted
 
 
 def holdout_rows(n: int, subject: int, fraction: float = VALIDATION_FRACTION,

@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays, Trials
+from brainrecon.data.dataset import SPLITS, Dataset, SplitArrays, Trials, choose_subjects
 from brainrecon.data.layout import ARRAYS, BRAIN_DIFFUSER_FILES, BRAINRECON_FILES, MANIFEST, TRIAL_FILES
 from brainrecon.errors import DataError
 from brainrecon.io import load_array, read_json
@@ -266,14 +266,10 @@ def load_brain_diffuser(path: str | os.PathLike, subjects: Sequence[int] | None 
     path = Path(path)
     root = _brain_diffuser_root(path)
     present = _brain_diffuser_subjects(path)
-    wanted = present if subjects is None else [int(s) for s in subjects]
-    missing = [s for s in wanted if s not in present]
-    if missing or not wanted:
-        raise DataError(
-            f"Brain-Diffuser data for subject(s) {missing or wanted} not found under {root}; "
-            f"expected {root}/subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}. "
-            f"Subjects present: {present}."
-        )
+    wanted = choose_subjects(present, subjects, lambda absent: (
+        f"Brain-Diffuser data for subject(s) {absent} not found under {root}; "
+        f"expected {root}/subjXX/{BRAIN_DIFFUSER_FILES['voxels'].format(split='train', n='N')}. "
+        f"Subjects present: {present}."))
     data = {}
     all_ids_known = True
     for s in wanted:
@@ -316,13 +312,9 @@ def load_brainrecon(path: str | os.PathLike, subjects: Sequence[int] | None = No
     path = Path(path)
     manifest = read_brainrecon_manifest(path / MANIFEST, fix=_FIX_BR)
     present = manifest["subjects"]
-    wanted = present if subjects is None else [int(s) for s in subjects]
-    missing = [s for s in wanted if s not in present]
-    if missing or not wanted:
-        raise DataError(
-            f"Subject(s) {missing or wanted} not prepared in {path}; subjects present: {present} "
-            f"(its {MANIFEST}). Run `brainrecon prepare-nsd --subject N --out {path}`."
-        )
+    wanted = choose_subjects(present, subjects, lambda absent: (
+        f"Subject(s) {absent} not prepared in {path}; subjects present: {present} "
+        f"(its {MANIFEST}). Run `brainrecon prepare-nsd --subject N --out {path}`."))
     data = {}
     for s in wanted:
         d = path / f"subj{s:02d}"
@@ -426,13 +418,9 @@ def load_arrays_file(path: str | os.PathLike, subjects: Sequence[int] | None = N
         raise DataError(f"{path} could not be opened as HDF5 ({exc}); the file is damaged, truncated or not "
                         f"HDF5; {_FIX_H5}.") from None
     present = sorted(int(m.group(1)) for k in f.keys() if (m := re.fullmatch(r"subj(\d\d)", k)))
-    wanted = present if subjects is None else [int(s) for s in subjects]
-    missing = [s for s in wanted if s not in present]
-    if missing or not wanted:
-        raise DataError(
-            f"{path}: subject group(s) {['subj%02d' % s for s in (missing or wanted)]} not found; "
-            f"groups present: {list(f.keys())}."
-        )
+    wanted = choose_subjects(present, subjects, lambda absent: (
+        f"{path}: subject group(s) {['subj%02d' % s for s in absent]} not found; "
+        f"groups present: {list(f.keys())}."))
     ids_are_nsd = f.attrs.get("ids_are_nsd", False)
     if not isinstance(ids_are_nsd, (bool, np.bool_)):
         raise DataError(f"{path}: attribute 'ids_are_nsd' is {ids_are_nsd!r}, expected true or false; {_FIX_H5}.")

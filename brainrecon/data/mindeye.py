@@ -61,7 +61,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from brainrecon.data.dataset import Dataset, SplitArrays, TrialAverages, Trials
+from brainrecon.data.dataset import Dataset, SplitArrays, TrialAverages, Trials, choose_subjects
 from brainrecon.data.webdataset import LazyImages, Member, MemberReader, _one_line, scan_folder, scan_tar
 from brainrecon.errors import BrainreconWarning, DataError
 
@@ -246,11 +246,8 @@ def load_mindeye1(path: str | Path, subjects: Sequence[int] | None = None,
         raise DataError(f"{path} holds no MindEye1 webdataset (train/train_subjXX_0.tar or train/train_subjXX/); "
                         f"{_FIX_ME1}.")
     present = mindeye1_subjects(root)
-    wanted = present if subjects is None else [int(s) for s in subjects]
-    missing = [s for s in wanted if s not in present]
-    if missing or not wanted:
-        raise DataError(f"MindEye1 data for subject(s) {missing or wanted} not found in {root}; subjects present: "
-                        f"{present}.")
+    wanted = choose_subjects(present, subjects, lambda absent: (
+        f"MindEye1 data for subject(s) {absent} not found in {root}; subjects present: {present}."))
     reader = MemberReader(_FIX_ME1)
     captions = find_captions(root)
     data, val_rows, report, layouts = {}, {}, {}, set()
@@ -510,11 +507,9 @@ def load_mindeye2(path: str | Path, subjects: Sequence[int] | None = None,
                         f"sessions) or '982' (wds/subjXX/test, MindEye1's sessions 1-37).", parameters=("test_set",))
     sessions = options.get("sessions")
     present = mindeye2_subjects(root)
-    wanted = present if subjects is None else [int(s) for s in subjects]
-    missing = [s for s in wanted if s not in present]
-    if missing or not wanted:
-        raise DataError(f"MindEye2 data for subject(s) {missing or wanted} not found in {root}: expected "
-                        f"betas_all_subjXX_fp32_renorm.hdf5 and wds/subjXX/; subjects present: {present}.")
+    wanted = choose_subjects(present, subjects, lambda absent: (
+        f"MindEye2 data for subject(s) {absent} not found in {root}: expected "
+        f"betas_all_subjXX_fp32_renorm.hdf5 and wds/subjXX/; subjects present: {present}."))
     image_file = root / "coco_images_224_float16.hdf5"
     images_dset = _open_h5(image_file, "images", 4, "float (73000, 3, 224, 224) images in [0, 1]") \
         if image_file.exists() else None
