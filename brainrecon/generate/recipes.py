@@ -44,6 +44,10 @@ GENERATOR_OF_TARGET = {"ipadapter": "ipadapter", "clip": "versatile"}
 _WEADL = "IoanaGabor/bachelor-thesis @449f347f ai-server/vbd/reconstruction_service"
 _MINDBRIDGE = "littlepure2333/MindBridge @2a3943ff"
 _BRAINGUARD = "kunzhan/BrainGuard @8d2b28e utils/utils.py reconstruction()"
+#: MindBridge's Versatile Diffusion reconstruction; BrainGuard's released code runs the same
+#: function with more steps and a higher guidance.
+_MINDBRIDGE_VALUES = {"scheduler": "unipc", "steps": 20, "guidance_scale": 5.0, "mix_ratio": 0.5,
+                      "img2img_strength": 0.85}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe(
@@ -66,7 +70,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         name="mindbridge", generator="versatile",
         source=f"{_MINDBRIDGE} (scripts/inference.sh, src/options.py, src/recon.py, src/utils.py)",
         summary="MindBridge's inference defaults: Versatile Diffusion dual-guided, UniPC 20 steps, guidance 5.",
-        values={"scheduler": "unipc", "steps": 20, "guidance_scale": 5.0, "mix_ratio": 0.5, "img2img_strength": 0.85},
+        values=_MINDBRIDGE_VALUES,
         notes={
             "steps": f"{_MINDBRIDGE} src/options.py: -num_inference_steps default 20 (inference.sh keeps it).",
             "guidance_scale": f"{_MINDBRIDGE} scripts/inference.sh: guidance=5.",
@@ -78,7 +82,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         name="brainguard-released", generator="versatile",
         source=f"{_BRAINGUARD} (MindBridge's reconstruction function)",
         summary="The released BrainGuard code's reconstruction defaults: UniPC 50 steps, guidance 7.5.",
-        values={"scheduler": "unipc", "steps": 50, "guidance_scale": 7.5, "mix_ratio": 0.5, "img2img_strength": 0.85},
+        values={**_MINDBRIDGE_VALUES, "steps": 50, "guidance_scale": 7.5},
         notes={
             "steps": f"{_BRAINGUARD}: num_inference_steps=50.",
             "guidance_scale": f"{_BRAINGUARD}: guidance_scale=7.5.",
