@@ -217,6 +217,18 @@ def load_safetensors(path: str | os.PathLike, *, fix: str) -> dict:
         raise BrainreconError(f"{path} is damaged or truncated ({exc}); {fix}.") from None
 
 
+def save_safetensors_atomic(state: Mapping[str, Any], path: str | os.PathLike,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """Write the torch tensors of ``state`` to ``path`` as safetensors (contiguous CPU copies),
+    atomically: an interrupted write never leaves a partial file at ``path``."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a directory under a temporary name; move it to ``path`` when the block succeeds.

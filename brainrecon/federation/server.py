@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from brainrecon.decoders.brainguard.federated import aggregate
 from brainrecon.errors import BrainreconError
@@ -52,7 +52,7 @@ from brainrecon.federation.supervise import (
     toml_string,
     wait_for_port,
 )
-from brainrecon.io import jsonable, read_json, write_json_atomic
+from brainrecon.io import jsonable, read_json, save_safetensors_atomic, write_json_atomic
 
 SERVER_GLOBAL = "global.safetensors"
 SERVER_STATUS = "status.json"
@@ -180,9 +180,7 @@ def _strategy_class():
 def save_global(server_dir: Path, global_state: Mapping[str, torch.Tensor], *, rounds_completed: int,
                 rounds: int | None, round_ends: Sequence[float] = (), finished: bool = False) -> None:
     """The server's only state: the global shared tensors and how many rounds made them."""
-    tmp = server_dir / f".{SERVER_GLOBAL}.partial"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in global_state.items()}, str(tmp))
-    os.replace(tmp, server_dir / SERVER_GLOBAL)
+    save_safetensors_atomic(global_state, server_dir / SERVER_GLOBAL)
     write_json_atomic(server_dir / SERVER_STATUS, {"rounds_completed": int(rounds_completed), "rounds": rounds,
                                                    "finished": finished})
 

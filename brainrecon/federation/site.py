@@ -50,7 +50,7 @@ from brainrecon.federation.supervise import (
     stop_flower_processes,
     toml_string,
 )
-from brainrecon.io import jsonable, read_json, write_json_atomic
+from brainrecon.io import jsonable, read_json, save_safetensors_atomic, write_json_atomic
 
 if TYPE_CHECKING:  # the ClientApp process of a site with a worker never imports torch
     import torch
@@ -67,15 +67,6 @@ def site_config(context) -> dict[str, Any]:
     if not path:
         raise BrainreconError("This SuperNode has no 'site-file' node config; start it with `brainrecon federate site`.")
     return read_json(Path(str(path)))
-
-
-def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    """``tensors`` as safetensors at ``path``, atomically (a partial file is never ``path``)."""
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.partial")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
 
 
 class Site:
@@ -194,7 +185,7 @@ class Site:
         keeper = None
         if background:
             received = self.state_dir / SITE_INPUT.format(round_number)
-            keeper = threading.Thread(target=_save_tensors, args=(dict(global_state or {}), received),
+            keeper = threading.Thread(target=save_safetensors_atomic, args=(dict(global_state or {}), received),
                                       name="site-input-save", daemon=True)
             keeper.start()
         self._keeping = keeper  # the save of the received global model, running while the site trains
@@ -237,7 +228,7 @@ class Site:
         tensors, meta = snapshot
         self.state_dir.mkdir(parents=True, exist_ok=True)
         r = int(meta["rounds_completed"])
-        _save_tensors(tensors, self.state_dir / SITE_STATE.format(r))
+        save_safetensors_atomic(tensors, self.state_dir / SITE_STATE.format(r))
         write_json_atomic(self.state_dir / SITE_META.format(r), meta)
         for old in self.saved_rounds():
             if old < r - 1:

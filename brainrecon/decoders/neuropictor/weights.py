@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from brainrecon.errors import BrainreconError, WeightsNotFoundError
-from brainrecon.io import atomic_path, check_arrays, load_safetensors
+from brainrecon.io import check_arrays, load_safetensors, save_safetensors_atomic  # noqa: F401 - the last re-exported
 
 _SHOWN = 8
 # What to do about a damaged weights file of a saved decoder or checkpoint.
@@ -26,17 +26,6 @@ ARCHITECTURE_FIX = ("the file was saved with a different architecture or size se
 
 class StateDictMismatchError(BrainreconError):
     """A weights file does not match the module it is loaded into."""
-
-
-def save_safetensors_atomic(state: dict[str, torch.Tensor], path: str | os.PathLike,
-                            metadata: dict[str, str] | None = None) -> Path:
-    """Write ``state`` to ``path`` as safetensors, atomically (contiguous CPU copies)."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return Path(path)
 
 
 def read_safetensors(path: str | os.PathLike, what: str, fix: str = SAVED_FIX) -> dict[str, torch.Tensor]:
